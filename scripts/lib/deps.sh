@@ -1,0 +1,47 @@
+# Shared install steps for the demo, the tests and CI. Installs only what is missing.
+# Sourced, not executed.
+
+as_root() {
+  if [ "$(id -u)" -eq 0 ]; then "$@"; elif command -v sudo >/dev/null; then sudo "$@"; else
+    echo "need root to run: $*" >&2; return 1; fi
+}
+
+apt_install() {
+  # apt-get update once per run: apt-cache and installs need fresh lists on a new machine.
+  if [ -z "${CELLGATE_APT_UPDATED:-}" ]; then
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+    export CELLGATE_APT_UPDATED=1
+  fi
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@"
+}
+
+ensure_rust() {
+  if ! command -v cargo >/dev/null; then
+    [ -f "$HOME/.cargo/env" ] && . "$HOME/.cargo/env"
+  fi
+  command -v cargo >/dev/null || { echo "cargo not found: install the Rust toolchain first" >&2; exit 1; }
+}
+
+# PostgreSQL server binaries (initdb, pg_ctl, pg_basebackup, postgres) and psql/pgbench.
+pg_bindir() {
+  if [ -n "${CELLGATE_PG_BINDIR:-}" ]; then echo "$CELLGATE_PG_BINDIR"; return; fi
+  ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1
+}
+
+ensure_postgres() {
+  local dir
+  dir=$(pg_bindir)
+  if [ -z "$dir" ] || [ ! -x "$dir/initdb" ] || [ ! -x "$dir/pg_basebackup" ] || ! command -v psql >/dev/null; then
+    echo "== installing PostgreSQL from Debian"
+    apt_install postgresql postgresql-contrib postgresql-client
+    dir=$(pg_bindir)
+  fi
+  [ -x "$dir/initdb" ] || { echo "PostgreSQL server binaries not found after install" >&2; exit 1; }
+  # When running as root the harness runs PostgreSQL as the `postgres` user; Debian's package
+  # creates it, but a machine with only a client package might not have it.
+  if [ "$(id -u)" -eq 0 ] && ! id postgres >/dev/null 2>&1; then
+    as_root useradd --system --home-dir /var/lib/postgresql --shell /bin/bash postgres
+  fi
+  export CELLGATE_PG_BINDIR="$dir"
+  echo "== PostgreSQL: $("$dir/postgres" --version)"
+}

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# The whole test suite, on a fresh Debian machine: installs what the tests need (PostgreSQL
+# server binaries), then runs every test of the workspace against real backends.
+# Usage: bash scripts/test.sh [extra cargo test args]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/lib/deps.sh
+
+ensure_rust
+ensure_postgres
+
+echo "== cargo test --workspace (benches are built by clippy --all-targets; run them with cargo bench)"
+cargo test --workspace "$@"

@@ -1,0 +1,230 @@
+//! Command-line interface (design §4): argument types and the offline commands (`map`, `locate`).
+//! Must not start servers itself: `serve` is handed to the server module.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::geo::{self, Region};
+use crate::routing::{self, RegionRoute};
+use crate::shardmap::{self, ShardMap, diff};
+
+#[derive(Debug, Parser)]
+#[command(name = "cellgate", version, about = "Geo-sharded data router: H3 cells to database shards")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Shard-map tools.
+    #[command(subcommand)]
+    Map(MapCommand),
+    /// Show which cell and shard a location maps to.
+    Locate(LocateArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum MapCommand {
+    /// Validate maps; prints every error with its line, exits 1 on any.
+    Check {
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
+    /// Cells that change owner between two maps, per from → to.
+    Diff { old: PathBuf, new: PathBuf },
+    /// Write a synthetic map with many assigned cells (for benchmarks; do not commit the output).
+    Synth {
+        /// Number of assigned cells.
+        #[arg(long, default_value_t = 1_000_000)]
+        cells: usize,
+        #[arg(long, default_value_t = 16)]
+        shards: usize,
+        #[arg(long, default_value_t = 7)]
+        resolution: u8,
+        #[arg(long, default_value_t = 2)]
+        fallback_resolution: u8,
+        /// Cities CSV (columns include lat,lng) around which cells are placed.
+        #[arg(long, default_value = "tests/data/cities15000.csv")]
+        cities: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct LocateArgs {
+    #[arg(long)]
+    pub map: PathBuf,
+    #[arg(long, allow_hyphen_values = true, requires = "lng", conflicts_with = "cell")]
+    pub lat: Option<f64>,
+    #[arg(long, allow_hyphen_values = true, requires = "lat")]
+    pub lng: Option<f64>,
+    #[arg(long)]
+    pub cell: Option<String>,
+    #[arg(long)]
+    pub radius_km: Option<f64>,
+    /// Print one JSON object.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn load(path: &PathBuf) -> Result<ShardMap, String> {
+    let src = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    shardmap::compile_str(&src).map_err(|errs| {
+        let p = path.display();
+        let lines: Vec<String> = errs
+            .0
+            .iter()
+            .map(|e| match e.line {
+                Some(l) => format!("{p}:{l}: {}", e.kind),
+                None => format!("{p}: {}", e.kind),
+            })
+            .collect();
+        lines.join("\n")
+    })
+}
+
+pub fn map_check(files: &[PathBuf]) -> ExitCode {
+    let mut failed = false;
+    for f in files {
+        match load(f) {
+            Ok(m) => println!(
+                "{}: ok (version {}, resolution {}, {} shards, {} assigned cells)",
+                f.display(),
+                m.version(),
+                u8::from(m.resolution()),
+                m.shards().len(),
+                m.assigned_count()
+            ),
+            Err(e) => {
+                failed = true;
+                eprintln!("{e}");
+            }
+        }
+    }
+    if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS }
+}
+
+pub fn map_diff(old: &PathBuf, new: &PathBuf) -> ExitCode {
+    let (a, b) = match (load(old), load(new)) {
+        (Ok(a), Ok(b)) => (a, b),
+        (a, b) => {
+            for e in [a.err(), b.err()].into_iter().flatten() {
+                eprintln!("{e}");
+            }
+            return ExitCode::FAILURE;
+        }
+    };
+    let d = diff::diff(&a, &b);
+    println!("version {} -> {} (resolution {})", a.version(), b.version(), d.resolution);
+    if d.moves.is_empty() {
+        println!("no cell changes owner");
+    }
+    let name = |o: &Option<String>| o.clone().unwrap_or_else(|| "(none)".into());
+    for ((from, to), m) in &d.moves {
+        println!(
+            "{} -> {}: {} cells at resolution {} ({} compacted):",
+            name(from),
+            name(to),
+            m.count_at_r,
+            d.resolution,
+            m.cells.len()
+        );
+        for c in &m.cells {
+            println!("  {c} (res {})", u8::from(c.resolution()));
+        }
+    }
+    ExitCode::SUCCESS
+}
+
+pub fn locate(args: &LocateArgs) -> ExitCode {
+    let map = match load(&args.map) {
+        Ok(m) => m,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let region = match geo::region(args.lat, args.lng, args.cell.as_deref(), args.radius_km, map.resolution()) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: invalid region: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let out = locate_json(&map, &region);
+    if args.json {
+        println!("{out}");
+    } else {
+        println!("{}", serde_json::to_string_pretty(&out).expect("json"));
+    }
+    ExitCode::SUCCESS
+}
+
+/// The `locate` answer as JSON, shared by the CLI and the admin API.
+pub fn locate_json(map: &ShardMap, region: &Region) -> serde_json::Value {
+    let r = map.resolution();
+    let shard_name = |s: Option<crate::ids::ShardIdx>| s.map(|s| map.shard(s).id.to_string());
+    match region {
+        Region::Point(_) | Region::Cell(_) => {
+            let cell = match region {
+                Region::Point(p) => geo::point_cell(*p),
+                Region::Cell(c) => *c,
+                Region::Area(_) => unreachable!("matched above"),
+            };
+            let route = routing::locate(map, cell).expect("location cells are at or below R");
+            let mut v = serde_json::json!({
+                "cell": route.cell.to_string(),
+                "resolution": u8::from(r),
+                "shard": shard_name(route.shard),
+                "rule": route.rule.to_string(),
+            });
+            if let Region::Point(_) = region {
+                v["point_cell"] = serde_json::Value::String(cell.to_string());
+            }
+            v
+        }
+        Region::Area(_) => match routing::route_region(map, region) {
+            Ok(RegionRoute::Many(a)) => serde_json::json!({
+                "cells": a.cells_at_r,
+                "shards": a.shards.iter().map(|(s, _)| map.shard(*s).id.to_string()).collect::<Vec<_>>(),
+            }),
+            _ => unreachable!("areas route to many"),
+        },
+    }
+}
+
+pub fn map_synth(
+    cells: usize,
+    shards: usize,
+    resolution: u8,
+    fallback_resolution: u8,
+    cities: &PathBuf,
+    out: &PathBuf,
+) -> ExitCode {
+    let csv = match std::fs::read_to_string(cities) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("{}: {e}", cities.display());
+            return ExitCode::FAILURE;
+        }
+    };
+    let points = match crate::synth::read_cities(&csv) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("{}: {e}", cities.display());
+            return ExitCode::FAILURE;
+        }
+    };
+    let spec = crate::synth::SynthSpec { cells, shards, resolution, fallback_resolution };
+    let text = crate::synth::generate_toml(&spec, &points);
+    if let Err(e) = std::fs::write(out, text) {
+        eprintln!("{}: {e}", out.display());
+        return ExitCode::FAILURE;
+    }
+    println!("wrote {}", out.display());
+    ExitCode::SUCCESS
+}
