@@ -24,6 +24,95 @@ pub enum Command {
     Map(MapCommand),
     /// Show which cell and shard a location maps to.
     Locate(LocateArgs),
+    /// Run the router: data and admin listeners from the process config.
+    Serve {
+        #[arg(long)]
+        config: PathBuf,
+        /// Allow a non-loopback listener without tokens (never in production).
+        #[arg(long)]
+        insecure_no_auth: bool,
+    },
+    /// Print the SHA-256 digest of a token, for `[[tokens]] sha256 = ...` in cellgate.toml.
+    TokenHash { token: String },
+    /// Demo data tools.
+    #[command(subcommand)]
+    Demo(DemoCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DemoCommand {
+    /// Generate the musician-marketplace demo and load it into every shard's primary.
+    Load {
+        #[arg(long)]
+        map: PathBuf,
+        #[arg(long, default_value = "tests/data/cities15000.csv")]
+        cities: PathBuf,
+        #[arg(long, default_value = "core")]
+        db: String,
+        #[arg(long, default_value_t = 50_000)]
+        musicians: usize,
+        #[arg(long, default_value_t = 5_000)]
+        venues: usize,
+        #[arg(long, default_value_t = 10_000)]
+        gig_requests: usize,
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+        /// Schema SQL run first on every shard (default: the embedded deploy/local/schema.sql).
+        #[arg(long)]
+        schema: Option<PathBuf>,
+    },
+}
+
+pub fn demo_load(
+    map: &PathBuf,
+    cities: &PathBuf,
+    db: &str,
+    spec: crate::demo::DemoSpec,
+    schema: Option<&PathBuf>,
+) -> ExitCode {
+    let fail = |msg: String| {
+        eprintln!("error: {msg}");
+        ExitCode::FAILURE
+    };
+    let map = match load(map) {
+        Ok(m) => m,
+        Err(e) => return fail(e),
+    };
+    let text = match std::fs::read_to_string(cities) {
+        Ok(t) => t,
+        Err(e) => return fail(format!("{}: {e}", cities.display())),
+    };
+    let schema_sql = match schema {
+        None => crate::demo::SCHEMA_SQL.to_string(),
+        Some(p) => match std::fs::read_to_string(p) {
+            Ok(s) => s,
+            Err(e) => return fail(format!("{}: {e}", p.display())),
+        },
+    };
+    let demo = match crate::demo::read_cities(&text).and_then(|c| crate::demo::generate(&spec, &c)) {
+        Ok(d) => d,
+        Err(e) => return fail(e.to_string()),
+    };
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => return fail(format!("tokio runtime: {e}")),
+    };
+    match rt.block_on(crate::demo::load(&map, db, &demo, &schema_sql)) {
+        Ok(r) => {
+            for s in &r.shards {
+                println!(
+                    "{}: {} musicians, {} venues, {} gig_requests ({} ms)",
+                    s.shard, s.musicians, s.venues, s.gig_requests, s.elapsed_ms
+                );
+            }
+            if r.unrouted > 0 {
+                println!("{} rows owned by no shard (reject fallback), not loaded", r.unrouted);
+            }
+            println!("loaded in {} ms", r.elapsed_ms);
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(e.to_string()),
+    }
 }
 
 #[derive(Debug, Subcommand)]

@@ -1,9 +1,18 @@
 //! cellgate library root: declares the modules; owns no logic of its own.
 #![forbid(unsafe_code)]
 
+pub mod admin;
+pub mod auth;
+pub mod backend;
 pub mod cli;
+pub mod config;
+pub mod demo;
 pub mod geo;
+pub mod http;
 pub mod ids;
 pub mod routing;
+pub mod server;
 pub mod shardmap;
+pub mod state;
 pub mod synth;
+pub mod telemetry;

@@ -3,7 +3,7 @@
 
 use std::process::ExitCode;
 
-use cellgate::cli::{self, Cli, Command, MapCommand};
+use cellgate::cli::{self, Cli, Command, DemoCommand, MapCommand};
 use clap::Parser;
 
 fn main() -> ExitCode {
@@ -15,5 +15,35 @@ fn main() -> ExitCode {
             cli::map_synth(cells, shards, resolution, fallback_resolution, &cities, &out)
         }
         Command::Locate(args) => cli::locate(&args),
+        Command::Demo(DemoCommand::Load { map, cities, db, musicians, venues, gig_requests, seed, schema }) => {
+            cli::demo_load(
+                &map,
+                &cities,
+                &db,
+                cellgate::demo::DemoSpec { musicians, venues, gig_requests, seed },
+                schema.as_ref(),
+            )
+        }
+        Command::TokenHash { token } => {
+            println!("{}", cellgate::auth::digest_hex(&token));
+            ExitCode::SUCCESS
+        }
+        Command::Serve { config, insecure_no_auth } => {
+            cellgate::telemetry::init_logging();
+            let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("error: tokio runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match rt.block_on(cellgate::server::run(&config, insecure_no_auth)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
     }
 }

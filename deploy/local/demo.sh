@@ -1,0 +1,108 @@
+#!/usr/bin/env bash
+# The local demo: real PostgreSQL shards (3 × primary + 1 streaming replica) on loopback, the
+# musician-marketplace data, and cellgate serving shard-maps/demo.toml. Ctrl-C / SIGTERM stops all.
+# Usage: bash deploy/local/demo.sh [--data-port 8080] [--admin-port 9090]
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+source scripts/lib/deps.sh
+
+DATA_PORT=8080
+ADMIN_PORT=9090
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --data-port) DATA_PORT="$2"; shift 2 ;;
+    --admin-port) ADMIN_PORT="$2"; shift 2 ;;
+    -h|--help) sed -n 2,4p "$0"; exit 0 ;;
+    *) echo "unknown argument: $1" >&2; exit 2 ;;
+  esac
+done
+
+ensure_rust
+ensure_postgres
+command -v jq >/dev/null || apt_install jq
+command -v curl >/dev/null || apt_install curl
+
+echo "== building (release)"
+cargo build --release -q -p cellgate -p cellgate-harness
+
+WORK=$(mktemp -d /tmp/cellgate-demo.XXXXXX)
+chmod 755 "$WORK"
+CLUSTER_PID=""
+CELLGATE_PID=""
+cleanup() {
+  trap - EXIT INT TERM
+  [ -n "$CELLGATE_PID" ] && kill -TERM "$CELLGATE_PID" 2>/dev/null && wait "$CELLGATE_PID" 2>/dev/null
+  [ -n "$CLUSTER_PID" ] && kill -TERM "$CLUSTER_PID" 2>/dev/null && wait "$CLUSTER_PID" 2>/dev/null
+  rm -rf "$WORK"
+  echo "cellgate demo stopped"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+export CELLGATE_DEMO_PG_PASSWORD="demo-$(head -c 6 /dev/urandom | od -An -tx1 | tr -d ' \n')"
+echo "== starting 3 shards x (primary + 1 replica)"
+./target/release/cellgate-cluster up --shards 3 --replicas 1 --app-password "$CELLGATE_DEMO_PG_PASSWORD" \
+  --state-file "$WORK/cluster.json" > "$WORK/cluster.out" 2> "$WORK/cluster.err" &
+CLUSTER_PID=$!
+for _ in $(seq 1 900); do
+  [ -s "$WORK/cluster.json" ] && break
+  kill -0 "$CLUSTER_PID" 2>/dev/null || { cat "$WORK/cluster.err" >&2; exit 1; }
+  sleep 0.1
+done
+[ -s "$WORK/cluster.json" ] || { echo "cluster did not start" >&2; exit 1; }
+i=0
+for s in AM1 EU1 AS1; do
+  export "CELLGATE_DEMO_${s}_PRIMARY_PORT=$(jq -r ".shards[$i].primary.port" "$WORK/cluster.json")"
+  export "CELLGATE_DEMO_${s}_REPLICA_PORT=$(jq -r ".shards[$i].replicas[0].port" "$WORK/cluster.json")"
+  i=$((i + 1))
+done
+
+echo "== loading the marketplace (50,000 musicians around real cities)"
+./target/release/cellgate demo load --map shard-maps/demo.toml
+
+TOKEN="demo-$(head -c 12 /dev/urandom | od -An -tx1 | tr -d ' \n')"
+cat > "$WORK/cellgate.toml" <<TOML
+map = { path = "$PWD/shard-maps/demo.toml" }
+[listen]
+data = "127.0.0.1:$DATA_PORT"
+admin = "127.0.0.1:$ADMIN_PORT"
+[[tokens]]
+name = "demo"
+sha256 = "$(./target/release/cellgate token-hash "$TOKEN")"
+scopes = ["read", "write", "admin"]
+TOML
+./target/release/cellgate serve --config "$WORK/cellgate.toml" 2> "$WORK/cellgate.log" &
+CELLGATE_PID=$!
+for _ in $(seq 1 300); do
+  curl -fsS "http://127.0.0.1:$ADMIN_PORT/readyz" >/dev/null 2>&1 && break
+  kill -0 "$CELLGATE_PID" 2>/dev/null || { cat "$WORK/cellgate.log" >&2; exit 1; }
+  sleep 0.1
+done
+
+D="http://127.0.0.1:$DATA_PORT"
+A="http://127.0.0.1:$ADMIN_PORT"
+cat <<TXT
+
+Try these (copy and paste):
+
+# musicians near Madrid (a replica of eu-1 answers)
+curl -s $D/v1/sql/core/query -H 'authorization: Bearer $TOKEN' -H 'content-type: application/json' \\
+  -d '{"region": {"lat": 40.4168, "lng": -3.7038}, "sql": "SELECT id, name, instrument, city FROM musicians WHERE city = \$1 ORDER BY id LIMIT 5", "params": ["Madrid"]}'
+
+# nearby search: 25 km around Paris, merged across shards, nearest 5
+curl -s $D/v1/sql/core/query -H 'authorization: Bearer $TOKEN' -H 'content-type: application/json' \\
+  -d '{"region": {"lat": 48.8566, "lng": 2.3522, "radius_km": 25}, "sql": "SELECT id, name, (lat - \$1)^2 + (lng - \$2)^2 AS dist FROM musicians ORDER BY dist LIMIT 5", "params": [48.8566, 2.3522], "merge": {"order_by": [{"column": "dist"}], "limit": 5}}'
+
+# post a gig request in Tokyo (the primary of as-1), returns a read-your-writes token
+curl -s $D/v1/sql/core/execute -H 'authorization: Bearer $TOKEN' -H 'content-type: application/json' \\
+  -d '{"region": {"lat": 35.6895, "lng": 139.6917}, "sql": "INSERT INTO gig_requests (id, venue_id, title, budget_cents, gig_date, lat, lng, h3) VALUES (\$1, 1, \$2, 50000, \$3, 35.6895, 139.6917, \$4) RETURNING id", "params": [900001, "Jazz night", "2027-01-15", "$(./target/release/cellgate locate --map shard-maps/demo.toml --lat 35.6895 --lng 139.6917 --json | jq -r '.point_cell | ltrimstr("") ' | python3 -c 'import sys; print(int(sys.stdin.read().strip(), 16))')"]}'
+
+# where does a place go?
+curl -s "$A/admin/locate?lat=-33.8688&lng=151.2093" -H 'authorization: Bearer $TOKEN'
+# shard health, lag and pools
+curl -s $A/admin/shards -H 'authorization: Bearer $TOKEN'
+TXT
+echo
+echo "cellgate demo ready: data=$D admin=$A token=$TOKEN"
+wait "$CELLGATE_PID"

@@ -1,0 +1,161 @@
+//! Admin plane (design §4), read-only part: liveness, readiness, metrics, map (secrets redacted),
+//! shard health, locate. Requires the `admin` scope when tokens are configured.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use http::{Method, Request, Response, StatusCode, header};
+use hyper::body::Incoming;
+use serde_json::{Value, json};
+
+use crate::backend::DatabaseBackend;
+use crate::config::Scope;
+use crate::geo;
+use crate::http::respond::{ApiError, Body, json_response, text_response};
+use crate::shardmap::Fallback;
+use crate::state::AppState;
+
+pub async fn handle(state: &Arc<AppState>, req: Request<Incoming>) -> Response<Body> {
+    let path = req.uri().path();
+    // Probes stay open: orchestrators call them without tokens.
+    match (req.method(), path) {
+        (&Method::GET, "/livez") => return json_response(StatusCode::OK, &json!({"live": true})),
+        (&Method::GET, "/readyz") => {
+            let ready = ready(state);
+            let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+            return json_response(status, &json!({"ready": ready}));
+        }
+        _ => {}
+    }
+    match state.auth.check(req.headers().get(header::AUTHORIZATION).map(|v| v.as_bytes()), Scope::Admin) {
+        Ok(_) => {}
+        Err(crate::auth::AuthError::Unauthorized) => return ApiError::Unauthorized.into_response(),
+        Err(crate::auth::AuthError::Forbidden(_)) => return ApiError::Forbidden("admin").into_response(),
+    }
+    let query: HashMap<String, String> = req
+        .uri()
+        .query()
+        .map(|q| {
+            q.split('&').filter_map(|kv| kv.split_once('=')).map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        })
+        .unwrap_or_default();
+    match (req.method(), path) {
+        (&Method::GET, "/metrics") => {
+            text_response(StatusCode::OK, "text/plain; version=0.0.4", crate::telemetry::render_metrics())
+        }
+        (&Method::GET, "/admin/map") => json_response(StatusCode::OK, &map_json(state)),
+        (&Method::GET, "/admin/shards") => json_response(StatusCode::OK, &shards_json(state)),
+        (&Method::GET, "/admin/locate") => match locate(state, &query) {
+            Ok(v) => json_response(StatusCode::OK, &v),
+            Err(e) => e.into_response(),
+        },
+        (_, "/metrics" | "/admin/map" | "/admin/shards" | "/admin/locate") => {
+            ApiError::MethodNotAllowed.into_response()
+        }
+        _ => ApiError::NotFound.into_response(),
+    }
+}
+
+/// Ready once a map is published and every endpoint has been probed once, until shutdown starts.
+pub fn ready(state: &AppState) -> bool {
+    state.accepting.load(std::sync::atomic::Ordering::Relaxed) && state.snapshot.load().backends.first_pass_done()
+}
+
+fn locate(state: &AppState, q: &HashMap<String, String>) -> Result<Value, ApiError> {
+    let snap = state.pin();
+    let num = |k: &str| -> Result<Option<f64>, ApiError> {
+        q.get(k)
+            .map(|v| v.parse::<f64>().map_err(|_| ApiError::InvalidRegion(format!("{k} must be a number"))))
+            .transpose()
+    };
+    let region = geo::region(
+        num("lat")?,
+        num("lng")?,
+        q.get("cell").map(String::as_str),
+        num("radius_km")?,
+        snap.map.resolution(),
+    )
+    .map_err(|e| ApiError::InvalidRegion(e.to_string()))?;
+    Ok(crate::cli::locate_json(&snap.map, &region))
+}
+
+fn map_json(state: &AppState) -> Value {
+    let snap = state.pin();
+    let m = &snap.map;
+    let mut assign: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+    for (cell, s) in m.assignments() {
+        assign.entry(m.shard(s).id.to_string()).or_default().push(cell.to_string());
+    }
+    let fallback = match m.fallback() {
+        Fallback::Hash { shards, resolution, vnodes, .. } => json!({
+            "mode": "hash",
+            "shards": shards.iter().map(|s| m.shard(*s).id.to_string()).collect::<Vec<_>>(),
+            "resolution": u8::from(*resolution),
+            "vnodes": vnodes,
+        }),
+        Fallback::Reject => json!({"mode": "reject"}),
+    };
+    let loaded_at = snap.loaded_at.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    json!({
+        "version": m.version().0,
+        "sha256": snap.sha256,
+        "source": snap.source,
+        "loaded_at": loaded_at,
+        "map": {
+            "version": m.version().0,
+            "resolution": u8::from(m.resolution()),
+            // Secret connection strings serialise as "***".
+            "shards": m.shards(),
+            "assign": assign,
+            "fallback": fallback,
+            "tables": m.tables(),
+        }
+    })
+}
+
+fn shards_json(state: &AppState) -> Value {
+    let snap = state.pin();
+    let mut shards = Vec::new();
+    for (i, shard) in snap.map.shards().iter().enumerate() {
+        let mut dbs = serde_json::Map::new();
+        for (name, db) in &snap.backends.shards[i] {
+            let v = match db {
+                DatabaseBackend::Postgres(pg) => {
+                    let eps: Vec<Value> = pg
+                        .endpoints()
+                        .map(|ep| {
+                            let h = ep.health.view();
+                            let st = ep.pool.state();
+                            json!({
+                                "endpoint": ep.label.to_string(),
+                                "role": ep.role,
+                                "observed_role": h.in_recovery.map(|r| if r { "replica" } else { "primary" }),
+                                "up": h.up,
+                                "probed": h.probed,
+                                "readable": ep.role == crate::backend::Role::Replica
+                                    && ep.health.readable(state.config.health.max_lag_ms, state.config.health.max_lag_bytes),
+                                "lag_ms": h.lag_ms,
+                                "lag_bytes": h.lag_bytes,
+                                "lsn": h.lsn.map(crate::backend::postgres::format_lsn),
+                                "pool": {
+                                    "size": st.connections,
+                                    "idle": st.idle_connections,
+                                    "max": state.config.pool.max_size,
+                                    // Gets started but not finished = requests parked waiting for a connection.
+                                    "waiting": st.statistics.get_started.saturating_sub(
+                                        st.statistics.get_direct + st.statistics.get_waited + st.statistics.get_timed_out),
+                                },
+                                "last_error": h.last_error,
+                            })
+                        })
+                        .collect();
+                    json!({"kind": "postgres", "endpoints": eps})
+                }
+                DatabaseBackend::Unsupported(kind) => json!({"kind": kind, "served": false}),
+            };
+            dbs.insert(name.clone(), v);
+        }
+        shards.push(json!({"id": shard.id.to_string(), "zone": shard.zone, "databases": dbs}));
+    }
+    json!({"map_version": snap.map.version().0, "shards": shards})
+}

@@ -1,0 +1,142 @@
+//! Backends: one module per database kind plus health. Owns connections; knows nothing of HTTP.
+
+pub mod health;
+pub mod pg_types;
+pub mod postgres;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::config;
+use crate::shardmap::{DatabaseSpec, ShardMap};
+use postgres::{PgDatabase, PgEndpoint};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Primary,
+    Replica,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Primary => "primary",
+            Role::Replica => "replica",
+        }
+    }
+}
+
+/// Why a backend call failed. Classified once here; `http::respond` maps it to HTTP.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    #[error("endpoint {endpoint} unavailable: {reason}")]
+    Unavailable { endpoint: String, reason: String },
+    #[error("endpoint {endpoint} has no free connection")]
+    Overloaded { endpoint: String },
+    #[error("endpoint {endpoint} is read-only (not a primary)")]
+    ReadOnly { endpoint: String },
+    #[error("statement timed out")]
+    Timeout,
+    #[error("{message}")]
+    Database { sqlstate: String, message: String, detail: Option<String>, hint: Option<String>, position: Option<u32> },
+    #[error("{0}")]
+    Params(pg_types::ParamError),
+    #[error("{0}")]
+    Column(pg_types::ColumnError),
+    #[error("statement {index} of {count}: {source}")]
+    InStatement { index: usize, count: usize, source: Box<BackendError> },
+    #[error("{0}")]
+    Unsupported(String),
+}
+
+impl BackendError {
+    /// Tag an error with the batch statement it came from (only for batches of > 1).
+    pub fn in_statement(self, index: usize, count: usize) -> Self {
+        if count > 1 { BackendError::InStatement { index, count, source: Box::new(self) } } else { self }
+    }
+
+    /// The innermost error (batch tags removed).
+    pub fn root(&self) -> &BackendError {
+        match self {
+            BackendError::InStatement { source, .. } => source.root(),
+            other => other,
+        }
+    }
+}
+
+/// A shard's logical database, by kind.
+pub enum DatabaseBackend {
+    Postgres(Arc<PgDatabase>),
+    /// Declared in the map but served by a backend this build does not run yet.
+    Unsupported(&'static str),
+}
+
+/// All backends of one map: `[shard index][database name]`.
+pub struct Backends {
+    pub shards: Vec<BTreeMap<String, DatabaseBackend>>,
+    health_tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for Backends {
+    fn drop(&mut self) {
+        for t in &self.health_tasks {
+            t.abort();
+        }
+    }
+}
+
+impl Backends {
+    /// Build pools (lazily connecting) and start one health task per shard database.
+    /// Must run inside a tokio runtime.
+    pub fn build(map: &ShardMap, cfg: &config::Config) -> Result<Backends, Vec<String>> {
+        let mut errors = Vec::new();
+        let mut shards = Vec::new();
+        let mut tasks = Vec::new();
+        // The server-side statement_timeout matches the request deadline.
+        let stmt_timeout = Duration::from_millis(cfg.limits.request_timeout_ms);
+        for shard in map.shards() {
+            let mut dbs = BTreeMap::new();
+            for (name, spec) in &shard.databases {
+                match spec {
+                    DatabaseSpec::Postgres { primary, replicas } => {
+                        let p = PgEndpoint::new(primary, Role::Primary, &cfg.pool, stmt_timeout);
+                        let rs: Vec<_> = replicas
+                            .iter()
+                            .map(|r| PgEndpoint::new(r, Role::Replica, &cfg.pool, stmt_timeout))
+                            .collect();
+                        match (p, rs.into_iter().collect::<Result<Vec<_>, _>>()) {
+                            (Ok(p), Ok(rs)) => {
+                                let db = Arc::new(PgDatabase::new(p, rs));
+                                tasks.push(tokio::spawn(health::run(db.clone(), cfg.health.clone())));
+                                dbs.insert(name.clone(), DatabaseBackend::Postgres(db));
+                            }
+                            (p, rs) => {
+                                for e in p.err().into_iter().chain(rs.err()) {
+                                    errors.push(format!("shard {} database {name}: {e}", shard.id));
+                                }
+                            }
+                        }
+                    }
+                    DatabaseSpec::Sqlserver { .. } => {
+                        dbs.insert(name.clone(), DatabaseBackend::Unsupported("sqlserver"));
+                    }
+                    DatabaseSpec::Mongodb { .. } => {
+                        dbs.insert(name.clone(), DatabaseBackend::Unsupported("mongodb"));
+                    }
+                }
+            }
+            shards.push(dbs);
+        }
+        if errors.is_empty() { Ok(Backends { shards, health_tasks: tasks }) } else { Err(errors) }
+    }
+
+    /// Has every endpoint been probed at least once?
+    pub fn first_pass_done(&self) -> bool {
+        self.shards.iter().flat_map(|s| s.values()).all(|db| match db {
+            DatabaseBackend::Postgres(pg) => pg.endpoints().all(|e| e.health.view().probed),
+            DatabaseBackend::Unsupported(_) => true,
+        })
+    }
+}

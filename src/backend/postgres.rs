@@ -1,0 +1,407 @@
+//! PostgreSQL backend: a bb8 pool per endpoint (bb8-postgres underneath, plus a per-connection
+//! prepared-statement cache), statements under a deadline, read-only replica sessions.
+//! Knows nothing of HTTP or routing; never formats a connection string.
+
+use std::collections::HashMap;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use bb8_postgres::PostgresConnectionManager;
+use serde_json::Value;
+use tokio::time::Instant;
+use tokio_postgres::types::Type;
+use tokio_postgres::{NoTls, Statement};
+
+use super::health::EndpointHealth;
+use super::pg_types;
+use super::{BackendError, Role};
+use crate::config;
+use crate::shardmap::Secret;
+
+/// One pooled connection: the client, its prepared statements, and whether a statement was
+/// abandoned mid-flight (then the connection must not be reused: bb8 #246, crates.md P4).
+pub struct PgConn {
+    pub client: tokio_postgres::Client,
+    stmts: HashMap<String, Statement>,
+    busy: bool,
+}
+
+/// Statements kept per connection; beyond this the cache is cleared (bounded memory).
+const STMT_CACHE: usize = 256;
+
+impl PgConn {
+    async fn prepare(&mut self, sql: &str) -> Result<Statement, tokio_postgres::Error> {
+        if let Some(s) = self.stmts.get(sql) {
+            return Ok(s.clone());
+        }
+        let s = self.client.prepare(sql).await?;
+        if self.stmts.len() >= STMT_CACHE {
+            self.stmts.clear();
+        }
+        self.stmts.insert(sql.to_string(), s.clone());
+        Ok(s)
+    }
+}
+
+pub struct PgManager {
+    inner: PostgresConnectionManager<NoTls>,
+}
+
+impl bb8::ManageConnection for PgManager {
+    type Connection = PgConn;
+    type Error = tokio_postgres::Error;
+
+    async fn connect(&self) -> Result<PgConn, Self::Error> {
+        let client = self.inner.connect().await?;
+        Ok(PgConn { client, stmts: HashMap::new(), busy: false })
+    }
+
+    async fn is_valid(&self, conn: &mut PgConn) -> Result<(), Self::Error> {
+        conn.client.simple_query("").await.map(|_| ())
+    }
+
+    fn has_broken(&self, conn: &mut PgConn) -> bool {
+        conn.busy || conn.client.is_closed()
+    }
+}
+
+/// Logs the real reason behind a failed pool connect (bb8 otherwise reports only a timeout).
+/// tokio_postgres errors never contain the connection string.
+#[derive(Debug, Clone)]
+struct Sink {
+    endpoint: Arc<str>,
+    health: Arc<EndpointHealth>,
+}
+
+impl bb8::ErrorSink<tokio_postgres::Error> for Sink {
+    fn sink(&self, e: tokio_postgres::Error) {
+        tracing::warn!(endpoint = %self.endpoint, error = %e, "pool connect failed");
+        self.health.note_error(&e.to_string());
+    }
+    fn boxed_clone(&self) -> Box<dyn bb8::ErrorSink<tokio_postgres::Error>> {
+        Box::new(self.clone())
+    }
+}
+
+/// One PostgreSQL server of a shard database.
+pub struct PgEndpoint {
+    /// `host:port/dbname` — safe to show (no user, no password).
+    pub label: Arc<str>,
+    pub role: Role,
+    pub pool: bb8::Pool<PgManager>,
+    pub health: Arc<EndpointHealth>,
+    /// Connection parameters for the health prober (its own connection, not pooled).
+    pub(crate) pg_config: tokio_postgres::Config,
+    checkout_timeout: Duration,
+}
+
+/// Safe display of an endpoint: hosts, ports and database, never credentials.
+pub fn endpoint_label(cfg: &tokio_postgres::Config) -> String {
+    let host = cfg
+        .get_hosts()
+        .first()
+        .map(|h| match h {
+            tokio_postgres::config::Host::Tcp(s) => s.clone(),
+            tokio_postgres::config::Host::Unix(p) => p.display().to_string(),
+        })
+        .unwrap_or_else(|| "localhost".into());
+    let port = cfg.get_ports().first().copied().unwrap_or(5432);
+    format!("{host}:{port}/{}", cfg.get_dbname().unwrap_or(""))
+}
+
+impl PgEndpoint {
+    /// Build an endpoint and its (lazy) pool. Must run inside a tokio runtime (bb8 spawns).
+    pub fn new(conn: &Secret, role: Role, pool: &config::Pool, statement_timeout: Duration) -> Result<Self, String> {
+        // The parse error of tokio_postgres does not echo the input; still, report it generically.
+        let mut cfg = tokio_postgres::Config::from_str(conn.expose())
+            .map_err(|e| format!("invalid PostgreSQL connection string: {e}"))?;
+        let label: Arc<str> = Arc::from(endpoint_label(&cfg));
+        cfg.connect_timeout(Duration::from_millis(pool.connect_timeout_ms));
+        cfg.application_name("cellgate");
+        // The server enforces the deadline too, so an abandoned statement cannot run on.
+        let mut opts = format!("-c statement_timeout={}", statement_timeout.as_millis());
+        if role == Role::Replica {
+            // Replicas serve reads only: a write sent there by mistake fails in the server.
+            opts.push_str(" -c default_transaction_read_only=on");
+        }
+        cfg.options(&opts);
+        let health = Arc::new(EndpointHealth::new(role));
+        let manager = PgManager { inner: PostgresConnectionManager::new(cfg.clone(), NoTls) };
+        let pool_obj = bb8::Pool::builder()
+            .max_size(pool.max_size)
+            .min_idle(Some(pool.min_idle))
+            .connection_timeout(Duration::from_millis(pool.checkout_timeout_ms))
+            .max_lifetime(Some(Duration::from_secs(pool.max_lifetime_s)))
+            .idle_timeout(Some(Duration::from_secs(pool.idle_timeout_s)))
+            // has_broken covers closed and abandoned connections; a SELECT 1 per checkout would
+            // double the round trips of every read.
+            .test_on_check_out(false)
+            .error_sink(Box::new(Sink { endpoint: label.clone(), health: health.clone() }))
+            .build_unchecked(manager);
+        Ok(Self {
+            label,
+            role,
+            pool: pool_obj,
+            health,
+            pg_config: cfg,
+            checkout_timeout: Duration::from_millis(pool.checkout_timeout_ms),
+        })
+    }
+
+    async fn checkout(&self) -> Result<bb8::PooledConnection<'_, PgManager>, BackendError> {
+        match self.pool.get().await {
+            Ok(c) => Ok(c),
+            Err(bb8::RunError::User(e)) => Err(self.classify(e)),
+            Err(bb8::RunError::TimedOut) => {
+                if self.health.is_up() {
+                    Err(BackendError::Overloaded { endpoint: self.label.to_string() })
+                } else {
+                    Err(BackendError::Unavailable {
+                        endpoint: self.label.to_string(),
+                        reason: format!("no connection within {:?}", self.checkout_timeout),
+                    })
+                }
+            }
+        }
+    }
+
+    fn classify(&self, e: tokio_postgres::Error) -> BackendError {
+        if let Some(db) = e.as_db_error() {
+            let code = db.code().code().to_string();
+            if code == "25006" {
+                // read_only_sql_transaction: the endpoint is (now) a replica. Re-check its role now.
+                self.health.request_recheck();
+                return BackendError::ReadOnly { endpoint: self.label.to_string() };
+            }
+            if code == "57014" {
+                return BackendError::Timeout;
+            }
+            if code.starts_with("08") || code == "57P01" || code == "57P02" || code == "57P03" {
+                self.health.note_error(db.message());
+                return BackendError::Unavailable {
+                    endpoint: self.label.to_string(),
+                    reason: db.message().to_string(),
+                };
+            }
+            return BackendError::Database {
+                sqlstate: code,
+                message: db.message().to_string(),
+                detail: db.detail().map(str::to_string),
+                hint: db.hint().map(str::to_string),
+                position: match db.position() {
+                    Some(tokio_postgres::error::ErrorPosition::Original(p)) => Some(*p),
+                    _ => None,
+                },
+            };
+        }
+        // No server error: I/O, closed connection, connect refused, TLS.
+        self.health.note_error(&e.to_string());
+        self.health.request_recheck();
+        BackendError::Unavailable { endpoint: self.label.to_string(), reason: e.to_string() }
+    }
+
+    /// Run one read-only statement. `min_lsn`: wait (until `wait_until`) for this endpoint to
+    /// replay past it; returns `Ok(None)` if it did not in time (the caller goes to the primary).
+    pub async fn query(
+        &self,
+        sql: &str,
+        params: &[Value],
+        min_lsn: Option<(u64, Instant)>,
+    ) -> Result<Option<Rows>, BackendError> {
+        let mut conn = self.checkout().await?;
+        if let Some((lsn, until)) = min_lsn
+            && !self.wait_replay(&mut conn, lsn, until).await?
+        {
+            return Ok(None);
+        }
+        let stmt = conn.prepare(sql).await.map_err(|e| self.classify(e))?;
+        let bound = pg_types::bind_params(stmt.params(), params).map_err(BackendError::Params)?;
+        conn.busy = true;
+        let rows = conn.client.query(&stmt, &pg_types::as_sql_refs(&bound)).await.map_err(|e| self.classify(e))?;
+        conn.busy = false;
+        Rows::from_pg(&stmt, &rows).map(Some)
+    }
+
+    /// Has this replica replayed past `lsn`? Polls until `until`.
+    async fn wait_replay(&self, conn: &mut PgConn, lsn: u64, until: Instant) -> Result<bool, BackendError> {
+        let stmt =
+            conn.prepare("SELECT pg_last_wal_replay_lsn() >= $1::text::pg_lsn").await.map_err(|e| self.classify(e))?;
+        let lsn_text = format_lsn(lsn);
+        loop {
+            conn.busy = true;
+            let row = conn.client.query_one(&stmt, &[&lsn_text]).await.map_err(|e| self.classify(e))?;
+            conn.busy = false;
+            if row.get::<_, Option<bool>>(0).unwrap_or(false) {
+                return Ok(true);
+            }
+            if Instant::now() >= until {
+                return Ok(false);
+            }
+            tokio::time::sleep(Duration::from_millis(5).min(until - Instant::now())).await;
+        }
+    }
+
+    /// Run writes on this (primary) endpoint: one statement in autocommit, or several in one
+    /// transaction. Returns the last statement's rows, the total rows affected and the WAL
+    /// position after commit (the read-your-writes token).
+    pub async fn execute(&self, stmts: &[(String, Vec<Value>)]) -> Result<WriteResult, BackendError> {
+        let mut conn = self.checkout().await?;
+        // Prepare and bind everything first: a bad parameter fails before anything runs.
+        let mut prepared = Vec::with_capacity(stmts.len());
+        for (i, (sql, params)) in stmts.iter().enumerate() {
+            let stmt = conn.prepare(sql).await.map_err(|e| self.classify(e).in_statement(i, stmts.len()))?;
+            let bound = pg_types::bind_params(stmt.params(), params)
+                .map_err(|e| BackendError::Params(e).in_statement(i, stmts.len()))?;
+            prepared.push((stmt, bound));
+        }
+        let lsn_stmt = conn.prepare("SELECT pg_current_wal_lsn()::text").await.map_err(|e| self.classify(e))?;
+        conn.busy = true;
+        let tx = stmts.len() > 1;
+        if tx {
+            conn.client.batch_execute("BEGIN").await.map_err(|e| self.classify(e))?;
+        }
+        let mut affected = 0u64;
+        let mut last = None;
+        for (i, (stmt, bound)) in prepared.iter().enumerate() {
+            match run_counting(&conn.client, stmt, bound).await {
+                Ok((rows, n)) => {
+                    affected += n;
+                    last = Some((stmt.clone(), rows));
+                }
+                Err(e) => {
+                    if tx {
+                        // The transaction is aborted server-side; ROLLBACK makes the connection
+                        // reusable. If even that fails the connection stays `busy` and is dropped.
+                        if conn.client.batch_execute("ROLLBACK").await.is_ok() {
+                            conn.busy = false;
+                        }
+                    } else {
+                        conn.busy = false;
+                    }
+                    return Err(self.classify(e).in_statement(i, stmts.len()));
+                }
+            }
+        }
+        if tx {
+            conn.client.batch_execute("COMMIT").await.map_err(|e| self.classify(e))?;
+        }
+        // After commit: the primary's current WAL position is at or past our commit record.
+        let lsn_row = conn.client.query_one(&lsn_stmt, &[]).await.map_err(|e| self.classify(e))?;
+        conn.busy = false;
+        let lsn = parse_lsn(lsn_row.get::<_, &str>(0)).unwrap_or(0);
+        let (stmt, rows) = last.expect("at least one statement");
+        Ok(WriteResult { rows: Rows::from_pg(&stmt, &rows)?, rows_affected: affected, lsn })
+    }
+}
+
+async fn run_counting(
+    client: &tokio_postgres::Client,
+    stmt: &Statement,
+    bound: &[pg_types::PgParam],
+) -> Result<(Vec<tokio_postgres::Row>, u64), tokio_postgres::Error> {
+    use futures_util::TryStreamExt;
+    let stream = client.query_raw(stmt, pg_types::as_sql_refs(bound)).await?;
+    futures_util::pin_mut!(stream);
+    let mut rows = Vec::new();
+    while let Some(r) = stream.try_next().await? {
+        rows.push(r);
+    }
+    let n = stream.rows_affected().unwrap_or(rows.len() as u64);
+    Ok((rows, n))
+}
+
+/// Result rows, column-major metadata plus row-major values (arrays; object form is rendered
+/// at serialisation time).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Rows {
+    pub columns: Vec<(String, String)>,
+    pub rows: Vec<Vec<Value>>,
+}
+
+impl Rows {
+    fn from_pg(stmt: &Statement, rows: &[tokio_postgres::Row]) -> Result<Rows, BackendError> {
+        let columns =
+            stmt.columns().iter().map(|c| (c.name().to_string(), pg_types::type_name(c.type_()).to_string())).collect();
+        let mut out = Vec::with_capacity(rows.len());
+        for row in rows {
+            let mut vals = Vec::with_capacity(row.len());
+            for i in 0..row.len() {
+                vals.push(pg_types::column_to_json(row, i).map_err(BackendError::Column)?);
+            }
+            out.push(vals);
+        }
+        Ok(Rows { columns, rows: out })
+    }
+}
+
+#[derive(Debug)]
+pub struct WriteResult {
+    pub rows: Rows,
+    pub rows_affected: u64,
+    pub lsn: u64,
+}
+
+/// `16/B374D848` → u64.
+pub fn parse_lsn(s: &str) -> Option<u64> {
+    let (hi, lo) = s.split_once('/')?;
+    Some((u64::from_str_radix(hi, 16).ok()? << 32) | u64::from_str_radix(lo, 16).ok()?)
+}
+
+pub fn format_lsn(v: u64) -> String {
+    format!("{:X}/{:X}", v >> 32, v & 0xffff_ffff)
+}
+
+/// A logical database on one shard: its primary and replicas.
+pub struct PgDatabase {
+    pub primary: Arc<PgEndpoint>,
+    pub replicas: Vec<Arc<PgEndpoint>>,
+    next: AtomicUsize,
+}
+
+impl PgDatabase {
+    pub fn new(primary: PgEndpoint, replicas: Vec<PgEndpoint>) -> Self {
+        Self {
+            primary: Arc::new(primary),
+            replicas: replicas.into_iter().map(Arc::new).collect(),
+            next: AtomicUsize::new(0),
+        }
+    }
+
+    /// Replicas currently fit for reads (healthy, in recovery, within the lag bound), rotated so
+    /// load spreads. Never "unban all": if none is fit the caller uses the primary.
+    pub fn readable_replicas(&self, max_lag_ms: u64, max_lag_bytes: u64) -> Vec<Arc<PgEndpoint>> {
+        let fit: Vec<&Arc<PgEndpoint>> =
+            self.replicas.iter().filter(|r| r.health.readable(max_lag_ms, max_lag_bytes)).collect();
+        if fit.is_empty() {
+            return Vec::new();
+        }
+        let start = self.next.fetch_add(1, Ordering::Relaxed) % fit.len();
+        fit.iter().cycle().skip(start).take(fit.len()).map(|r| Arc::clone(r)).collect()
+    }
+
+    pub fn endpoints(&self) -> impl Iterator<Item = &Arc<PgEndpoint>> {
+        std::iter::once(&self.primary).chain(self.replicas.iter())
+    }
+}
+
+/// Column types are reported by name (`int4`, `text`, …): re-exported for callers.
+pub fn column_type_name(t: &Type) -> &str {
+    pg_types::type_name(t)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lsn_round_trip() {
+        for s in ["0/0", "16/B374D848", "FFFFFFFF/FFFFFFFF", "0/1"] {
+            assert_eq!(format_lsn(parse_lsn(s).unwrap()), s);
+        }
+        assert_eq!(parse_lsn("1/0"), Some(1 << 32));
+        assert_eq!(parse_lsn("x"), None);
+        assert_eq!(parse_lsn("1/zz"), None);
+    }
+}

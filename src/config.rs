@@ -1,0 +1,248 @@
+//! Process configuration (`cellgate.toml`, design §4): listeners, limits, pools, health, tokens,
+//! map source, peers. Parse → validate; every field has a documented unit and default.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub listen: Listen,
+    #[serde(default)]
+    pub limits: Limits,
+    #[serde(default)]
+    pub pool: Pool,
+    #[serde(default)]
+    pub health: Health,
+    /// API tokens by SHA-256 digest. Empty = no auth (refused on non-loopback addresses
+    /// unless `--insecure-no-auth`).
+    #[serde(default)]
+    pub tokens: Vec<Token>,
+    pub map: MapSource,
+    /// Admin URLs of the other cellgate instances (map pushes; used by live reload).
+    #[serde(default)]
+    pub peers: Vec<String>,
+    #[serde(default)]
+    pub shutdown: Shutdown,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Listen {
+    /// Data plane (HTTP/1.1 and h2c on one port). Default `0.0.0.0:8080`.
+    #[serde(default = "default_data")]
+    pub data: SocketAddr,
+    /// Admin plane. Default `127.0.0.1:9090`.
+    #[serde(default = "default_admin")]
+    pub admin: SocketAddr,
+}
+
+fn default_data() -> SocketAddr {
+    "0.0.0.0:8080".parse().expect("literal")
+}
+fn default_admin() -> SocketAddr {
+    "127.0.0.1:9090".parse().expect("literal")
+}
+
+impl Default for Listen {
+    fn default() -> Self {
+        Self { data: default_data(), admin: default_admin() }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Largest request body in bytes (413 beyond). Default 1 MiB.
+    pub max_body_bytes: usize,
+    /// Largest request head (request line + headers) in bytes (431 beyond). Default 16 KiB.
+    pub max_header_bytes: usize,
+    /// Requests in flight on the data plane before 429. Default 100,000.
+    pub max_in_flight: usize,
+    /// Time a client has to send a complete request head, ms (408 on a new connection). Default 5,000.
+    pub header_timeout_ms: u64,
+    /// Deadline for a whole request, ms (504 beyond). Default 5,000.
+    pub request_timeout_ms: u64,
+    /// Longest `wait_ms` a read-your-writes request may ask for, ms. Default 2,000.
+    pub max_wait_ms: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_body_bytes: 1 << 20,
+            max_header_bytes: 16 << 10,
+            max_in_flight: 100_000,
+            header_timeout_ms: 5_000,
+            request_timeout_ms: 5_000,
+            max_wait_ms: 2_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Pool {
+    /// Connections per endpoint at most. Default 16.
+    pub max_size: u32,
+    /// Idle connections kept open per endpoint. Default 1.
+    pub min_idle: u32,
+    /// Time to open one connection, ms. Default 2,000.
+    pub connect_timeout_ms: u64,
+    /// Time a request waits for a pooled connection, ms (then 503 `shard_unavailable` if the
+    /// endpoint is down, else 429 `overloaded`). Default 2,000.
+    pub checkout_timeout_ms: u64,
+    /// A connection is closed after this long, s. Default 1,800.
+    pub max_lifetime_s: u64,
+    /// An idle connection is closed after this long, s. Default 600.
+    pub idle_timeout_s: u64,
+}
+
+impl Default for Pool {
+    fn default() -> Self {
+        Self {
+            max_size: 16,
+            min_idle: 1,
+            connect_timeout_ms: 2_000,
+            checkout_timeout_ms: 2_000,
+            max_lifetime_s: 1_800,
+            idle_timeout_s: 600,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Health {
+    /// Probe period per endpoint, ms. Default 1,000.
+    pub interval_ms: u64,
+    /// Deadline of one probe, ms. Default 1,000.
+    pub probe_timeout_ms: u64,
+    /// Consecutive failed probes before an endpoint is marked down. Default 2.
+    pub fail_threshold: u32,
+    /// Consecutive good probes before a down endpoint is marked up again. Default 2.
+    pub ok_threshold: u32,
+    /// Replicas lagging more than this (replay time behind the primary), ms, get no reads. Default 5,000.
+    pub max_lag_ms: u64,
+    /// Replicas lagging more than this many WAL bytes get no reads. Default 16 MiB.
+    pub max_lag_bytes: u64,
+}
+
+impl Default for Health {
+    fn default() -> Self {
+        Self {
+            interval_ms: 1_000,
+            probe_timeout_ms: 1_000,
+            fail_threshold: 2,
+            ok_threshold: 2,
+            max_lag_ms: 5_000,
+            max_lag_bytes: 16 << 20,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Token {
+    /// A label for logs and metrics (never the token).
+    pub name: String,
+    /// Hex SHA-256 of the bearer token.
+    pub sha256: String,
+    /// Any of `read`, `write`, `admin`.
+    pub scopes: Vec<Scope>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Scope {
+    Read,
+    Write,
+    Admin,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MapSource {
+    /// Shard-map file (relative paths are relative to the config file).
+    pub path: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Shutdown {
+    /// Time in-flight requests get to finish after SIGTERM, ms. Default 10,000.
+    pub grace_ms: u64,
+}
+
+impl Default for Shutdown {
+    fn default() -> Self {
+        Self { grace_ms: 10_000 }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: {source}")]
+    Read { path: String, source: std::io::Error },
+    #[error("{path}: {message}")]
+    Parse { path: String, message: String },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.display().to_string(), source })?;
+        let mut cfg = Self::parse(&text).map_err(|e| match e {
+            ConfigError::Parse { message, .. } => ConfigError::Parse { path: path.display().to_string(), message },
+            other => other,
+        })?;
+        if cfg.map.path.is_relative()
+            && let Some(dir) = path.parent()
+        {
+            cfg.map.path = dir.join(&cfg.map.path);
+        }
+        Ok(cfg)
+    }
+
+    pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        let cfg: Config =
+            toml::from_str(text).map_err(|e| ConfigError::Parse { path: String::new(), message: e.to_string() })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let mut errs = Vec::new();
+        for t in &self.tokens {
+            if t.sha256.len() != 64 || hex::decode(&t.sha256).is_err() {
+                errs.push(format!("token {:?}: sha256 must be 64 hex characters", t.name));
+            }
+            if t.scopes.is_empty() {
+                errs.push(format!("token {:?}: needs at least one scope", t.name));
+            }
+        }
+        if self.pool.max_size == 0 {
+            errs.push("pool.max_size must be >= 1".into());
+        }
+        if self.pool.min_idle > self.pool.max_size {
+            errs.push("pool.min_idle must be <= pool.max_size".into());
+        }
+        if self.limits.max_in_flight == 0 || self.limits.request_timeout_ms == 0 || self.health.interval_ms == 0 {
+            errs.push("limits.max_in_flight, limits.request_timeout_ms and health.interval_ms must be > 0".into());
+        }
+        if self.health.fail_threshold == 0 || self.health.ok_threshold == 0 {
+            errs.push("health thresholds must be >= 1".into());
+        }
+        if errs.is_empty() { Ok(()) } else { Err(ConfigError::Invalid(errs.join("; "))) }
+    }
+
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_millis(self.limits.request_timeout_ms)
+    }
+}

@@ -1,0 +1,517 @@
+//! Data-plane handlers (design §3): `POST /v1/sql/{db}/query|execute`. Parse → route on one pinned
+//! snapshot → run on the chosen endpoint(s) → JSON. Errors are returned, never rendered here.
+
+use std::cmp::Ordering;
+use std::collections::BinaryHeap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use tokio::time::Instant;
+
+use super::respond::ApiError;
+use crate::backend::postgres::{PgDatabase, PgEndpoint, Rows};
+use crate::backend::{DatabaseBackend, Role};
+use crate::geo::{self, Region};
+use crate::ids::ShardIdx;
+use crate::routing::{self, RegionRoute, RouteError};
+use crate::state::{AppState, Snapshot};
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegionJson {
+    lat: Option<f64>,
+    lng: Option<f64>,
+    cell: Option<String>,
+    radius_km: Option<f64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QueryRequest {
+    region: Option<Value>,
+    sql: String,
+    #[serde(default)]
+    params: Vec<Value>,
+    consistency: Option<Value>,
+    merge: Option<Merge>,
+    row_format: Option<RowFormat>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExecuteRequest {
+    region: Option<Value>,
+    sql: Option<String>,
+    #[serde(default)]
+    params: Vec<Value>,
+    batch: Option<Vec<Statement>>,
+    row_format: Option<RowFormat>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Statement {
+    sql: String,
+    #[serde(default)]
+    params: Vec<Value>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Merge {
+    #[serde(default)]
+    order_by: Vec<OrderBy>,
+    limit: Option<usize>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OrderBy {
+    column: String,
+    #[serde(default)]
+    desc: bool,
+}
+
+#[derive(Debug, Deserialize, Clone, Copy, Default, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum RowFormat {
+    #[default]
+    Object,
+    Array,
+}
+
+/// How a read picks its endpoint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Consistency {
+    Replica,
+    Primary,
+    After { shard: String, lsn: u64, wait: Duration },
+}
+
+#[derive(Serialize)]
+struct ShardInfo {
+    id: String,
+    role: Role,
+    endpoint: String,
+}
+
+#[derive(Serialize)]
+struct Column<'a> {
+    name: &'a str,
+    r#type: &'a str,
+}
+
+fn parse_region(v: Option<Value>, snap: &Snapshot) -> Result<Region, ApiError> {
+    let v = match v {
+        None | Some(Value::Null) => return Err(ApiError::RegionRequired),
+        Some(v) => v,
+    };
+    let r: RegionJson = serde_json::from_value(v).map_err(|e| ApiError::InvalidRegion(e.to_string()))?;
+    geo::region(r.lat, r.lng, r.cell.as_deref(), r.radius_km, snap.map.resolution())
+        .map_err(|e| ApiError::InvalidRegion(e.to_string()))
+}
+
+/// Token: base64url("v1:<shard>:<lsn hex>"). Opaque to clients.
+pub fn make_token(shard: &str, lsn: u64) -> String {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!("v1:{shard}:{lsn:x}"))
+}
+
+fn parse_token(t: &str) -> Option<(String, u64)> {
+    let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(t.trim()).ok()?;
+    let s = String::from_utf8(raw).ok()?;
+    let mut parts = s.splitn(3, ':');
+    if parts.next()? != "v1" {
+        return None;
+    }
+    let shard = parts.next()?.to_string();
+    let lsn = u64::from_str_radix(parts.next()?, 16).ok()?;
+    Some((shard, lsn))
+}
+
+fn parse_consistency(v: Option<Value>, max_wait_ms: u64) -> Result<Consistency, ApiError> {
+    match v {
+        None | Some(Value::Null) => Ok(Consistency::Replica),
+        Some(Value::String(s)) if s == "replica" => Ok(Consistency::Replica),
+        Some(Value::String(s)) if s == "primary" => Ok(Consistency::Primary),
+        Some(Value::Object(o)) => {
+            let mut token = None;
+            let mut wait = 0u64;
+            for (k, v) in o {
+                match (k.as_str(), v) {
+                    ("after", Value::String(t)) => token = Some(t),
+                    ("wait_ms", Value::Number(n)) if n.as_u64().is_some() => wait = n.as_u64().unwrap_or(0),
+                    _ => {
+                        return Err(ApiError::InvalidParams(format!(
+                            "consistency: unexpected field or value {k:?} (expected after: string, wait_ms: integer >= 0)"
+                        )));
+                    }
+                }
+            }
+            let token = token.ok_or_else(|| ApiError::InvalidParams("consistency object needs \"after\"".into()))?;
+            let (shard, lsn) = parse_token(&token)
+                .ok_or_else(|| ApiError::InvalidParams("consistency.after is not a token cellgate issued".into()))?;
+            Ok(Consistency::After { shard, lsn, wait: Duration::from_millis(wait.min(max_wait_ms)) })
+        }
+        Some(other) => Err(ApiError::InvalidParams(format!(
+            "consistency must be \"replica\", \"primary\" or {{\"after\": token}}, got {other}"
+        ))),
+    }
+}
+
+fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(body).map_err(|e| ApiError::InvalidJson(e.to_string()))
+}
+
+fn pg_db<'a>(snap: &'a Snapshot, shard: ShardIdx, db: &str) -> Result<&'a Arc<PgDatabase>, ApiError> {
+    match snap.backends.shards[shard.get()].get(db) {
+        Some(DatabaseBackend::Postgres(pg)) => Ok(pg),
+        Some(DatabaseBackend::Unsupported(kind)) => {
+            Err(ApiError::Unsupported(format!("database {db:?} is {kind}, which this build does not serve yet")))
+        }
+        // The map says the database exists but this shard lacks it.
+        None => Err(ApiError::UnknownDatabase(format!("{db} (on shard {})", snap.map.shard(shard).id))),
+    }
+}
+
+/// What the request span and metrics learn about a request.
+#[derive(Default)]
+pub struct Outcome {
+    pub shard: Option<String>,
+    pub role: Option<Role>,
+    pub cell: Option<String>,
+}
+
+/// Run a read on one shard with the requested consistency. Reads are idempotent: if a replica
+/// fails mid-read (killed, refused), the read is retried once on the primary.
+async fn read_on_shard(
+    state: &AppState,
+    snap: &Snapshot,
+    shard: ShardIdx,
+    db: &str,
+    sql: &str,
+    params: &[Value],
+    consistency: &Consistency,
+    deadline: Instant,
+) -> Result<(Rows, ShardInfo), ApiError> {
+    let pg = pg_db(snap, shard, db)?;
+    let id = snap.map.shard(shard).id.to_string();
+    let h = &state.config.health;
+    // (endpoint, replay position it must reach and until when)
+    type Candidate = (Arc<PgEndpoint>, Option<(u64, Instant)>);
+    let mut candidates: Vec<Candidate> = Vec::new();
+    match consistency {
+        Consistency::Primary => {}
+        Consistency::Replica => {
+            if let Some(r) = pg.readable_replicas(h.max_lag_ms, h.max_lag_bytes).into_iter().next() {
+                candidates.push((r, None));
+            }
+        }
+        Consistency::After { shard: tshard, lsn, wait } => {
+            let until = (Instant::now() + *wait).min(deadline);
+            let min = if *tshard == id { Some((*lsn, until)) } else { None };
+            if let Some(r) = pg.readable_replicas(h.max_lag_ms, h.max_lag_bytes).into_iter().next() {
+                candidates.push((r, min));
+            }
+        }
+    }
+    candidates.push((pg.primary.clone(), None));
+    let mut last_err = None;
+    for (ep, min_lsn) in candidates {
+        match ep.query(sql, params, min_lsn).await {
+            Ok(Some(rows)) => {
+                return Ok((rows, ShardInfo { id, role: ep.role, endpoint: ep.label.to_string() }));
+            }
+            // The replica had not replayed the token's position in time: go to the primary.
+            Ok(None) => continue,
+            Err(e) => {
+                let retry = ep.role == Role::Replica
+                    && matches!(
+                        e.root(),
+                        crate::backend::BackendError::Unavailable { .. }
+                            | crate::backend::BackendError::Overloaded { .. }
+                    );
+                if !retry {
+                    return Err(ApiError::from_backend(e, &id));
+                }
+                tracing::warn!(shard = %id, endpoint = %ep.label, error = %e, "replica read failed; retrying on the primary");
+                last_err = Some(e);
+            }
+        }
+    }
+    Err(ApiError::from_backend(
+        last_err.unwrap_or(crate::backend::BackendError::Unavailable {
+            endpoint: id.clone(),
+            reason: "no endpoint".into(),
+        }),
+        &id,
+    ))
+}
+
+pub async fn query(state: &AppState, db: &str, body: &[u8], out: &mut Outcome) -> Result<Value, ApiError> {
+    let snap = state.pin();
+    let req: QueryRequest = parse_json(body)?;
+    if !snap.map.databases().contains_key(db) {
+        return Err(ApiError::UnknownDatabase(db.to_string()));
+    }
+    let region = parse_region(req.region, &snap)?;
+    let consistency = parse_consistency(req.consistency, state.config.limits.max_wait_ms)?;
+    let deadline = Instant::now() + state.config.request_timeout();
+    let route = routing::route_region(&snap.map, &region).map_err(route_err)?;
+    let format = req.row_format.unwrap_or_default();
+    match route {
+        RegionRoute::One(r) => {
+            let shard = r.shard.expect("route() returns owned cells only");
+            out.cell = Some(r.cell.to_string());
+            let (rows, info) =
+                read_on_shard(state, &snap, shard, db, &req.sql, &req.params, &consistency, deadline).await?;
+            out.shard = Some(info.id.clone());
+            out.role = Some(info.role);
+            Ok(render(&rows, format, vec![info], None, None, snap.map.version().0))
+        }
+        RegionRoute::Many(area) => {
+            if area.shards.is_empty() {
+                return Err(ApiError::NoShardForRegion("(area: no shard owns any of it)".into()));
+            }
+            // Fan out in parallel to the owning shards only.
+            let futs = area
+                .shards
+                .iter()
+                .map(|(s, _)| read_on_shard(state, &snap, *s, db, &req.sql, &req.params, &consistency, deadline));
+            let results = futures_util::future::join_all(futs).await;
+            let mut parts = Vec::with_capacity(results.len());
+            for r in results {
+                parts.push(r?);
+            }
+            out.shard = Some(if parts.len() == 1 { parts[0].1.id.clone() } else { "multi".into() });
+            let (rows, infos): (Vec<Rows>, Vec<ShardInfo>) = parts.into_iter().unzip();
+            let merged = merge_rows(rows, req.merge.as_ref())?;
+            Ok(render(&merged, format, infos, None, None, snap.map.version().0))
+        }
+    }
+}
+
+pub async fn execute(state: &AppState, db: &str, body: &[u8], out: &mut Outcome) -> Result<Value, ApiError> {
+    let snap = state.pin();
+    let req: ExecuteRequest = parse_json(body)?;
+    if !snap.map.databases().contains_key(db) {
+        return Err(ApiError::UnknownDatabase(db.to_string()));
+    }
+    let stmts: Vec<(String, Vec<Value>)> = match (req.sql, req.batch) {
+        (Some(sql), None) => vec![(sql, req.params)],
+        (None, Some(batch)) if !batch.is_empty() && req.params.is_empty() => {
+            batch.into_iter().map(|s| (s.sql, s.params)).collect()
+        }
+        (None, Some(_)) => {
+            return Err(ApiError::InvalidJson(
+                "batch must be a non-empty list (params go inside each statement)".into(),
+            ));
+        }
+        (Some(_), Some(_)) => return Err(ApiError::InvalidJson("give either sql or batch, not both".into())),
+        (None, None) => return Err(ApiError::InvalidJson("missing field `sql` (or `batch`)".into())),
+    };
+    let region = parse_region(req.region, &snap)?;
+    let route = match routing::route_region(&snap.map, &region).map_err(route_err)? {
+        RegionRoute::One(r) => r,
+        RegionRoute::Many(_) => return Err(ApiError::AreaWrite),
+    };
+    let shard = route.shard.expect("route() returns owned cells only");
+    out.cell = Some(route.cell.to_string());
+    let id = snap.map.shard(shard).id.to_string();
+    out.shard = Some(id.clone());
+    out.role = Some(Role::Primary);
+    let pg = pg_db(&snap, shard, db)?;
+    if !pg.primary.health.writable() {
+        // Fail fast: the prober has seen the primary down (or read-only) repeatedly.
+        let v = pg.primary.health.view();
+        return Err(ApiError::ShardUnavailable {
+            shard: id,
+            reason: format!(
+                "primary {} is down: {}",
+                pg.primary.label,
+                v.last_error.unwrap_or_else(|| "not writable".into())
+            ),
+        });
+    }
+    let res = pg.primary.execute(&stmts).await.map_err(|e| ApiError::from_backend(e, &id))?;
+    let info = ShardInfo { id: id.clone(), role: Role::Primary, endpoint: pg.primary.label.to_string() };
+    let token = make_token(&id, res.lsn);
+    Ok(render(
+        &res.rows,
+        req.row_format.unwrap_or_default(),
+        vec![info],
+        Some(res.rows_affected),
+        Some(token),
+        snap.map.version().0,
+    ))
+}
+
+fn route_err(e: RouteError) -> ApiError {
+    match e {
+        RouteError::NoShard(c) => ApiError::NoShardForRegion(c.to_string()),
+        RouteError::CellIsArea { .. } => ApiError::InvalidRegion(e.to_string()),
+    }
+}
+
+fn render(
+    rows: &Rows,
+    format: RowFormat,
+    shards: Vec<ShardInfo>,
+    rows_affected: Option<u64>,
+    token: Option<String>,
+    map_version: u64,
+) -> Value {
+    let columns: Vec<Column> = rows.columns.iter().map(|(n, t)| Column { name: n, r#type: t }).collect();
+    let out_rows: Vec<Value> = match format {
+        RowFormat::Array => rows.rows.iter().map(|r| Value::Array(r.clone())).collect(),
+        RowFormat::Object => rows
+            .rows
+            .iter()
+            .map(|r| Value::Object(rows.columns.iter().zip(r).map(|((n, _), v)| (n.clone(), v.clone())).collect()))
+            .collect(),
+    };
+    let mut v = serde_json::json!({
+        "columns": columns,
+        "rows": out_rows,
+        "shards": shards,
+        "map_version": map_version,
+    });
+    if let Some(n) = rows_affected {
+        v["rows_affected"] = n.into();
+    }
+    if let Some(t) = token {
+        v["token"] = t.into();
+    }
+    v
+}
+
+/// Compare two JSON cells of one column. Numbers numerically; numeric/int8 columns may carry
+/// exact values as strings, compared numerically too; NULLs sort last (as PostgreSQL's ASC).
+fn cmp_values(a: &Value, b: &Value, numeric_strings: bool) -> Ordering {
+    fn num(v: &Value, strings: bool) -> Option<f64> {
+        match v {
+            Value::Number(n) => n.as_f64(),
+            Value::String(s) if strings => s.parse().ok(),
+            _ => None,
+        }
+    }
+    match (a, b) {
+        (Value::Null, Value::Null) => Ordering::Equal,
+        (Value::Null, _) => Ordering::Greater,
+        (_, Value::Null) => Ordering::Less,
+        _ => match (num(a, numeric_strings), num(b, numeric_strings)) {
+            (Some(x), Some(y)) => x.partial_cmp(&y).unwrap_or(Ordering::Equal),
+            _ => match (a, b) {
+                (Value::String(x), Value::String(y)) => x.cmp(y),
+                (Value::Bool(x), Value::Bool(y)) => x.cmp(y),
+                _ => a.to_string().cmp(&b.to_string()),
+            },
+        },
+    }
+}
+
+/// k-way merge of per-shard results (each already ordered by the query's ORDER BY) on the given
+/// columns, then the limit. Without `merge`, rows are concatenated in shard order.
+fn merge_rows(parts: Vec<Rows>, merge: Option<&Merge>) -> Result<Rows, ApiError> {
+    let columns = parts.iter().find(|p| !p.columns.is_empty()).map(|p| p.columns.clone()).unwrap_or_default();
+    let Some(m) = merge else {
+        let rows = parts.into_iter().flat_map(|p| p.rows).collect();
+        return Ok(Rows { columns, rows });
+    };
+    let mut keys = Vec::with_capacity(m.order_by.len());
+    for o in &m.order_by {
+        let i = columns.iter().position(|(n, _)| *n == o.column).ok_or_else(|| {
+            ApiError::InvalidParams(format!("merge.order_by: column {:?} is not in the result", o.column))
+        })?;
+        let numeric = matches!(columns[i].1.as_str(), "numeric" | "int8");
+        keys.push((i, o.desc, numeric));
+    }
+    let cmp = |a: &Vec<Value>, b: &Vec<Value>| {
+        for (i, desc, numeric) in &keys {
+            let o = cmp_values(&a[*i], &b[*i], *numeric);
+            let o = if *desc { o.reverse() } else { o };
+            if o != Ordering::Equal {
+                return o;
+            }
+        }
+        Ordering::Equal
+    };
+    struct Head<'a, F: Fn(&Vec<Value>, &Vec<Value>) -> Ordering> {
+        row: Vec<Value>,
+        part: usize,
+        cmp: &'a F,
+    }
+    impl<F: Fn(&Vec<Value>, &Vec<Value>) -> Ordering> PartialEq for Head<'_, F> {
+        fn eq(&self, o: &Self) -> bool {
+            self.cmp(o) == Ordering::Equal
+        }
+    }
+    impl<F: Fn(&Vec<Value>, &Vec<Value>) -> Ordering> Eq for Head<'_, F> {}
+    impl<F: Fn(&Vec<Value>, &Vec<Value>) -> Ordering> PartialOrd for Head<'_, F> {
+        fn partial_cmp(&self, o: &Self) -> Option<Ordering> {
+            Some(self.cmp(o))
+        }
+    }
+    impl<F: Fn(&Vec<Value>, &Vec<Value>) -> Ordering> Ord for Head<'_, F> {
+        // BinaryHeap is a max-heap: reverse so the smallest row (then lowest part) pops first.
+        fn cmp(&self, o: &Self) -> Ordering {
+            (self.cmp)(&o.row, &self.row).then(o.part.cmp(&self.part))
+        }
+    }
+    let limit = m.limit.unwrap_or(usize::MAX);
+    let mut iters: Vec<std::vec::IntoIter<Vec<Value>>> = parts.into_iter().map(|p| p.rows.into_iter()).collect();
+    let mut heap = BinaryHeap::new();
+    for (i, it) in iters.iter_mut().enumerate() {
+        if let Some(row) = it.next() {
+            heap.push(Head { row, part: i, cmp: &cmp });
+        }
+    }
+    let mut rows = Vec::new();
+    while rows.len() < limit {
+        let Some(Head { row, part, .. }) = heap.pop() else { break };
+        rows.push(row);
+        if let Some(next) = iters[part].next() {
+            heap.push(Head { row: next, part, cmp: &cmp });
+        }
+    }
+    Ok(Rows { columns, rows })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn rows(vals: &[(i64, &str)]) -> Rows {
+        Rows {
+            columns: vec![("dist".into(), "int8".into()), ("name".into(), "text".into())],
+            rows: vals.iter().map(|(d, n)| vec![json!(d), json!(n)]).collect(),
+        }
+    }
+
+    #[test]
+    fn k_way_merge_then_limit() {
+        let parts = vec![rows(&[(1, "a"), (4, "d"), (9, "i")]), rows(&[(2, "b"), (3, "c")]), rows(&[])];
+        let m = Merge { order_by: vec![OrderBy { column: "dist".into(), desc: false }], limit: Some(4) };
+        let out = merge_rows(parts, Some(&m)).unwrap();
+        let names: Vec<_> = out.rows.iter().map(|r| r[1].as_str().unwrap().to_string()).collect();
+        assert_eq!(names, ["a", "b", "c", "d"]);
+        let bad = Merge { order_by: vec![OrderBy { column: "nope".into(), desc: false }], limit: None };
+        assert!(merge_rows(vec![rows(&[(1, "a")])], Some(&bad)).is_err());
+    }
+
+    #[test]
+    fn tokens_round_trip_and_reject_garbage() {
+        let t = make_token("eu-1", 0x16_b374_d848);
+        assert_eq!(parse_token(&t), Some(("eu-1".into(), 0x16_b374_d848)));
+        assert_eq!(parse_token("garbage!"), None);
+        assert!(parse_consistency(Some(json!({"after": "zzz"})), 100).is_err());
+        assert!(parse_consistency(Some(json!({"after": t, "wait_ms": -1})), 100).is_err());
+        assert_eq!(
+            parse_consistency(Some(json!({"after": t, "wait_ms": 5000})), 100).unwrap(),
+            Consistency::After { shard: "eu-1".into(), lsn: 0x16_b374_d848, wait: Duration::from_millis(100) }
+        );
+    }
+}

@@ -1,0 +1,313 @@
+//! Listeners and connection handling for both planes: accept, read the request head under a
+//! deadline and size limit (408 / 431), HTTP/1.1 + h2c via hyper-util, body limits (413), in-flight
+//! limit (429), request deadline (504), auth, the request span and metrics.
+
+pub mod api;
+pub mod respond;
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use http::{Method, Request, Response, StatusCode, header};
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tracing::Instrument;
+
+use crate::config::Scope;
+use crate::state::AppState;
+use respond::{ApiError, Body};
+
+/// Which listener a connection came in on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Plane {
+    Data,
+    Admin,
+}
+
+/// A stream that first replays the bytes we already read (the request head), then the socket.
+struct Rewind {
+    prefix: Bytes,
+    inner: TcpStream,
+}
+
+impl AsyncRead for Rewind {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        if !self.prefix.is_empty() {
+            let n = self.prefix.len().min(buf.remaining());
+            let chunk = self.prefix.split_to(n);
+            buf.put_slice(&chunk);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Rewind {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+enum Head {
+    Ready(Bytes),
+    Closed,
+    TimedOut,
+    TooLarge,
+}
+
+/// Read until the first request head is complete (or an h2c preface arrived), within the header
+/// timeout and size limit. hyper's own header timeout closes silently; we answer 408 instead.
+async fn read_first_head(stream: &mut TcpStream, limit: usize, timeout: Duration) -> Head {
+    let mut buf = BytesMut::with_capacity(1024);
+    let read = async {
+        loop {
+            if buf.len() >= H2_PREFACE.len() && buf.starts_with(H2_PREFACE) {
+                return Head::Ready(buf.split().freeze());
+            }
+            if buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                return Head::Ready(buf.split().freeze());
+            }
+            if buf.len() > limit {
+                return Head::TooLarge;
+            }
+            match stream.read_buf(&mut buf).await {
+                Ok(0) | Err(_) => return Head::Closed,
+                Ok(_) => {}
+            }
+        }
+    };
+    tokio::time::timeout(timeout, read).await.unwrap_or(Head::TimedOut)
+}
+
+async fn write_raw_error(stream: &mut TcpStream, e: ApiError) {
+    let status = e.status();
+    let resp = e.into_response();
+    let body = resp.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+    let head = format!(
+        "HTTP/1.1 {} {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+        status.as_u16(),
+        status.canonical_reason().unwrap_or(""),
+        body.len()
+    );
+    let _ = stream.write_all(head.as_bytes()).await;
+    let _ = stream.write_all(&body).await;
+    let _ = stream.shutdown().await;
+}
+
+/// Accept connections until `shutdown` flips, then let in-flight requests finish (graceful).
+pub async fn serve(
+    listener: TcpListener,
+    plane: Plane,
+    state: Arc<AppState>,
+    mut shutdown: watch::Receiver<bool>,
+    grace: Duration,
+) {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    let limits = state.config.limits.clone();
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_millis(limits.header_timeout_ms))
+        .max_buf_size(limits.max_header_bytes.max(8192))
+        .keep_alive(true);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(1000)
+        .initial_stream_window_size(256 * 1024)
+        .initial_connection_window_size(1024 * 1024)
+        .max_header_list_size(limits.max_header_bytes as u32);
+    let builder = Arc::new(builder);
+    let graceful = GracefulShutdown::new();
+    loop {
+        let (mut stream, _peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(c) => c,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.changed() => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let state = state.clone();
+        let builder = builder.clone();
+        let watcher = graceful.watcher();
+        tokio::spawn(async move {
+            let prefix = match read_first_head(
+                &mut stream,
+                limits.max_header_bytes,
+                Duration::from_millis(limits.header_timeout_ms),
+            )
+            .await
+            {
+                Head::Ready(p) => p,
+                Head::Closed => return,
+                Head::TimedOut => return write_raw_error(&mut stream, ApiError::RequestTimeout).await,
+                Head::TooLarge => return write_raw_error(&mut stream, ApiError::HeadersTooLarge).await,
+            };
+            let io = TokioIo::new(Rewind { prefix, inner: stream });
+            let svc = hyper::service::service_fn(move |req| {
+                let state = state.clone();
+                async move { Ok::<_, std::convert::Infallible>(handle(state, plane, req).await) }
+            });
+            let conn = builder.serve_connection(io, svc).into_owned();
+            let _ = watcher.watch(conn).await;
+        });
+    }
+    drop(listener);
+    tokio::select! {
+        _ = graceful.shutdown() => {}
+        _ = tokio::time::sleep(grace) => tracing::warn!("grace period over; closing remaining connections"),
+    }
+}
+
+/// Read the whole body, refusing more than `limit` bytes without buffering past it.
+async fn read_body(body: Incoming, headers: &http::HeaderMap, limit: usize) -> Result<Bytes, ApiError> {
+    if let Some(len) =
+        headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok())
+        && len > limit as u64
+    {
+        return Err(ApiError::BodyTooLarge(limit));
+    }
+    match Limited::new(body, limit).collect().await {
+        Ok(c) => Ok(c.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(ApiError::BodyTooLarge(limit)),
+        Err(e) => Err(ApiError::InvalidJson(format!("could not read body: {e}"))),
+    }
+}
+
+struct InFlight<'a>(&'a AppState);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+async fn handle(state: Arc<AppState>, plane: Plane, req: Request<Incoming>) -> Response<Body> {
+    match plane {
+        Plane::Admin => crate::admin::handle(&state, req).await,
+        Plane::Data => data(&state, req).await,
+    }
+}
+
+async fn data(state: &AppState, req: Request<Incoming>) -> Response<Body> {
+    let started = std::time::Instant::now();
+    let path = req.uri().path().to_string();
+    // /v1/sql/{db}/{query|execute}
+    let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    let (db, op) = match parts.as_slice() {
+        ["v1", "sql", db, op @ ("query" | "execute")] => (db.to_string(), *op),
+        _ => return ApiError::NotFound.into_response(),
+    };
+    if req.method() != Method::POST {
+        return ApiError::MethodNotAllowed.into_response();
+    }
+    let route = if op == "query" { "sql_query" } else { "sql_execute" };
+    let span = tracing::info_span!("request", route, db = %db, cell = tracing::field::Empty, shard = tracing::field::Empty,
+        role = tracing::field::Empty, map_version = tracing::field::Empty, status = tracing::field::Empty);
+    let scope = if op == "query" { Scope::Read } else { Scope::Write };
+    let result = async {
+        match state.auth.check(req.headers().get(header::AUTHORIZATION).map(|v| v.as_bytes()), scope) {
+            Ok(_) => {}
+            Err(crate::auth::AuthError::Unauthorized) => return (Err(ApiError::Unauthorized), api::Outcome::default()),
+            Err(crate::auth::AuthError::Forbidden(_)) => {
+                return (
+                    Err(ApiError::Forbidden(if op == "query" { "read" } else { "write" })),
+                    api::Outcome::default(),
+                );
+            }
+        }
+        // In-flight limit: counted before the body is read, so a flood of slow uploads counts too.
+        let n = state.in_flight.fetch_add(1, Ordering::Relaxed) + 1;
+        let _guard = InFlight(state);
+        if n > state.config.limits.max_in_flight {
+            return (Err(ApiError::Overloaded(format!("{n} requests in flight"))), api::Outcome::default());
+        }
+        let (parts, body) = req.into_parts();
+        let mut out = api::Outcome::default();
+        let work = async {
+            let body = read_body(body, &parts.headers, state.config.limits.max_body_bytes).await?;
+            if op == "query" {
+                api::query(state, &db, &body, &mut out).await
+            } else {
+                api::execute(state, &db, &body, &mut out).await
+            }
+        };
+        let r = match tokio::time::timeout(state.config.request_timeout(), work).await {
+            Ok(r) => r,
+            Err(_) => Err(ApiError::Timeout),
+        };
+        (r, out)
+    }
+    .instrument(span.clone())
+    .await;
+    let (result, out) = result;
+    let resp = match result {
+        Ok(v) => respond::json_response(StatusCode::OK, &v),
+        Err(e) => {
+            if e.status().is_server_error() {
+                tracing::warn!(parent: &span, code = e.code(), "request failed");
+            }
+            e.into_response()
+        }
+    };
+    let status = resp.status().as_u16();
+    let shard = out.shard.unwrap_or_else(|| "none".into());
+    let role = out.role.map(|r| r.as_str()).unwrap_or("none");
+    span.record("status", status);
+    span.record("shard", shard.as_str());
+    span.record("role", role);
+    if let Some(c) = &out.cell {
+        span.record("cell", c.as_str());
+    }
+    span.record("map_version", state.snapshot.load().map.version().0);
+    tracing::debug!(parent: &span, elapsed_us = started.elapsed().as_micros() as u64, "done");
+    // Labels from bounded sets only: route, shard id, role, status. Never cells.
+    let labels =
+        [("route", route.to_string()), ("shard", shard), ("role", role.to_string()), ("status", status.to_string())];
+    metrics::counter!("cellgate_requests_total", &labels).increment(1);
+    metrics::histogram!("cellgate_request_duration_seconds", &labels[..3]).record(started.elapsed().as_secs_f64());
+    resp
+}
+
+/// Bind a listener; port 0 picks a free port.
+pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let sock = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+    sock.set_reuseaddr(true)?;
+    sock.bind(addr)?;
+    sock.listen(4096)
+}

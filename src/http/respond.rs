@@ -1,0 +1,192 @@
+//! The one place errors become HTTP: status, JSON body `{"error": {code, message, retryable, ...}}`
+//! and `Retry-After`. Handlers return `ApiError`; nothing else builds error responses.
+
+use bytes::Bytes;
+use http::{HeaderValue, Response, StatusCode, header};
+use http_body_util::Full;
+use serde_json::json;
+
+use crate::backend::BackendError;
+
+pub type Body = Full<Bytes>;
+
+#[derive(Debug)]
+pub enum ApiError {
+    InvalidJson(String),
+    InvalidRegion(String),
+    RegionRequired,
+    AreaWrite,
+    InvalidParams(String),
+    Unauthorized,
+    Forbidden(&'static str),
+    UnknownDatabase(String),
+    NoShardForRegion(String),
+    BodyTooLarge(usize),
+    HeadersTooLarge,
+    RequestTimeout,
+    NotFound,
+    MethodNotAllowed,
+    Database {
+        sqlstate: Option<String>,
+        message: String,
+        detail: Option<String>,
+        hint: Option<String>,
+        statement: Option<usize>,
+    },
+    Overloaded(String),
+    ShardUnavailable {
+        shard: String,
+        reason: String,
+    },
+    Timeout,
+    Unsupported(String),
+}
+
+impl ApiError {
+    /// (status, code, retryable)
+    fn class(&self) -> (StatusCode, &'static str, bool) {
+        use ApiError::*;
+        match self {
+            InvalidJson(_) => (StatusCode::BAD_REQUEST, "invalid_json", false),
+            InvalidRegion(_) => (StatusCode::BAD_REQUEST, "invalid_region", false),
+            RegionRequired => (StatusCode::BAD_REQUEST, "region_required", false),
+            AreaWrite => (StatusCode::BAD_REQUEST, "area_write", false),
+            InvalidParams(_) => (StatusCode::BAD_REQUEST, "invalid_params", false),
+            Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized", false),
+            Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden", false),
+            UnknownDatabase(_) => (StatusCode::NOT_FOUND, "unknown_database", false),
+            NoShardForRegion(_) => (StatusCode::NOT_FOUND, "no_shard_for_region", false),
+            NotFound => (StatusCode::NOT_FOUND, "not_found", false),
+            MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", false),
+            BodyTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "body_too_large", false),
+            HeadersTooLarge => (StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, "headers_too_large", false),
+            RequestTimeout => (StatusCode::REQUEST_TIMEOUT, "request_timeout", true),
+            Database { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "database_error", false),
+            Unsupported(_) => (StatusCode::UNPROCESSABLE_ENTITY, "unsupported", false),
+            Overloaded(_) => (StatusCode::TOO_MANY_REQUESTS, "overloaded", true),
+            ShardUnavailable { .. } => (StatusCode::SERVICE_UNAVAILABLE, "shard_unavailable", true),
+            Timeout => (StatusCode::GATEWAY_TIMEOUT, "timeout", true),
+        }
+    }
+
+    pub fn status(&self) -> StatusCode {
+        self.class().0
+    }
+
+    fn message(&self) -> String {
+        use ApiError::*;
+        match self {
+            InvalidJson(m) => format!("request body is not valid: {m}"),
+            InvalidRegion(m) => format!("invalid region: {m}"),
+            RegionRequired => "the request needs a region (lat/lng, cell, or an area)".into(),
+            AreaWrite => "writes need a point or cell region, not an area".into(),
+            InvalidParams(m) => m.clone(),
+            Unauthorized => "missing or unknown bearer token".into(),
+            Forbidden(scope) => format!("token lacks the {scope} scope"),
+            UnknownDatabase(db) => format!("no database {db:?} in the shard map"),
+            NoShardForRegion(cell) => format!("no shard owns cell {cell}"),
+            NotFound => "no such route".into(),
+            MethodNotAllowed => "method not allowed".into(),
+            BodyTooLarge(limit) => format!("request body exceeds {limit} bytes"),
+            HeadersTooLarge => "request headers too large".into(),
+            RequestTimeout => "request head not received in time".into(),
+            Database { message, .. } => message.clone(),
+            Unsupported(m) => m.clone(),
+            Overloaded(m) => format!("overloaded: {m}"),
+            ShardUnavailable { shard, reason } => format!("shard {shard} unavailable: {reason}"),
+            Timeout => "request deadline exceeded".into(),
+        }
+    }
+
+    /// Seconds a client should wait before retrying (429 / 503).
+    fn retry_after(&self) -> Option<u32> {
+        match self {
+            ApiError::Overloaded(_) => Some(1),
+            ApiError::ShardUnavailable { .. } => Some(1),
+            _ => None,
+        }
+    }
+
+    pub fn code(&self) -> &'static str {
+        self.class().1
+    }
+
+    pub fn into_response(self) -> Response<Body> {
+        let (status, code, retryable) = self.class();
+        let mut err = json!({ "code": code, "message": self.message(), "retryable": retryable });
+        if let ApiError::Database { sqlstate, detail, hint, statement, .. } = &self {
+            err["sqlstate"] = json!(sqlstate);
+            if let Some(d) = detail {
+                err["detail"] = json!(d);
+            }
+            if let Some(h) = hint {
+                err["hint"] = json!(h);
+            }
+            if let Some(s) = statement {
+                err["statement"] = json!(s);
+            }
+        }
+        if let ApiError::ShardUnavailable { shard, .. } = &self {
+            err["shard"] = json!(shard);
+        }
+        let mut resp = json_response(status, &json!({ "error": err }));
+        if let Some(s) = self.retry_after() {
+            resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(s));
+        }
+        resp
+    }
+
+    /// Map a backend failure on `shard`.
+    pub fn from_backend(e: BackendError, shard: &str) -> ApiError {
+        let statement = match &e {
+            BackendError::InStatement { index, .. } => Some(*index),
+            _ => None,
+        };
+        match e.root() {
+            BackendError::Unavailable { reason, .. } => {
+                ApiError::ShardUnavailable { shard: shard.into(), reason: reason.clone() }
+            }
+            BackendError::ReadOnly { endpoint } => ApiError::ShardUnavailable {
+                shard: shard.into(),
+                reason: format!("{endpoint} is not a writable primary"),
+            },
+            BackendError::Overloaded { endpoint } => ApiError::Overloaded(format!("no free connection to {endpoint}")),
+            BackendError::Timeout => ApiError::Timeout,
+            BackendError::Database { sqlstate, message, detail, hint, .. } => ApiError::Database {
+                sqlstate: Some(sqlstate.clone()),
+                message: message.clone(),
+                detail: detail.clone(),
+                hint: hint.clone(),
+                statement,
+            },
+            BackendError::Params(p) => ApiError::InvalidParams(match statement {
+                Some(i) => format!("statement {i}: {p}"),
+                None => p.to_string(),
+            }),
+            BackendError::Column(c) => ApiError::Database {
+                sqlstate: None,
+                message: c.to_string(),
+                detail: None,
+                hint: Some("cast the column to text in the query".into()),
+                statement,
+            },
+            BackendError::Unsupported(m) => ApiError::Unsupported(m.clone()),
+            BackendError::InStatement { .. } => unreachable!("root() strips batch tags"),
+        }
+    }
+}
+
+pub fn json_response(status: StatusCode, v: &impl serde::Serialize) -> Response<Body> {
+    let body = serde_json::to_vec(v).expect("serialisable");
+    let mut resp = Response::new(Full::new(Bytes::from(body)));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    resp
+}
+
+pub fn text_response(status: StatusCode, content_type: &'static str, body: String) -> Response<Body> {
+    let mut resp = Response::new(Full::new(Bytes::from(body)));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    resp
+}
