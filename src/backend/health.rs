@@ -84,8 +84,9 @@ impl EndpointHealth {
         self.configured
     }
 
-    fn record(&self, result: Result<Probe, String>, h: &config::Health) {
+    fn record(&self, label: &str, result: Result<Probe, String>, h: &config::Health) {
         let mut v = self.view.lock().expect("health lock");
+        let was_up = v.up;
         v.probed = true;
         match result {
             Ok(p) => {
@@ -105,8 +106,20 @@ impl EndpointHealth {
                 if v.consecutive_fail >= h.fail_threshold {
                     v.up = false;
                 }
+                tracing::debug!(endpoint = label, error = %e, "probe failed");
                 v.last_error = Some(e);
             }
+        }
+        // Transitions are what operators need in the log; every probe result is in /admin/shards.
+        match (was_up, v.up) {
+            (false, true) => tracing::info!(endpoint = label, "endpoint up"),
+            (true, false) => {
+                tracing::warn!(endpoint = label, error = v.last_error.as_deref().unwrap_or(""), "endpoint down")
+            }
+            _ if !v.up && v.consecutive_fail == h.fail_threshold => {
+                tracing::warn!(endpoint = label, error = v.last_error.as_deref().unwrap_or(""), "endpoint unreachable")
+            }
+            _ => {}
         }
     }
 }
@@ -234,7 +247,7 @@ pub async fn run(db: Arc<PgDatabase>, h: config::Health) {
                 }
                 p
             });
-            ep.health.record(result, &h);
+            ep.health.record(&ep.label, result, &h);
             publish_metrics(ep);
         }
         // Sleep until the next tick, or until some endpoint asks for a re-check.
