@@ -251,3 +251,58 @@ async fn faults_replica_then_primary_killed() {
     }
     st.stop().await;
 }
+
+/// HTTP/2 cleartext (prior knowledge) on the same port as HTTP/1.1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2c_on_the_data_port() {
+    use http_body_util::BodyExt;
+    let st = Stack::start(1, 0, |_| {}).await;
+    let stream = tokio::net::TcpStream::connect(st.server.as_ref().unwrap().data_addr).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let body = json!({"region": {"lat": MADRID.0, "lng": MADRID.1}, "sql": "SELECT 42 AS x"}).to_string();
+    let req = http::Request::post(format!("{}/v1/sql/core/query", st.data()))
+        .header("authorization", format!("Bearer {READ_TOKEN}"))
+        .body(http_body_util::Full::new(bytes::Bytes::from(body)))
+        .unwrap();
+    let resp = sender.send_request(req).await.unwrap();
+    assert_eq!(resp.version(), http::Version::HTTP_2);
+    assert_eq!(resp.status(), 200);
+    let v: Value = serde_json::from_slice(&resp.into_body().collect().await.unwrap().to_bytes()).unwrap();
+    assert_eq!(v["rows"][0]["x"], 42);
+    st.stop().await;
+}
+
+/// Graceful shutdown: readiness turns false, new connections are refused, the request in
+/// flight completes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graceful_shutdown_drains_in_flight() {
+    let mut st = Stack::start(1, 0, |_| {}).await;
+    let data = st.data();
+    let http = st.http.clone();
+    let slow = tokio::spawn(async move {
+        http.post(format!("{data}/v1/sql/core/query"))
+            .bearer_auth(READ_TOKEN)
+            .json(&json!({"region": {"lat": MADRID.0, "lng": MADRID.1}, "sql": "SELECT pg_sleep(1) IS NULL AS slept"}))
+            .send()
+            .await
+            .map(|r| r.status().as_u16())
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let server = st.server.take().unwrap();
+    let state = server.state.clone();
+    let data_addr = server.data_addr;
+    let t = Instant::now();
+    let stopping = tokio::spawn(server.shutdown());
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(!cellgate::admin::ready(&state), "readiness false once shutdown starts");
+    assert!(tokio::net::TcpStream::connect(data_addr).await.is_err(), "no new connections");
+    assert_eq!(slow.await.unwrap().unwrap(), 200, "in-flight request completed");
+    stopping.await.unwrap();
+    assert!(t.elapsed() < Duration::from_secs(5));
+}
