@@ -81,6 +81,7 @@ for _ in $(seq 1 300); do
 done
 
 D="http://127.0.0.1:$DATA_PORT"
+TOKYO_H3=$(printf '%d' "0x$(./target/release/cellgate locate --map shard-maps/demo.toml --lat 35.6895 --lng 139.6917 --json | jq -r .point_cell)")
 A="http://127.0.0.1:$ADMIN_PORT"
 cat <<TXT
 
@@ -90,13 +91,14 @@ Try these (copy and paste):
 curl -s $D/v1/sql/core/query -H 'authorization: Bearer $TOKEN' -H 'content-type: application/json' \\
   -d '{"region": {"lat": 40.4168, "lng": -3.7038}, "sql": "SELECT id, name, instrument, city FROM musicians WHERE city = \$1 ORDER BY id LIMIT 5", "params": ["Madrid"]}'
 
-# nearby search: 25 km around Paris, merged across shards, nearest 5
+# nearby search: 25 km around Paris, merged over the owning shards, nearest 5
 curl -s $D/v1/sql/core/query -H 'authorization: Bearer $TOKEN' -H 'content-type: application/json' \\
   -d '{"region": {"lat": 48.8566, "lng": 2.3522, "radius_km": 25}, "sql": "SELECT id, name, (lat - \$1)^2 + (lng - \$2)^2 AS dist FROM musicians ORDER BY dist LIMIT 5", "params": [48.8566, 2.3522], "merge": {"order_by": [{"column": "dist"}], "limit": 5}}'
 
-# post a gig request in Tokyo (the primary of as-1), returns a read-your-writes token
+# post a gig request in Tokyo (the primary of as-1); returns a read-your-writes token. The h3 column
+# holds the point's resolution-15 cell (point_cell of \`cellgate locate\`) as a BIGINT
 curl -s $D/v1/sql/core/execute -H 'authorization: Bearer $TOKEN' -H 'content-type: application/json' \\
-  -d '{"region": {"lat": 35.6895, "lng": 139.6917}, "sql": "INSERT INTO gig_requests (id, venue_id, title, budget_cents, gig_date, lat, lng, h3) VALUES (\$1, 1, \$2, 50000, \$3, 35.6895, 139.6917, \$4) RETURNING id", "params": [900001, "Jazz night", "2027-01-15", "$(./target/release/cellgate locate --map shard-maps/demo.toml --lat 35.6895 --lng 139.6917 --json | jq -r '.point_cell | ltrimstr("") ' | python3 -c 'import sys; print(int(sys.stdin.read().strip(), 16))')"]}'
+  -d '{"region": {"lat": 35.6895, "lng": 139.6917}, "sql": "INSERT INTO gig_requests (id, venue_id, title, budget_cents, gig_date, lat, lng, h3) VALUES (\$1, 1, \$2, 50000, \$3, 35.6895, 139.6917, \$4) RETURNING id", "params": [900001, "Jazz night", "2027-01-15", "$TOKYO_H3"]}'
 
 # where does a place go?
 curl -s "$A/admin/locate?lat=-33.8688&lng=151.2093" -H 'authorization: Bearer $TOKEN'
