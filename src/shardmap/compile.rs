@@ -97,28 +97,37 @@ pub fn compile_str(src: &str) -> Result<ShardMap, MapErrors> {
 /// Parse TOML text and compile it with an explicit environment (tests, admin pushes).
 pub fn parse_and_compile(src: &str, env: impl Fn(&str) -> Option<String>) -> Result<ShardMap, MapErrors> {
     let raw: RawMap = toml::from_str(src).map_err(|e| {
-        let line = e.span().map(|s| line_of(src, s.start));
+        let line = e.span().map(|s| Lines::new(src).line(s.start));
         MapErrors(vec![MapError { line, kind: MapErrorKind::Syntax(e.message().to_string()) }])
     })?;
     compile(raw, src, env)
 }
 
-fn line_of(src: &str, offset: usize) -> usize {
-    src.as_bytes()[..offset.min(src.len())].iter().filter(|b| **b == b'\n').count() + 1
+/// Byte offset → line, by binary search over newline positions: maps with a million cells
+/// ask for a million lines, which a scan from the start would make quadratic.
+struct Lines(Vec<usize>);
+
+impl Lines {
+    fn new(src: &str) -> Self {
+        Self(src.bytes().enumerate().filter(|(_, b)| *b == b'\n').map(|(i, _)| i).collect())
+    }
+    fn line(&self, offset: usize) -> usize {
+        self.0.partition_point(|nl| *nl < offset) + 1
+    }
 }
 
-struct Collector<'a> {
-    src: &'a str,
+struct Collector {
+    lines: Lines,
     errors: Vec<MapError>,
 }
 
-impl Collector<'_> {
+impl Collector {
     fn at(&mut self, span: Range<usize>, kind: MapErrorKind) {
-        let line = Some(line_of(self.src, span.start));
+        let line = Some(self.lines.line(span.start));
         self.errors.push(MapError { line, kind });
     }
     fn line(&self, span: Range<usize>) -> usize {
-        line_of(self.src, span.start)
+        self.lines.line(span.start)
     }
 }
 
@@ -132,7 +141,7 @@ fn resolution_of(v: i64) -> Option<Resolution> {
 
 /// Raw → validated. Every check runs even after earlier failures so the operator sees all of them.
 pub fn compile(raw: RawMap, src: &str, env: impl Fn(&str) -> Option<String>) -> Result<ShardMap, MapErrors> {
-    let mut c = Collector { src, errors: Vec::new() };
+    let mut c = Collector { lines: Lines::new(src), errors: Vec::new() };
 
     let version = *raw.version.get_ref();
     if version == 0 {
@@ -370,7 +379,7 @@ fn valid_identifier(s: &str) -> bool {
 }
 
 fn compile_hash_fallback(
-    c: &mut Collector<'_>,
+    c: &mut Collector,
     fb: super::raw::RawFallback,
     fb_span: Range<usize>,
     by_id: &HashMap<ShardId, ShardIdx>,
@@ -438,7 +447,7 @@ fn compile_hash_fallback(
 }
 
 fn compile_database(
-    c: &mut Collector<'_>,
+    c: &mut Collector,
     shard: &str,
     db: &str,
     spanned: Spanned<RawDatabase>,
@@ -446,13 +455,13 @@ fn compile_database(
 ) -> Option<DatabaseSpec> {
     let span = spanned.span();
     let raw = spanned.into_inner();
-    let bad = |c: &mut Collector<'_>, span: Range<usize>, problem: &str| {
+    let bad = |c: &mut Collector, span: Range<usize>, problem: &str| {
         c.at(span.clone(), MapErrorKind::BadDatabase { shard: shard.into(), db: db.into(), problem: problem.into() });
     };
     if !valid_identifier(db) {
         bad(c, span.clone(), "database name must be a plain identifier ([A-Za-z0-9_], not starting with a digit)");
     }
-    let secret = |c: &mut Collector<'_>, s: &Spanned<String>, schemes: &[&str]| -> Option<Secret> {
+    let secret = |c: &mut Collector, s: &Spanned<String>, schemes: &[&str]| -> Option<Secret> {
         match expand(s.get_ref(), env) {
             Err(error) => {
                 c.at(s.span(), MapErrorKind::Env { shard: shard.into(), db: db.into(), error });
@@ -520,6 +529,21 @@ fn compile_database(
         other => {
             c.at(raw.kind.span(), MapErrorKind::UnknownKind { shard: shard.into(), db: db.into(), kind: other.into() });
             None
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Lines;
+
+    #[test]
+    fn lines_match_a_scan() {
+        let src = "a\nbb\n\nccc\n";
+        let lines = Lines::new(src);
+        for off in 0..=src.len() + 2 {
+            let scan = src.as_bytes()[..off.min(src.len())].iter().filter(|b| **b == b'\n').count() + 1;
+            assert_eq!(lines.line(off), scan, "offset {off}");
         }
     }
 }
