@@ -44,6 +44,11 @@ pub async fn handle(state: &Arc<AppState>, req: Request<Incoming>) -> Response<B
             text_response(StatusCode::OK, "text/plain; version=0.0.4", crate::telemetry::render_metrics())
         }
         (&Method::GET, "/admin/map") => json_response(StatusCode::OK, &map_json(state)),
+        (&Method::PUT, "/admin/map") => push_map(state, req).await,
+        (&Method::POST, "/admin/map/reload") => {
+            let src = crate::reload::Source::File { trigger: "admin" };
+            reload_response(crate::reload::request(&state.reload_tx, src).await)
+        }
         (&Method::GET, "/admin/shards") => json_response(StatusCode::OK, &shards_json(state)),
         (&Method::GET, "/admin/locate") => match locate(state, &query) {
             Ok(v) => json_response(StatusCode::OK, &v),
@@ -53,6 +58,48 @@ pub async fn handle(state: &Arc<AppState>, req: Request<Incoming>) -> Response<B
             ApiError::MethodNotAllowed.into_response()
         }
         _ => ApiError::NotFound.into_response(),
+    }
+}
+
+/// Largest map accepted by `PUT /admin/map` (a 1M-cell map is about 19 MB of TOML).
+const MAX_MAP_BYTES: usize = 256 << 20;
+
+async fn push_map(state: &Arc<AppState>, req: Request<Incoming>) -> Response<Body> {
+    use http_body_util::BodyExt;
+    let json = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    // If-Match: "7" (an entity tag holding the version the pusher based its change on).
+    let if_match = match req.headers().get(header::IF_MATCH).map(|v| v.to_str().unwrap_or("")) {
+        None => None,
+        Some(v) => match v.trim().trim_start_matches("W/").trim_matches('"').parse::<u64>() {
+            Ok(n) => Some(n),
+            Err(_) => {
+                return ApiError::InvalidParams(format!("If-Match must be a quoted map version, got {v:?}"))
+                    .into_response();
+            }
+        },
+    };
+    let body = match http_body_util::Limited::new(req.into_body(), MAX_MAP_BYTES).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(_) => return ApiError::BodyTooLarge(MAX_MAP_BYTES).into_response(),
+    };
+    let Ok(body) = String::from_utf8(body.to_vec()) else {
+        return ApiError::InvalidJson("map must be UTF-8 text".into()).into_response();
+    };
+    let src = crate::reload::Source::Push { body, json, if_match };
+    reload_response(crate::reload::request(&state.reload_tx, src).await)
+}
+
+fn reload_response(outcome: Option<crate::reload::Outcome>) -> Response<Body> {
+    match outcome {
+        Some(o) => {
+            let status = StatusCode::from_u16(o.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+            json_response(status, &o)
+        }
+        None => ApiError::ShardUnavailable { shard: "-".into(), reason: "reload loop stopped".into() }.into_response(),
     }
 }
 
@@ -96,8 +143,10 @@ fn map_json(state: &AppState) -> Value {
         Fallback::Reject => json!({"mode": "reject"}),
     };
     let loaded_at = snap.loaded_at.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let last_reload = state.reload_status.0.lock().expect("reload status").clone();
     json!({
         "version": m.version().0,
+        "last_reload": last_reload,
         "sha256": snap.sha256,
         "source": snap.source,
         "loaded_at": loaded_at,

@@ -124,6 +124,19 @@ pub enum MapCommand {
     },
     /// Cells that change owner between two maps, per from → to.
     Diff { old: PathBuf, new: PathBuf },
+    /// Publish a map on a running instance (PUT /admin/map); prints the outcome, exit 1 unless published.
+    Push {
+        file: PathBuf,
+        /// Admin base URL, e.g. http://127.0.0.1:9090
+        #[arg(long)]
+        admin: String,
+        /// Admin token (or CELLGATE_ADMIN_TOKEN).
+        #[arg(long, env = "CELLGATE_ADMIN_TOKEN", hide_env_values = true)]
+        token: Option<String>,
+        /// Only publish if the running version is this one (If-Match).
+        #[arg(long)]
+        if_version: Option<u64>,
+    },
     /// Write a synthetic map with many assigned cells (for benchmarks; do not commit the output).
     Synth {
         /// Number of assigned cells.
@@ -316,4 +329,67 @@ pub fn map_synth(
     }
     println!("wrote {}", out.display());
     ExitCode::SUCCESS
+}
+
+/// `cellgate map push`: one HTTP/1.1 PUT to the admin listener.
+pub fn map_push(file: &PathBuf, admin: &str, token: Option<&str>, if_version: Option<u64>) -> ExitCode {
+    let fail = |msg: String| {
+        eprintln!("error: {msg}");
+        ExitCode::FAILURE
+    };
+    let body = match std::fs::read_to_string(file) {
+        Ok(b) => b,
+        Err(e) => return fail(format!("{}: {e}", file.display())),
+    };
+    let uri: http::Uri = match admin.trim_end_matches('/').parse() {
+        Ok(u) => u,
+        Err(e) => return fail(format!("--admin {admin:?}: {e}")),
+    };
+    let Some(authority) = uri.authority().cloned() else {
+        return fail(format!("--admin {admin:?} needs host:port"));
+    };
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => return fail(format!("tokio runtime: {e}")),
+    };
+    let result = rt.block_on(async move {
+        use http_body_util::BodyExt;
+        let host = authority.host().to_string();
+        let port = authority.port_u16().unwrap_or(80);
+        let stream = tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            tokio::net::TcpStream::connect((host.as_str(), port)),
+        )
+        .await
+        .map_err(|_| "connect timed out".to_string())?
+        .map_err(|e| format!("connect {authority}: {e}"))?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .map_err(|e| e.to_string())?;
+        tokio::spawn(conn);
+        let mut req = http::Request::put("/admin/map")
+            .header("host", authority.as_str())
+            .header("content-type", "application/toml");
+        if let Some(t) = token {
+            req = req.header("authorization", format!("Bearer {t}"));
+        }
+        if let Some(v) = if_version {
+            req = req.header("if-match", format!("\"{v}\""));
+        }
+        let req = req.body(http_body_util::Full::new(bytes::Bytes::from(body))).map_err(|e| e.to_string())?;
+        let resp = tokio::time::timeout(std::time::Duration::from_secs(120), sender.send_request(req))
+            .await
+            .map_err(|_| "no answer in 120 s".to_string())?
+            .map_err(|e| e.to_string())?;
+        let status = resp.status();
+        let bytes = resp.into_body().collect().await.map_err(|e| e.to_string())?.to_bytes();
+        Ok::<_, String>((status, String::from_utf8_lossy(&bytes).into_owned()))
+    });
+    match result {
+        Ok((status, text)) => {
+            println!("{text}");
+            if status.is_success() { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+        }
+        Err(e) => fail(e),
+    }
 }

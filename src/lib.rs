@@ -10,6 +10,7 @@ pub mod demo;
 pub mod geo;
 pub mod http;
 pub mod ids;
+pub mod reload;
 pub mod routing;
 pub mod server;
 pub mod shardmap;

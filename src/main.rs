@@ -11,6 +11,9 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Map(MapCommand::Check { files }) => cli::map_check(&files),
         Command::Map(MapCommand::Diff { old, new }) => cli::map_diff(&old, &new),
+        Command::Map(MapCommand::Push { file, admin, token, if_version }) => {
+            cli::map_push(&file, &admin, token.as_deref(), if_version)
+        }
         Command::Map(MapCommand::Synth { cells, shards, resolution, fallback_resolution, cities, out }) => {
             cli::map_synth(cells, shards, resolution, fallback_resolution, &cities, &out)
         }

@@ -24,6 +24,8 @@ pub struct Running {
     pub state: Arc<AppState>,
     stop: watch::Sender<bool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    background: Vec<tokio::task::JoinHandle<()>>,
+    _watcher: Option<notify::RecommendedWatcher>,
 }
 
 impl Running {
@@ -35,6 +37,10 @@ impl Running {
         let _ = self.stop.send(true);
         for t in self.tasks {
             let _ = t.await;
+        }
+        // 3. Then the reload loop and signal listeners.
+        for t in self.background {
+            t.abort();
         }
     }
 }
@@ -86,7 +92,10 @@ pub async fn start(cfg: Config, insecure_no_auth: bool) -> Result<Running, Start
     let data_addr = data.local_addr().expect("bound");
     let admin_addr = admin.local_addr().expect("bound");
     let grace = Duration::from_millis(cfg.shutdown.grace_ms);
+    let (reload_tx, reload_rx) = tokio::sync::mpsc::channel(16);
     let state = Arc::new(AppState {
+        reload_tx,
+        reload_status: Default::default(),
         snapshot: ArcSwap::from_pointee(snapshot),
         auth: crate::auth::Auth::new(&cfg.tokens),
         config: cfg,
@@ -94,12 +103,38 @@ pub async fn start(cfg: Config, insecure_no_auth: bool) -> Result<Running, Start
         accepting: AtomicBool::new(true),
     });
     let (stop, rx) = watch::channel(false);
+    let reload_rx = reload_rx;
+    let mut background = vec![tokio::spawn(crate::reload::run(state.clone(), reload_rx))];
+    // SIGHUP re-reads the map file, like the watcher and POST /admin/map/reload.
+    if let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        let tx = state.reload_tx.clone();
+        background.push(tokio::spawn(async move {
+            while hup.recv().await.is_some() {
+                let _ = tx
+                    .send(crate::reload::Request {
+                        source: crate::reload::Source::File { trigger: "sighup" },
+                        reply: None,
+                    })
+                    .await;
+            }
+        }));
+    }
+    let watcher = match crate::reload::watch(&state.config.map.path, state.reload_tx.clone()) {
+        Ok((w, debounce)) => {
+            background.push(debounce);
+            Some(w)
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot watch the map file; reload with SIGHUP or the admin API");
+            None
+        }
+    };
     let tasks = vec![
         tokio::spawn(http::serve(data, Plane::Data, state.clone(), rx.clone(), grace)),
         tokio::spawn(http::serve(admin, Plane::Admin, state.clone(), rx, grace)),
     ];
     tracing::info!(%data_addr, %admin_addr, map_version = state.pin().map.version().0, "cellgate serving");
-    Ok(Running { data_addr, admin_addr, state, stop, tasks })
+    Ok(Running { data_addr, admin_addr, state, stop, tasks, background, _watcher: watcher })
 }
 
 /// The `serve` command: run until SIGTERM (graceful) or SIGINT (fast).

@@ -28,6 +28,9 @@ pub struct AppState {
     pub in_flight: AtomicUsize,
     /// False once shutdown starts (readiness turns false first, then listeners stop).
     pub accepting: AtomicBool,
+    /// The reload channel: the only way to change `snapshot`.
+    pub reload_tx: crate::reload::Sender,
+    pub reload_status: crate::reload::Status,
 }
 
 impl AppState {

@@ -135,39 +135,40 @@ const PROBE_SQL: &str = "SELECT pg_is_in_recovery(), \
      (CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_lsn() END)::text, \
      (EXTRACT(EPOCH FROM (clock_timestamp() - pg_last_xact_replay_timestamp())) * 1000)::float8";
 
-/// A dedicated probe connection per endpoint (never borrowed from the pool, so a full pool
-/// cannot make a healthy endpoint look dead).
+/// Probes one endpoint over a dedicated connection (never borrowed from the pool, so a full
+/// pool cannot make a healthy endpoint look dead). The connection is kept on the endpoint.
 struct Prober {
     ep: Arc<PgEndpoint>,
-    client: Option<tokio_postgres::Client>,
 }
 
 impl Prober {
-    async fn probe(&mut self, timeout: Duration) -> Result<Probe, String> {
+    async fn probe(&self, timeout: Duration) -> Result<Probe, String> {
+        let mut slot = self.ep.probe_client.lock().await;
         let fut = async {
-            if self.client.as_ref().is_none_or(|c| c.is_closed()) {
+            if slot.as_ref().is_none_or(|c| c.is_closed()) {
                 let (client, conn) = self.ep.pg_config.connect(NoTls).await.map_err(|e| e.to_string())?;
                 tokio::spawn(async move {
                     let _ = conn.await;
                 });
-                self.client = Some(client);
+                *slot = Some(client);
             }
-            let client = self.client.as_ref().expect("just set");
+            let client = slot.as_ref().expect("just set");
             let row = client.query_one(PROBE_SQL, &[]).await.map_err(|e| e.to_string())?;
             let in_recovery: bool = row.get(0);
             let lsn = row.get::<_, Option<&str>>(1).and_then(parse_lsn).unwrap_or(0);
             let age: Option<f64> = row.get(2);
             Ok(Probe { in_recovery, lsn, replay_age_ms: age.map(|a| a.max(0.0) as u64) })
         };
-        match tokio::time::timeout(timeout, fut).await {
+        let r = tokio::time::timeout(timeout, fut).await;
+        match r {
             Ok(Ok(p)) => Ok(p),
             Ok(Err(e)) => {
-                self.client = None;
+                *slot = None;
                 Err(e)
             }
             Err(_) => {
                 // A black-holed server: drop the connection so the next probe reconnects.
-                self.client = None;
+                *slot = None;
                 Err(format!("probe timed out after {timeout:?}"))
             }
         }
@@ -217,12 +218,12 @@ impl PrimaryHistory {
 pub async fn run(db: Arc<PgDatabase>, h: config::Health) {
     let timeout = Duration::from_millis(h.probe_timeout_ms);
     let interval = Duration::from_millis(h.interval_ms);
-    let mut probers: Vec<Prober> = db.endpoints().map(|ep| Prober { ep: ep.clone(), client: None }).collect();
+    let probers: Vec<Prober> = db.endpoints().map(|ep| Prober { ep: ep.clone() }).collect();
     let mut history = PrimaryHistory { samples: Default::default() };
     loop {
         let started = Instant::now();
         // Probes run concurrently: one black-holed replica must not delay the others.
-        let results = futures_util::future::join_all(probers.iter_mut().map(|p| p.probe(timeout))).await;
+        let results = futures_util::future::join_all(probers.iter().map(|p| p.probe(timeout))).await;
         let now = Instant::now();
         if let Some(Ok(p)) = results.first()
             && !p.in_recovery

@@ -4,7 +4,7 @@ pub mod health;
 pub mod pg_types;
 pub mod postgres;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,7 +12,7 @@ use crate::config;
 use crate::shardmap::{DatabaseSpec, ShardMap};
 use postgres::{PgDatabase, PgEndpoint};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
     Primary,
@@ -77,6 +77,8 @@ pub enum DatabaseBackend {
 pub struct Backends {
     pub shards: Vec<BTreeMap<String, DatabaseBackend>>,
     health_tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// Endpoints created by this build (not reused from the previous snapshot), with context.
+    fresh: Vec<(String, Arc<PgEndpoint>)>,
 }
 
 impl Drop for Backends {
@@ -91,20 +93,53 @@ impl Backends {
     /// Build pools (lazily connecting) and start one health task per shard database.
     /// Must run inside a tokio runtime.
     pub fn build(map: &ShardMap, cfg: &config::Config) -> Result<Backends, Vec<String>> {
+        Self::build_reusing(map, cfg, None)
+    }
+
+    /// Like `build`, but endpoints whose connection string and role are unchanged from `old`
+    /// keep their pool (open connections) and health state.
+    pub fn build_reusing(
+        map: &ShardMap,
+        cfg: &config::Config,
+        old: Option<&Backends>,
+    ) -> Result<Backends, Vec<String>> {
+        let mut reusable: HashMap<([u8; 32], Role), Arc<PgEndpoint>> = HashMap::new();
+        if let Some(old) = old {
+            for db in old.shards.iter().flat_map(|s| s.values()) {
+                if let DatabaseBackend::Postgres(pg) = db {
+                    for ep in pg.endpoints() {
+                        reusable.insert((ep.key, ep.role), ep.clone());
+                    }
+                }
+            }
+        }
         let mut errors = Vec::new();
         let mut shards = Vec::new();
         let mut tasks = Vec::new();
+        let mut fresh = Vec::new();
         // The server-side statement_timeout matches the request deadline.
         let stmt_timeout = Duration::from_millis(cfg.limits.request_timeout_ms);
+        let mut endpoint =
+            |conn: &crate::shardmap::Secret, role: Role, ctx: String| -> Result<Arc<PgEndpoint>, String> {
+                if let Some(ep) = reusable.get(&(PgEndpoint::key_of(conn), role)) {
+                    return Ok(ep.clone());
+                }
+                let ep =
+                    Arc::new(PgEndpoint::new(conn, role, &cfg.pool, stmt_timeout).map_err(|e| format!("{ctx}: {e}"))?);
+                fresh.push((ctx, ep.clone()));
+                Ok(ep)
+            };
         for shard in map.shards() {
             let mut dbs = BTreeMap::new();
             for (name, spec) in &shard.databases {
+                let ctx = format!("shard {} database {name}", shard.id);
                 match spec {
                     DatabaseSpec::Postgres { primary, replicas } => {
-                        let p = PgEndpoint::new(primary, Role::Primary, &cfg.pool, stmt_timeout);
+                        let p = endpoint(primary, Role::Primary, format!("{ctx} primary"));
                         let rs: Vec<_> = replicas
                             .iter()
-                            .map(|r| PgEndpoint::new(r, Role::Replica, &cfg.pool, stmt_timeout))
+                            .enumerate()
+                            .map(|(i, r)| endpoint(r, Role::Replica, format!("{ctx} replica {i}")))
                             .collect();
                         match (p, rs.into_iter().collect::<Result<Vec<_>, _>>()) {
                             (Ok(p), Ok(rs)) => {
@@ -112,11 +147,7 @@ impl Backends {
                                 tasks.push(tokio::spawn(health::run(db.clone(), cfg.health.clone())));
                                 dbs.insert(name.clone(), DatabaseBackend::Postgres(db));
                             }
-                            (p, rs) => {
-                                for e in p.err().into_iter().chain(rs.err()) {
-                                    errors.push(format!("shard {} database {name}: {e}", shard.id));
-                                }
-                            }
+                            (p, rs) => errors.extend(p.err().into_iter().chain(rs.err())),
                         }
                     }
                     DatabaseSpec::Sqlserver { .. } => {
@@ -129,7 +160,31 @@ impl Backends {
             }
             shards.push(dbs);
         }
-        if errors.is_empty() { Ok(Backends { shards, health_tasks: tasks }) } else { Err(errors) }
+        if errors.is_empty() {
+            Ok(Backends { shards, health_tasks: tasks, fresh })
+        } else {
+            for t in tasks {
+                t.abort();
+            }
+            Err(errors)
+        }
+    }
+
+    /// Connect to every endpoint this build created (not reused) and run a trivial query;
+    /// every failure is reported. Used before publishing a reloaded map.
+    pub async fn check_new(&self, cfg: &config::Config) -> Result<(), Vec<String>> {
+        let timeout = Duration::from_millis(cfg.pool.connect_timeout_ms.max(cfg.health.probe_timeout_ms));
+        let checks = self.fresh.iter().map(|(ctx, ep)| async move {
+            let r = tokio::time::timeout(timeout, ep.check()).await;
+            match r {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(e)) => Err(format!("{ctx} ({}): {e}", ep.label)),
+                Err(_) => Err(format!("{ctx} ({}): no answer within {timeout:?}", ep.label)),
+            }
+        });
+        let errors: Vec<String> =
+            futures_util::future::join_all(checks).await.into_iter().filter_map(Result::err).collect();
+        if errors.is_empty() { Ok(()) } else { Err(errors) }
     }
 
     /// Has every endpoint been probed at least once?

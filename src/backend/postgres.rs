@@ -95,6 +95,12 @@ pub struct PgEndpoint {
     /// Connection parameters for the health prober (its own connection, not pooled).
     pub(crate) pg_config: tokio_postgres::Config,
     checkout_timeout: Duration,
+    /// SHA-256 of the connection string: identifies the endpoint across reloads without
+    /// keeping the secret text around.
+    pub key: [u8; 32],
+    /// The health prober's own connection. Lives with the endpoint, not the probe task, so a
+    /// reload that reuses the endpoint does not pay a new connect (and SCRAM) per probe task.
+    pub(crate) probe_client: tokio::sync::Mutex<Option<tokio_postgres::Client>>,
 }
 
 /// Safe display of an endpoint: hosts, ports and database, never credentials.
@@ -141,6 +147,8 @@ impl PgEndpoint {
             .error_sink(Box::new(Sink { endpoint: label.clone(), health: health.clone() }))
             .build_unchecked(manager);
         Ok(Self {
+            probe_client: tokio::sync::Mutex::new(None),
+            key: Self::key_of(conn),
             label,
             role,
             pool: pool_obj,
@@ -148,6 +156,21 @@ impl PgEndpoint {
             pg_config: cfg,
             checkout_timeout: Duration::from_millis(pool.checkout_timeout_ms),
         })
+    }
+
+    pub fn key_of(conn: &Secret) -> [u8; 32] {
+        use sha2::Digest;
+        sha2::Sha256::digest(conn.expose().as_bytes()).into()
+    }
+
+    /// Open a fresh connection and run a trivial query (reload pre-check).
+    pub async fn check(&self) -> Result<(), String> {
+        let (client, conn) = self.pg_config.connect(NoTls).await.map_err(|e| e.to_string())?;
+        let task = tokio::spawn(conn);
+        let r = client.simple_query("SELECT 1").await.map(|_| ()).map_err(|e| e.to_string());
+        drop(client);
+        let _ = task.await;
+        r
     }
 
     async fn checkout(&self) -> Result<bb8::PooledConnection<'_, PgManager>, BackendError> {
@@ -361,12 +384,8 @@ pub struct PgDatabase {
 }
 
 impl PgDatabase {
-    pub fn new(primary: PgEndpoint, replicas: Vec<PgEndpoint>) -> Self {
-        Self {
-            primary: Arc::new(primary),
-            replicas: replicas.into_iter().map(Arc::new).collect(),
-            next: AtomicUsize::new(0),
-        }
+    pub fn new(primary: Arc<PgEndpoint>, replicas: Vec<Arc<PgEndpoint>>) -> Self {
+        Self { primary, replicas, next: AtomicUsize::new(0) }
     }
 
     /// Replicas currently fit for reads (healthy, in recovery, within the lag bound), rotated so

@@ -1,0 +1,234 @@
+//! The only writer of the published snapshot. File watch, SIGHUP, `PUT /admin/map` and
+//! `POST /admin/map/reload` all send a [`Request`] on one channel; one task compiles, checks,
+//! reuses unchanged pools, and publishes — or publishes nothing and keeps the old map.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use sha2::{Digest, Sha256};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::backend::Backends;
+use crate::shardmap;
+use crate::state::{AppState, Snapshot};
+
+/// Where a candidate map comes from.
+#[derive(Debug)]
+pub enum Source {
+    /// Re-read the configured map file (file watch, SIGHUP, `POST /admin/map/reload`).
+    File { trigger: &'static str },
+    /// A map pushed over the admin API. `json`: the body is JSON (converted to TOML first).
+    Push { body: String, json: bool, if_match: Option<u64> },
+}
+
+pub struct Request {
+    pub source: Source,
+    pub reply: Option<oneshot::Sender<Outcome>>,
+}
+
+/// What a reload did. `status` is the HTTP status the admin API answers with.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Outcome {
+    pub status: u16,
+    /// `published`, `unchanged`, `rejected`, `conflict`
+    pub result: &'static str,
+    pub version: u64,
+    pub previous_version: u64,
+    pub errors: Vec<String>,
+    pub trigger: String,
+    #[serde(serialize_with = "unix_secs")]
+    pub at: SystemTime,
+}
+
+fn unix_secs<S: serde::Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_u64(t.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0))
+}
+
+/// The last outcome, shown by `GET /admin/map`.
+#[derive(Default)]
+pub struct Status(pub Mutex<Option<Outcome>>);
+
+pub type Sender = mpsc::Sender<Request>;
+
+/// Ask for a reload and wait for its outcome.
+pub async fn request(tx: &Sender, source: Source) -> Option<Outcome> {
+    let (reply, rx) = oneshot::channel();
+    tx.send(Request { source, reply: Some(reply) }).await.ok()?;
+    rx.await.ok()
+}
+
+/// The reload loop. Owns no state but the channel; everything it changes goes through
+/// `state.snapshot.store`.
+pub async fn run(state: Arc<AppState>, mut rx: mpsc::Receiver<Request>) {
+    while let Some(req) = rx.recv().await {
+        let outcome = apply(&state, req.source).await;
+        if let Some(r) = req.reply {
+            let _ = r.send(outcome);
+        }
+    }
+}
+
+fn outcome(
+    state: &AppState,
+    status: u16,
+    result: &'static str,
+    version: u64,
+    errors: Vec<String>,
+    trigger: &str,
+) -> Outcome {
+    let o = Outcome {
+        status,
+        result,
+        version,
+        previous_version: state.pin().map.version().0,
+        errors,
+        trigger: trigger.to_string(),
+        at: SystemTime::now(),
+    };
+    metrics::counter!("cellgate_map_reloads_total", "result" => result).increment(1);
+    match result {
+        "published" | "unchanged" => tracing::info!(version, trigger, result, "map reload"),
+        _ => tracing::warn!(version, trigger, result, errors = ?o.errors, "map reload refused; old map kept"),
+    }
+    // A no-op (the watcher seeing our own write, a reload of the same bytes) does not hide
+    // the outcome of the last real attempt.
+    if result != "unchanged" {
+        *state.reload_status.0.lock().expect("reload status") = Some(o.clone());
+    }
+    o
+}
+
+/// JSON map → TOML text (line numbers in errors then refer to this rendering).
+fn json_to_toml(body: &str) -> Result<String, String> {
+    let v: toml::Value = serde_json::from_str(body).map_err(|e| format!("invalid JSON map: {e}"))?;
+    toml::to_string(&v).map_err(|e| format!("JSON map cannot be expressed as TOML: {e}"))
+}
+
+/// Write `text` to `path` atomically (temp file in the same directory, fsync, rename), so a
+/// restart loads what was published and a watcher never sees half a file.
+pub fn write_atomic(path: &Path, text: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let tmp: PathBuf =
+        dir.join(format!(".{}.tmp-{}", path.file_name().and_then(|n| n.to_str()).unwrap_or("map"), std::process::id()));
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(text.as_bytes())?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)
+}
+
+async fn apply(state: &Arc<AppState>, source: Source) -> Outcome {
+    let path = state.config.map.path.clone();
+    let current = state.pin();
+    let (trigger, text, if_match, persist) = match source {
+        Source::File { trigger } => match tokio::fs::read_to_string(&path).await {
+            Ok(t) => (trigger.to_string(), t, None, false),
+            Err(e) => return outcome(state, 422, "rejected", 0, vec![format!("{}: {e}", path.display())], trigger),
+        },
+        Source::Push { body, json, if_match } => {
+            let text = if json {
+                match json_to_toml(&body) {
+                    Ok(t) => t,
+                    Err(e) => return outcome(state, 422, "rejected", 0, vec![e], "push"),
+                }
+            } else {
+                body
+            };
+            ("push".to_string(), text, if_match, true)
+        }
+    };
+    // 1. Optimistic concurrency: If-Match names the version the pusher based its change on.
+    if let Some(v) = if_match
+        && v != current.map.version().0
+    {
+        let msg = format!("If-Match version {v} but the current version is {}", current.map.version());
+        return outcome(state, 409, "conflict", v, vec![msg], &trigger);
+    }
+    // 2. Same bytes as what is serving: nothing to do (the watcher sees our own pushes).
+    let sha = hex::encode(Sha256::digest(text.as_bytes()));
+    if sha == current.sha256 {
+        return outcome(state, 200, "unchanged", current.map.version().0, vec![], &trigger);
+    }
+    // 3. Compile, collecting every error.
+    let map = match shardmap::compile_str(&text) {
+        Ok(m) => m,
+        Err(errs) => {
+            let errors = errs.0.iter().map(ToString::to_string).collect();
+            return outcome(state, 422, "rejected", 0, errors, &trigger);
+        }
+    };
+    let version = map.version().0;
+    // 4. Versions only move forward.
+    if map.version() <= current.map.version() {
+        let msg = format!("version {version} is not greater than the current version {}", current.map.version());
+        return outcome(state, 409, "conflict", version, vec![msg], &trigger);
+    }
+    // 5. Backends: unchanged endpoints keep their pools (and open connections); new ones are
+    //    connected and checked before anything is published.
+    let backends = match Backends::build_reusing(&map, &state.config, Some(&current.backends)) {
+        Ok(b) => b,
+        Err(errors) => return outcome(state, 422, "rejected", version, errors, &trigger),
+    };
+    if let Err(errors) = backends.check_new(&state.config).await {
+        return outcome(state, 422, "rejected", version, errors, &trigger);
+    }
+    // 6. Persist a pushed map before publishing it: a restart must not go back in time.
+    if persist && let Err(e) = write_atomic(&path, &text) {
+        return outcome(
+            state,
+            422,
+            "rejected",
+            version,
+            vec![format!("cannot write {}: {e}", path.display())],
+            &trigger,
+        );
+    }
+    // 7. Publish. Requests that pinned the old snapshot finish on it; new ones see this one.
+    state.snapshot.store(Arc::new(Snapshot {
+        map,
+        backends,
+        sha256: sha,
+        source: path.display().to_string(),
+        loaded_at: SystemTime::now(),
+    }));
+    metrics::gauge!("cellgate_map_version").set(version as f64);
+    outcome(state, 200, "published", version, vec![], &trigger)
+}
+
+/// Watch the map file's directory (editors and Kubernetes ConfigMaps replace files by rename,
+/// so the file itself is the wrong thing to watch). File events come in bursts (write, rename,
+/// chmod): a debounce task waits for 200 ms of quiet, then asks the reload loop once, so the
+/// loop itself never sleeps. Returns the watcher (dropping it stops it) and the debounce task.
+pub fn watch(path: &Path, tx: Sender) -> notify::Result<(notify::RecommendedWatcher, tokio::task::JoinHandle<()>)> {
+    use notify::Watcher;
+    let name = path.file_name().map(|n| n.to_os_string());
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new(".")).to_path_buf();
+    let (ev_tx, mut ev_rx) = mpsc::channel::<()>(1);
+    let mut w = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+        let Ok(ev) = res else { return };
+        if ev.kind.is_access() {
+            return;
+        }
+        if ev.paths.iter().any(|p| p.file_name().map(|n| n.to_os_string()) == name) {
+            // Full channel = an event is already pending; one reload reads the newest file.
+            let _ = ev_tx.try_send(());
+        }
+    })?;
+    w.watch(&dir, notify::RecursiveMode::NonRecursive)?;
+    let debounce = tokio::spawn(async move {
+        while ev_rx.recv().await.is_some() {
+            loop {
+                match tokio::time::timeout(Duration::from_millis(200), ev_rx.recv()).await {
+                    Ok(Some(())) => continue,
+                    Ok(None) => return,
+                    Err(_) => break,
+                }
+            }
+            if tx.send(Request { source: Source::File { trigger: "watch" }, reply: None }).await.is_err() {
+                return;
+            }
+        }
+    });
+    Ok((w, debounce))
+}
