@@ -50,6 +50,50 @@ pub async fn handle(state: &Arc<AppState>, req: Request<Incoming>) -> Response<B
             reload_response(crate::reload::request(&state.reload_tx, src).await)
         }
         (&Method::GET, "/admin/shards") => json_response(StatusCode::OK, &shards_json(state)),
+        (&Method::GET, "/admin/migrations") => json_response(StatusCode::OK, &state.migrations.list()),
+        (&Method::POST, "/admin/migrations") => match read_json::<crate::migrate::StartRequest>(req).await {
+            Ok(r) => match crate::migrate::start(state, r).await {
+                Ok(doc) => json_response(StatusCode::ACCEPTED, &doc),
+                Err(e) => e.into_response(),
+            },
+            Err(e) => e.into_response(),
+        },
+        (&Method::POST, "/admin/freeze") => match read_json::<FreezeRequest>(req).await {
+            Ok(r) => {
+                let snap = state.pin();
+                let cells: Result<Vec<_>, _> = r.cells.iter().map(|c| crate::geo::parse_cell(c)).collect();
+                drop(snap);
+                match cells {
+                    Ok(cells) => {
+                        crate::migrate::freeze_local(state, &r.id, &cells, std::time::Duration::from_millis(r.hold_ms));
+                        json_response(StatusCode::OK, &json!({"frozen": r.id}))
+                    }
+                    Err(e) => ApiError::InvalidParams(e.to_string()).into_response(),
+                }
+            }
+            Err(e) => e.into_response(),
+        },
+        (&Method::POST, "/admin/release") => match read_json::<ReleaseRequest>(req).await {
+            Ok(r) => {
+                let released = crate::migrate::release_local(state, &r.id).is_some();
+                json_response(StatusCode::OK, &json!({"released": released}))
+            }
+            Err(e) => e.into_response(),
+        },
+        (m, p) if p.starts_with("/admin/migrations/") => {
+            let rest = &p["/admin/migrations/".len()..];
+            let (id, action) = rest.split_once('/').unwrap_or((rest, ""));
+            let r = match (m, action) {
+                (&Method::GET, "") => state.migrations.get(id).map(|m| m.doc()).ok_or(ApiError::NotFound),
+                (&Method::POST, "abort") => crate::migrate::abort(state, id).await,
+                (&Method::POST, "resume") => crate::migrate::resume(state, id).await,
+                _ => Err(ApiError::NotFound),
+            };
+            match r {
+                Ok(doc) => json_response(StatusCode::OK, &doc),
+                Err(e) => e.into_response(),
+            }
+        }
         (&Method::GET, "/admin/locate") => match locate(state, &query) {
             Ok(v) => json_response(StatusCode::OK, &v),
             Err(e) => e.into_response(),
@@ -59,6 +103,30 @@ pub async fn handle(state: &Arc<AppState>, req: Request<Incoming>) -> Response<B
         }
         _ => ApiError::NotFound.into_response(),
     }
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FreezeRequest {
+    id: String,
+    cells: Vec<String>,
+    hold_ms: u64,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReleaseRequest {
+    id: String,
+}
+
+async fn read_json<T: serde::de::DeserializeOwned>(req: Request<Incoming>) -> Result<T, ApiError> {
+    use http_body_util::BodyExt;
+    let body = http_body_util::Limited::new(req.into_body(), 1 << 20)
+        .collect()
+        .await
+        .map_err(|_| ApiError::BodyTooLarge(1 << 20))?
+        .to_bytes();
+    serde_json::from_slice(&body).map_err(|e| ApiError::InvalidJson(e.to_string()))
 }
 
 /// Largest map accepted by `PUT /admin/map` (a 1M-cell map is about 19 MB of TOML).
@@ -71,8 +139,11 @@ async fn push_map(state: &Arc<AppState>, req: Request<Incoming>) -> Response<Bod
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("application/json"));
-    // If-Match: "7" (an entity tag holding the version the pusher based its change on).
-    let if_match = match req.headers().get(header::IF_MATCH).map(|v| v.to_str().unwrap_or("")) {
+    // If-Match: "7" (an entity tag holding the version the pusher based its change on), or
+    // `?if_match=7` for clients that cannot set headers (`cellgate map push --if-version`).
+    let query_if_match = req.uri().query().and_then(|q| q.strip_prefix("if_match=")).map(str::to_string);
+    let header_if_match = req.headers().get(header::IF_MATCH).map(|v| v.to_str().unwrap_or("").to_string());
+    let if_match = match header_if_match.or(query_if_match).as_deref() {
         None => None,
         Some(v) => match v.trim().trim_start_matches("W/").trim_matches('"').parse::<u64>() {
             Ok(n) => Some(n),

@@ -37,6 +37,81 @@ pub enum Command {
     /// Demo data tools.
     #[command(subcommand)]
     Demo(DemoCommand),
+    /// Live migration of cells between PostgreSQL shards (admin API).
+    Migrate {
+        /// Admin base URL, e.g. http://127.0.0.1:9090
+        #[arg(long, global = true, default_value = "http://127.0.0.1:9090")]
+        admin: String,
+        /// Admin token (or CELLGATE_ADMIN_TOKEN).
+        #[arg(long, global = true, env = "CELLGATE_ADMIN_TOKEN", hide_env_values = true)]
+        token: Option<String>,
+        #[command(subcommand)]
+        action: MigrateAction,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum MigrateAction {
+    /// Move CELLS (hex, resolution <= R, all owned by one shard today) to shard --to.
+    Start {
+        #[arg(long)]
+        to: String,
+        #[arg(long, default_value_t = 2000)]
+        hold_ms: u64,
+        #[arg(required = true)]
+        cells: Vec<String>,
+    },
+    /// One migration, or all of them.
+    Status { id: Option<String> },
+    /// Abort a migration that has not published its map yet.
+    Abort { id: String },
+    /// Resume a migration interrupted by a crash of its orchestrator.
+    Resume { id: String },
+}
+
+/// `cellgate migrate ...`: one admin API call, the JSON answer printed; exit 1 unless 2xx.
+pub fn migrate(admin: &str, token: Option<&str>, action: &MigrateAction) -> ExitCode {
+    let (method, path, body) = match action {
+        MigrateAction::Start { to, hold_ms, cells } => (
+            http::Method::POST,
+            "/admin/migrations".to_string(),
+            serde_json::json!({"cells": cells, "to": to, "hold_ms": hold_ms}).to_string(),
+        ),
+        MigrateAction::Status { id: None } => (http::Method::GET, "/admin/migrations".to_string(), String::new()),
+        MigrateAction::Status { id: Some(id) } => (http::Method::GET, format!("/admin/migrations/{id}"), String::new()),
+        MigrateAction::Abort { id } => (http::Method::POST, format!("/admin/migrations/{id}/abort"), String::new()),
+        MigrateAction::Resume { id } => (http::Method::POST, format!("/admin/migrations/{id}/resume"), String::new()),
+    };
+    admin_call(admin, method, &path, "application/json", body, token)
+}
+
+fn admin_call(admin: &str, method: http::Method, path: &str, content_type: &str, body: String, token: Option<&str>) -> ExitCode {
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: tokio runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let r = rt.block_on(crate::fleet::call(
+        admin,
+        method,
+        path,
+        content_type,
+        bytes::Bytes::from(body),
+        token,
+        std::time::Duration::from_secs(120),
+    ));
+    match r {
+        Ok((status, bytes)) => {
+            println!("{}", String::from_utf8_lossy(&bytes));
+            if (200..300).contains(&status) { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+        }
+        Err(e) => {
+            eprintln!("error: {admin}: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -333,63 +408,16 @@ pub fn map_synth(
 
 /// `cellgate map push`: one HTTP/1.1 PUT to the admin listener.
 pub fn map_push(file: &PathBuf, admin: &str, token: Option<&str>, if_version: Option<u64>) -> ExitCode {
-    let fail = |msg: String| {
-        eprintln!("error: {msg}");
-        ExitCode::FAILURE
-    };
     let body = match std::fs::read_to_string(file) {
         Ok(b) => b,
-        Err(e) => return fail(format!("{}: {e}", file.display())),
-    };
-    let uri: http::Uri = match admin.trim_end_matches('/').parse() {
-        Ok(u) => u,
-        Err(e) => return fail(format!("--admin {admin:?}: {e}")),
-    };
-    let Some(authority) = uri.authority().cloned() else {
-        return fail(format!("--admin {admin:?} needs host:port"));
-    };
-    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
-        Ok(rt) => rt,
-        Err(e) => return fail(format!("tokio runtime: {e}")),
-    };
-    let result = rt.block_on(async move {
-        use http_body_util::BodyExt;
-        let host = authority.host().to_string();
-        let port = authority.port_u16().unwrap_or(80);
-        let stream = tokio::time::timeout(
-            std::time::Duration::from_secs(10),
-            tokio::net::TcpStream::connect((host.as_str(), port)),
-        )
-        .await
-        .map_err(|_| "connect timed out".to_string())?
-        .map_err(|e| format!("connect {authority}: {e}"))?;
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-            .await
-            .map_err(|e| e.to_string())?;
-        tokio::spawn(conn);
-        let mut req = http::Request::put("/admin/map")
-            .header("host", authority.as_str())
-            .header("content-type", "application/toml");
-        if let Some(t) = token {
-            req = req.header("authorization", format!("Bearer {t}"));
+        Err(e) => {
+            eprintln!("error: {}: {e}", file.display());
+            return ExitCode::FAILURE;
         }
-        if let Some(v) = if_version {
-            req = req.header("if-match", format!("\"{v}\""));
-        }
-        let req = req.body(http_body_util::Full::new(bytes::Bytes::from(body))).map_err(|e| e.to_string())?;
-        let resp = tokio::time::timeout(std::time::Duration::from_secs(120), sender.send_request(req))
-            .await
-            .map_err(|_| "no answer in 120 s".to_string())?
-            .map_err(|e| e.to_string())?;
-        let status = resp.status();
-        let bytes = resp.into_body().collect().await.map_err(|e| e.to_string())?.to_bytes();
-        Ok::<_, String>((status, String::from_utf8_lossy(&bytes).into_owned()))
-    });
-    match result {
-        Ok((status, text)) => {
-            println!("{text}");
-            if status.is_success() { ExitCode::SUCCESS } else { ExitCode::FAILURE }
-        }
-        Err(e) => fail(e),
+    };
+    // The version precondition travels as `?if_match=` (the admin API accepts it like If-Match).
+    match if_version {
+        None => admin_call(admin, http::Method::PUT, "/admin/map", "application/toml", body, token),
+        Some(v) => admin_call(admin, http::Method::PUT, &format!("/admin/map?if_match={v}"), "application/toml", body, token),
     }
 }

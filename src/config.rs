@@ -23,9 +23,14 @@ pub struct Config {
     #[serde(default)]
     pub tokens: Vec<Token>,
     pub map: MapSource,
-    /// Admin URLs of the other cellgate instances (map pushes; used by live reload).
+    /// Admin base URLs of the other cellgate instances (`http://host:port`). A map published here
+    /// is pushed to each; migrations freeze and release writes on each.
     #[serde(default)]
     pub peers: Vec<String>,
+    /// Bearer token (clear text) this instance presents to its peers' admin listeners.
+    /// Keep the config file private. Default: none.
+    #[serde(default)]
+    pub peer_token: Option<String>,
     #[serde(default)]
     pub shutdown: Shutdown,
 }
@@ -169,6 +174,13 @@ pub enum Scope {
 pub struct MapSource {
     /// Shard-map file (relative paths are relative to the config file).
     pub path: PathBuf,
+    /// Reload when the file changes (its directory is watched). Default true.
+    #[serde(default = "yes")]
+    pub watch: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -27,6 +27,7 @@ fn main() -> ExitCode {
                 schema.as_ref(),
             )
         }
+        Command::Migrate { admin, token, action } => cli::migrate(&admin, token.as_deref(), &action),
         Command::TokenHash { token } => {
             println!("{}", cellgate::auth::digest_hex(&token));
             ExitCode::SUCCESS

@@ -189,6 +189,7 @@ async fn apply(state: &Arc<AppState>, source: Source) -> Outcome {
         map,
         backends,
         sha256: sha,
+        text,
         source: path.display().to_string(),
         loaded_at: SystemTime::now(),
     }));

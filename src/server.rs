@@ -70,6 +70,7 @@ pub fn load_snapshot(path: &Path, cfg: &Config) -> Result<Snapshot, StartError> 
         map,
         backends,
         sha256: hex::encode(Sha256::digest(text.as_bytes())),
+        text,
         source: path.display().to_string(),
         loaded_at: SystemTime::now(),
     })
@@ -96,6 +97,8 @@ pub async fn start(cfg: Config, insecure_no_auth: bool) -> Result<Running, Start
     let state = Arc::new(AppState {
         reload_tx,
         reload_status: Default::default(),
+        freeze: tokio::sync::watch::Sender::new(None),
+        migrations: Default::default(),
         snapshot: ArcSwap::from_pointee(snapshot),
         auth: crate::auth::Auth::new(&cfg.tokens),
         config: cfg,
@@ -119,14 +122,21 @@ pub async fn start(cfg: Config, insecure_no_auth: bool) -> Result<Running, Start
             }
         }));
     }
-    let watcher = match crate::reload::watch(&state.config.map.path, state.reload_tx.clone()) {
+    // Migrations an earlier process left unfinished (crash): their persisted state is loaded so
+    // that status tells the truth and they can be resumed or aborted.
+    crate::migrate::recover(&state).await;
+    let watcher = if !state.config.map.watch {
+        None
+    } else {
+        match crate::reload::watch(&state.config.map.path, state.reload_tx.clone()) {
         Ok((w, debounce)) => {
             background.push(debounce);
             Some(w)
         }
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot watch the map file; reload with SIGHUP or the admin API");
-            None
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot watch the map file; reload with SIGHUP or the admin API");
+                None
+            }
         }
     };
     let tasks = vec![

@@ -16,6 +16,9 @@ pub struct Snapshot {
     pub backends: Backends,
     /// SHA-256 of the map source text (hex).
     pub sha256: String,
+    /// The map source text as loaded (`${VAR}` unexpanded). Migrations derive map v+1 from it.
+    /// Never served: it may hold inline secrets.
+    pub text: String,
     /// Where the map came from (file path).
     pub source: String,
     pub loaded_at: SystemTime,
@@ -31,6 +34,9 @@ pub struct AppState {
     /// The reload channel: the only way to change `snapshot`.
     pub reload_tx: crate::reload::Sender,
     pub reload_status: crate::reload::Status,
+    /// Cells whose writes are held (live-migration cutover). `None` = nothing frozen.
+    pub freeze: tokio::sync::watch::Sender<Option<Arc<crate::migrate::Freeze>>>,
+    pub migrations: crate::migrate::Registry,
 }
 
 impl AppState {

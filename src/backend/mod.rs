@@ -134,7 +134,7 @@ impl Backends {
             for (name, spec) in &shard.databases {
                 let ctx = format!("shard {} database {name}", shard.id);
                 match spec {
-                    DatabaseSpec::Postgres { primary, replicas } => {
+                    DatabaseSpec::Postgres { primary, replicas, .. } => {
                         let p = endpoint(primary, Role::Primary, format!("{ctx} primary"));
                         let rs: Vec<_> = replicas
                             .iter()

@@ -312,40 +312,82 @@ pub async fn execute(state: &AppState, db: &str, body: &[u8], out: &mut Outcome)
         (Some(_), Some(_)) => return Err(ApiError::InvalidJson("give either sql or batch, not both".into())),
         (None, None) => return Err(ApiError::InvalidJson("missing field `sql` (or `batch`)".into())),
     };
-    let region = parse_region(req.region, &snap)?;
-    let route = match routing::route_region(&snap.map, &region).map_err(route_err)? {
-        RegionRoute::One(r) => r,
-        RegionRoute::Many(_) => return Err(ApiError::AreaWrite),
-    };
-    let shard = route.shard.expect("route() returns owned cells only");
-    out.cell = Some(route.cell.to_string());
-    let id = snap.map.shard(shard).id.to_string();
-    out.shard = Some(id.clone());
-    out.role = Some(Role::Primary);
-    let pg = pg_db(&snap, shard, db)?;
-    if !pg.primary.health.writable() {
-        // Fail fast: the prober has seen the primary down (or read-only) repeatedly.
-        let v = pg.primary.health.view();
-        return Err(ApiError::ShardUnavailable {
-            shard: id,
-            reason: format!(
-                "primary {} is down: {}",
-                pg.primary.label,
-                v.last_error.unwrap_or_else(|| "not writable".into())
-            ),
-        });
+    let format = req.row_format.unwrap_or_default();
+    drop(snap);
+    // At most two attempts: a write that hits a migration fence on the old owner means this
+    // instance's map is stale; it refreshes the map and retries once on the new owner.
+    let mut refreshed = false;
+    loop {
+        let snap = state.pin();
+        let region = parse_region(req.region.clone(), &snap)?;
+        let route = match routing::route_region(&snap.map, &region).map_err(route_err)? {
+            RegionRoute::One(r) => r,
+            RegionRoute::Many(_) => return Err(ApiError::AreaWrite),
+        };
+        // Cutover hold: writes to moving cells wait for the release (bounded by hold_ms), then
+        // re-route on the map published by then.
+        let frozen = state.freeze.borrow().clone();
+        if let Some(f) = frozen
+            && f.covers(route.cell)
+        {
+            drop(snap);
+            let mut rx = state.freeze.subscribe();
+            let released = tokio::time::timeout_at(
+                f.deadline,
+                rx.wait_for(|cur| !cur.as_ref().is_some_and(|c| Arc::ptr_eq(c, &f))),
+            )
+            .await;
+            match released {
+                Ok(_) => continue,
+                Err(_) => return Err(ApiError::CellsFrozen(format!("cell {} is moving; retry shortly", route.cell))),
+            }
+        }
+        let shard = route.shard.expect("route() returns owned cells only");
+        out.cell = Some(route.cell.to_string());
+        let id = snap.map.shard(shard).id.to_string();
+        out.shard = Some(id.clone());
+        out.role = Some(Role::Primary);
+        let pg = pg_db(&snap, shard, db)?;
+        if !pg.primary.health.writable() {
+            // Fail fast: the prober has seen the primary down (or read-only) repeatedly.
+            let v = pg.primary.health.view();
+            return Err(ApiError::ShardUnavailable {
+                shard: id,
+                reason: format!(
+                    "primary {} is down: {}",
+                    pg.primary.label,
+                    v.last_error.unwrap_or_else(|| "not writable".into())
+                ),
+            });
+        }
+        match pg.primary.execute(&stmts).await {
+            Ok(res) => {
+                let info = ShardInfo { id: id.clone(), role: Role::Primary, endpoint: pg.primary.label.to_string() };
+                let token = make_token(&id, res.lsn);
+                return Ok(render(&res.rows, format, vec![info], Some(res.rows_affected), Some(token), snap.map.version().0));
+            }
+            Err(e) if is_fenced(&e) => {
+                // Nothing was written (the fence trigger rejected the statement and its transaction).
+                metrics::counter!("cellgate_fence_hits_total", "shard" => id.clone()).increment(1);
+                if refreshed {
+                    return Err(ApiError::CellsFrozen(format!("cell {} moved away from shard {id}; retry shortly", route.cell)));
+                }
+                refreshed = true;
+                let version = snap.map.version();
+                drop(snap);
+                tracing::warn!(shard = %id, cell = %route.cell, "write hit a migration fence: refreshing the map");
+                let _ = crate::reload::request(&state.reload_tx, crate::reload::Source::File { trigger: "fence" }).await;
+                if state.pin().map.version() == version {
+                    return Err(ApiError::CellsFrozen(format!("cell {} is moving; retry shortly", route.cell)));
+                }
+            }
+            Err(e) => return Err(ApiError::from_backend(e, &id)),
+        }
     }
-    let res = pg.primary.execute(&stmts).await.map_err(|e| ApiError::from_backend(e, &id))?;
-    let info = ShardInfo { id: id.clone(), role: Role::Primary, endpoint: pg.primary.label.to_string() };
-    let token = make_token(&id, res.lsn);
-    Ok(render(
-        &res.rows,
-        req.row_format.unwrap_or_default(),
-        vec![info],
-        Some(res.rows_affected),
-        Some(token),
-        snap.map.version().0,
-    ))
+}
+
+fn is_fenced(e: &crate::backend::BackendError) -> bool {
+    matches!(e.root(), crate::backend::BackendError::Database { sqlstate, .. } if sqlstate == crate::migrate::sql::FENCE_SQLSTATE)
 }
 
 fn route_err(e: RouteError) -> ApiError {

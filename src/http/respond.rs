@@ -38,6 +38,8 @@ pub enum ApiError {
         shard: String,
         reason: String,
     },
+    CellsFrozen(String),
+    Conflict(String),
     Timeout,
     Unsupported(String),
 }
@@ -65,6 +67,8 @@ impl ApiError {
             Unsupported(_) => (StatusCode::UNPROCESSABLE_ENTITY, "unsupported", false),
             Overloaded(_) => (StatusCode::TOO_MANY_REQUESTS, "overloaded", true),
             ShardUnavailable { .. } => (StatusCode::SERVICE_UNAVAILABLE, "shard_unavailable", true),
+            CellsFrozen(_) => (StatusCode::SERVICE_UNAVAILABLE, "cells_frozen", true),
+            Conflict(_) => (StatusCode::CONFLICT, "conflict", false),
             Timeout => (StatusCode::GATEWAY_TIMEOUT, "timeout", true),
         }
     }
@@ -94,6 +98,8 @@ impl ApiError {
             Unsupported(m) => m.clone(),
             Overloaded(m) => format!("overloaded: {m}"),
             ShardUnavailable { shard, reason } => format!("shard {shard} unavailable: {reason}"),
+            CellsFrozen(m) => format!("cells frozen by a live migration: {m}"),
+            Conflict(m) => m.clone(),
             Timeout => "request deadline exceeded".into(),
         }
     }
@@ -103,6 +109,7 @@ impl ApiError {
         match self {
             ApiError::Overloaded(_) => Some(1),
             ApiError::ShardUnavailable { .. } => Some(1),
+            ApiError::CellsFrozen(_) => Some(1),
             _ => None,
         }
     }

@@ -502,17 +502,25 @@ fn compile_database(
             };
             let primary = secret(c, p, schemes);
             let replicas: Vec<Option<Secret>> = raw.replicas.iter().map(|r| secret(c, r, schemes)).collect();
+            let admin = raw.admin.as_ref().map(|a| secret(c, a, schemes));
+            if kind == "sqlserver" && raw.admin.is_some() {
+                bad(c, span.clone(), "`admin` (migration connection) applies to postgres databases only");
+            }
             let primary = primary?;
             let replicas: Option<Vec<Secret>> = replicas.into_iter().collect();
             let replicas = replicas?;
+            let admin = match admin {
+                None => None,
+                Some(a) => Some(a?),
+            };
             Some(if kind == "postgres" {
-                DatabaseSpec::Postgres { primary, replicas }
+                DatabaseSpec::Postgres { primary, replicas, admin }
             } else {
                 DatabaseSpec::Sqlserver { primary, replicas }
             })
         }
         "mongodb" => {
-            if raw.primary.is_some() || !raw.replicas.is_empty() {
+            if raw.primary.is_some() || !raw.replicas.is_empty() || raw.admin.is_some() {
                 bad(
                     c,
                     span.clone(),

@@ -41,7 +41,12 @@ impl DbKind {
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 #[serde(tag = "kind", rename_all = "lowercase")]
 pub enum DatabaseSpec {
-    Postgres { primary: Secret, replicas: Vec<Secret> },
+    Postgres {
+        primary: Secret,
+        replicas: Vec<Secret>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        admin: Option<Secret>,
+    },
     Sqlserver { primary: Secret, replicas: Vec<Secret> },
     Mongodb { uri: Secret },
 }

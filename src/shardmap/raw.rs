@@ -41,6 +41,9 @@ pub struct RawDatabase {
     pub replicas: Vec<Spanned<String>>,
     /// MongoDB: the driver URI (replica set or mongos).
     pub uri: Option<Spanned<String>>,
+    /// PostgreSQL: a privileged connection to the primary for live migration (publications,
+    /// subscriptions, fence triggers). Default: `primary`.
+    pub admin: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize, Serialize)]
