@@ -85,7 +85,14 @@ pub fn migrate(admin: &str, token: Option<&str>, action: &MigrateAction) -> Exit
     admin_call(admin, method, &path, "application/json", body, token)
 }
 
-fn admin_call(admin: &str, method: http::Method, path: &str, content_type: &str, body: String, token: Option<&str>) -> ExitCode {
+fn admin_call(
+    admin: &str,
+    method: http::Method,
+    path: &str,
+    content_type: &str,
+    body: String,
+    token: Option<&str>,
+) -> ExitCode {
     let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -418,6 +425,8 @@ pub fn map_push(file: &PathBuf, admin: &str, token: Option<&str>, if_version: Op
     // The version precondition travels as `?if_match=` (the admin API accepts it like If-Match).
     match if_version {
         None => admin_call(admin, http::Method::PUT, "/admin/map", "application/toml", body, token),
-        Some(v) => admin_call(admin, http::Method::PUT, &format!("/admin/map?if_match={v}"), "application/toml", body, token),
+        Some(v) => {
+            admin_call(admin, http::Method::PUT, &format!("/admin/map?if_match={v}"), "application/toml", body, token)
+        }
     }
 }

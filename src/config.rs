@@ -70,6 +70,9 @@ pub struct Limits {
     pub max_in_flight: usize,
     /// Time a client has to send a complete request head, ms (408 on a new connection). Default 5,000.
     pub header_timeout_ms: u64,
+    /// An idle keep-alive connection is closed after this long without a new request, ms
+    /// (clients should keep their own idle timeout shorter). Default 60,000.
+    pub keepalive_timeout_ms: u64,
     /// Deadline for a whole request, ms (504 beyond). Default 5,000.
     pub request_timeout_ms: u64,
     /// Longest `wait_ms` a read-your-writes request may ask for, ms. Default 2,000.
@@ -83,6 +86,7 @@ impl Default for Limits {
             max_header_bytes: 16 << 10,
             max_in_flight: 100_000,
             header_timeout_ms: 5_000,
+            keepalive_timeout_ms: 60_000,
             request_timeout_ms: 5_000,
             max_wait_ms: 2_000,
         }

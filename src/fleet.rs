@@ -54,7 +54,10 @@ pub async fn call(
         if let Some(t) = token {
             req = req.header("authorization", format!("Bearer {t}"));
         }
-        let resp = sender.send_request(req.body(Full::new(body)).map_err(|e| e.to_string())?).await.map_err(|e| e.to_string())?;
+        let resp = sender
+            .send_request(req.body(Full::new(body)).map_err(|e| e.to_string())?)
+            .await
+            .map_err(|e| e.to_string())?;
         let status = resp.status().as_u16();
         let bytes = resp.into_body().collect().await.map_err(|e| e.to_string())?.to_bytes();
         Ok((status, bytes))

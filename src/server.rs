@@ -129,10 +129,10 @@ pub async fn start(cfg: Config, insecure_no_auth: bool) -> Result<Running, Start
         None
     } else {
         match crate::reload::watch(&state.config.map.path, state.reload_tx.clone()) {
-        Ok((w, debounce)) => {
-            background.push(debounce);
-            Some(w)
-        }
+            Ok((w, debounce)) => {
+                background.push(debounce);
+                Some(w)
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "cannot watch the map file; reload with SIGHUP or the admin API");
                 None

@@ -364,19 +364,30 @@ pub async fn execute(state: &AppState, db: &str, body: &[u8], out: &mut Outcome)
             Ok(res) => {
                 let info = ShardInfo { id: id.clone(), role: Role::Primary, endpoint: pg.primary.label.to_string() };
                 let token = make_token(&id, res.lsn);
-                return Ok(render(&res.rows, format, vec![info], Some(res.rows_affected), Some(token), snap.map.version().0));
+                return Ok(render(
+                    &res.rows,
+                    format,
+                    vec![info],
+                    Some(res.rows_affected),
+                    Some(token),
+                    snap.map.version().0,
+                ));
             }
             Err(e) if is_fenced(&e) => {
                 // Nothing was written (the fence trigger rejected the statement and its transaction).
                 metrics::counter!("cellgate_fence_hits_total", "shard" => id.clone()).increment(1);
                 if refreshed {
-                    return Err(ApiError::CellsFrozen(format!("cell {} moved away from shard {id}; retry shortly", route.cell)));
+                    return Err(ApiError::CellsFrozen(format!(
+                        "cell {} moved away from shard {id}; retry shortly",
+                        route.cell
+                    )));
                 }
                 refreshed = true;
                 let version = snap.map.version();
                 drop(snap);
                 tracing::warn!(shard = %id, cell = %route.cell, "write hit a migration fence: refreshing the map");
-                let _ = crate::reload::request(&state.reload_tx, crate::reload::Source::File { trigger: "fence" }).await;
+                let _ =
+                    crate::reload::request(&state.reload_tx, crate::reload::Source::File { trigger: "fence" }).await;
                 if state.pin().map.version() == version {
                     return Err(ApiError::CellsFrozen(format!("cell {} is moving; retry shortly", route.cell)));
                 }

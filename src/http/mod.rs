@@ -136,7 +136,10 @@ pub async fn serve(
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(Duration::from_millis(limits.header_timeout_ms))
+        // hyper starts this timer while waiting for the next request on a kept-alive connection,
+        // so it is the idle keep-alive limit; the first request head has its own, shorter
+        // deadline (408, read_first_head).
+        .header_read_timeout(Duration::from_millis(limits.keepalive_timeout_ms.max(limits.header_timeout_ms)))
         .max_buf_size(limits.max_header_bytes.max(8192))
         .keep_alive(true);
     builder

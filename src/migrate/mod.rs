@@ -48,7 +48,9 @@ impl Freeze {
     pub fn covers(&self, owning: CellIndex) -> bool {
         (0..=u8::from(owning.resolution())).any(|r| {
             self.levels & (1 << r) != 0
-                && owning.parent(Resolution::try_from(r).expect("0..=15")).is_some_and(|p| self.cells.contains(&u64::from(p)))
+                && owning
+                    .parent(Resolution::try_from(r).expect("0..=15"))
+                    .is_some_and(|p| self.cells.contains(&u64::from(p)))
         })
     }
 }
@@ -279,7 +281,10 @@ fn plan(state: &AppState, req: &StartRequest) -> Result<(Doc, Vec<DbPair>), ApiE
     if pairs.is_empty() {
         return Err(ApiError::InvalidParams("no [tables] with a cell_column on the source: nothing to move".into()));
     }
-    let id = format!("m{}", std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0));
+    let id = format!(
+        "m{}",
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0)
+    );
     let doc = Doc {
         id,
         state: "planned".into(),
@@ -308,7 +313,8 @@ pub async fn start(state: &Arc<AppState>, req: StartRequest) -> Result<Doc, ApiE
     let (doc, pairs) = plan(state, &req)?;
     // The target must have every moved table with its cell column.
     for p in &pairs {
-        let target = connect(&p.target).await.map_err(|e| ApiError::ShardUnavailable { shard: doc.to.clone(), reason: e })?;
+        let target =
+            connect(&p.target).await.map_err(|e| ApiError::ShardUnavailable { shard: doc.to.clone(), reason: e })?;
         for (t, col) in &p.tables {
             let n: i64 = target
                 .query_one(
@@ -326,7 +332,11 @@ pub async fn start(state: &Arc<AppState>, req: StartRequest) -> Result<Doc, ApiE
             }
         }
     }
-    let m = Arc::new(Migration { doc: Mutex::new(doc.clone()), abort: AtomicBool::new(false), running: AtomicBool::new(false) });
+    let m = Arc::new(Migration {
+        doc: Mutex::new(doc.clone()),
+        abort: AtomicBool::new(false),
+        running: AtomicBool::new(false),
+    });
     state.migrations.0.lock().expect("registry").insert(doc.id.clone(), m.clone());
     spawn_run(state.clone(), m, pairs);
     Ok(doc)
@@ -405,10 +415,24 @@ async fn set(state: &AppState, m: &Migration, pairs: &[DbPair], f: impl FnOnce(&
 
 const FAILPOINT: &str = "failpoint";
 
-/// Test hook: `CELLGATE_FAILPOINT=<name>` stops the orchestrator once at that step, as a crash would.
+static ARMED: Mutex<Option<String>> = Mutex::new(None);
+
+/// Test hook: stop the orchestrator once at the named step (`after_fence`), exactly as a crash
+/// of the process would leave things. Also armed by `CELLGATE_FAILPOINT=<name>` at start-up.
+pub fn arm_failpoint(name: &str) {
+    *ARMED.lock().expect("failpoint") = Some(name.to_string());
+}
+
 fn failpoint(name: &str) -> Result<(), String> {
-    static FIRED: AtomicBool = AtomicBool::new(false);
-    if std::env::var("CELLGATE_FAILPOINT").is_ok_and(|v| v == name) && !FIRED.swap(true, Ordering::SeqCst) {
+    static ENV_READ: std::sync::Once = std::sync::Once::new();
+    ENV_READ.call_once(|| {
+        if let Ok(v) = std::env::var("CELLGATE_FAILPOINT") {
+            arm_failpoint(&v);
+        }
+    });
+    let mut armed = ARMED.lock().expect("failpoint");
+    if armed.as_deref() == Some(name) {
+        *armed = None;
         return Err(FAILPOINT.into());
     }
     Ok(())
@@ -437,14 +461,21 @@ async fn run(state: &Arc<AppState>, m: &Arc<Migration>, pairs: &[DbPair]) -> Res
             src.batch_execute(sql::SCHEMA).await.map_err(|e| format!("source setup: {e}"))?;
             dst.batch_execute(sql::SCHEMA).await.map_err(|e| format!("target setup: {e}"))?;
             for (t, col) in &p.tables {
-                src.batch_execute(&sql::fence_trigger(t, col)).await.map_err(|e| format!("source trigger on {t}: {e}"))?;
-                dst.batch_execute(&sql::fence_trigger(t, col)).await.map_err(|e| format!("target trigger on {t}: {e}"))?;
+                src.batch_execute(&sql::fence_trigger(t, col))
+                    .await
+                    .map_err(|e| format!("source trigger on {t}: {e}"))?;
+                dst.batch_execute(&sql::fence_trigger(t, col))
+                    .await
+                    .map_err(|e| format!("target trigger on {t}: {e}"))?;
                 src.batch_execute(&format!("ALTER TABLE public.{t} REPLICA IDENTITY FULL"))
                     .await
                     .map_err(|e| format!("replica identity on {t}: {e}"))?;
             }
-            let exists: i64 =
-                dst.query_one("SELECT count(*) FROM pg_subscription WHERE subname = $1", &[&name]).await.map_err(|e| e.to_string())?.get(0);
+            let exists: i64 = dst
+                .query_one("SELECT count(*) FROM pg_subscription WHERE subname = $1", &[&name])
+                .await
+                .map_err(|e| e.to_string())?
+                .get(0);
             if exists == 0 {
                 // Rows of these cells on the target are leftovers of an earlier move away (the
                 // target does not own them): they would collide with the copy.
@@ -464,16 +495,22 @@ async fn run(state: &Arc<AppState>, m: &Arc<Migration>, pairs: &[DbPair]) -> Res
         set(state, m, pairs, |d| d.state = "copying".into()).await;
         for p in pairs {
             let src = connect(&p.source).await?;
-            let has_pub: i64 =
-                src.query_one("SELECT count(*) FROM pg_publication WHERE pubname = $1", &[&name]).await.map_err(|e| e.to_string())?.get(0);
+            let has_pub: i64 = src
+                .query_one("SELECT count(*) FROM pg_publication WHERE pubname = $1", &[&name])
+                .await
+                .map_err(|e| e.to_string())?
+                .get(0);
             if has_pub == 0 {
                 src.batch_execute(&sql::create_publication(&doc.id, &p.tables, &cells))
                     .await
                     .map_err(|e| format!("create publication: {e}"))?;
             }
             let dst = connect(&p.target).await?;
-            let has_sub: i64 =
-                dst.query_one("SELECT count(*) FROM pg_subscription WHERE subname = $1", &[&name]).await.map_err(|e| e.to_string())?.get(0);
+            let has_sub: i64 = dst
+                .query_one("SELECT count(*) FROM pg_subscription WHERE subname = $1", &[&name])
+                .await
+                .map_err(|e| e.to_string())?
+                .get(0);
             if has_sub == 0 {
                 let host = p
                     .source
@@ -493,9 +530,12 @@ async fn run(state: &Arc<AppState>, m: &Arc<Migration>, pairs: &[DbPair]) -> Res
                     p.source.get_user().unwrap_or("postgres"),
                     password.as_deref(),
                 );
-                dst.batch_execute(&sql::create_subscription(&doc.id, &conninfo))
-                    .await
-                    .map_err(|e| format!("create subscription: {}", e.as_db_error().map(|d| d.message().to_string()).unwrap_or_else(|| e.to_string())))?;
+                dst.batch_execute(&sql::create_subscription(&doc.id, &conninfo)).await.map_err(|e| {
+                    format!(
+                        "create subscription: {}",
+                        e.as_db_error().map(|d| d.message().to_string()).unwrap_or_else(|| e.to_string())
+                    )
+                })?;
             }
         }
         // 3. Catch up: every table copied (state 'r'eady) and the slot close to the source's WAL.
@@ -518,7 +558,10 @@ async fn run(state: &Arc<AppState>, m: &Arc<Migration>, pairs: &[DbPair]) -> Res
                 ready &= not_ready == 0;
                 for (t, col) in &p.tables {
                     let n: i64 = dst
-                        .query_one(&format!("SELECT count(*) FROM public.{t} WHERE {}", sql::cell_filter(col, &cells)), &[])
+                        .query_one(
+                            &format!("SELECT count(*) FROM public.{t} WHERE {}", sql::cell_filter(col, &cells)),
+                            &[],
+                        )
                         .await
                         .map_err(|e| e.to_string())?
                         .get(0);
@@ -554,7 +597,15 @@ async fn run(state: &Arc<AppState>, m: &Arc<Migration>, pairs: &[DbPair]) -> Res
         let hold = Duration::from_millis(doc.hold_ms);
         freeze_local(state, &doc.id, &cells, hold);
         let body = serde_json::json!({"id": doc.id, "cells": doc.cells, "hold_ms": doc.hold_ms}).to_string();
-        let peers = crate::fleet::broadcast(&state.config, http::Method::POST, "/admin/freeze", "application/json", body.into(), Duration::from_secs(2)).await;
+        let peers = crate::fleet::broadcast(
+            &state.config,
+            http::Method::POST,
+            "/admin/freeze",
+            "application/json",
+            body.into(),
+            Duration::from_secs(2),
+        )
+        .await;
         note_peers(m, "freeze", &peers);
         // 4b. Fence the source: the lock waits for in-flight writers and blocks new ones until the
         //     fence commits; after it, the trigger rejects every write to the cells.
@@ -576,7 +627,8 @@ async fn run(state: &Arc<AppState>, m: &Arc<Migration>, pairs: &[DbPair]) -> Res
             ))
             .await
             .map_err(|e| format!("fence: {e}"))?;
-            let lsn: String = src.query_one("SELECT pg_current_wal_lsn()::text", &[]).await.map_err(|e| e.to_string())?.get(0);
+            let lsn: String =
+                src.query_one("SELECT pg_current_wal_lsn()::text", &[]).await.map_err(|e| e.to_string())?.get(0);
             fence_lsns.push(lsn);
         }
         set(state, m, pairs, |d| d.fenced = true).await;
@@ -603,7 +655,9 @@ async fn run(state: &Arc<AppState>, m: &Arc<Migration>, pairs: &[DbPair]) -> Res
             // The target becomes the owner: lift a fence it may hold from an earlier move away.
             let dst = connect(&p.target).await?;
             let list: Vec<i64> = cells.iter().map(|c| u64::from(*c) as i64).collect();
-            dst.execute("DELETE FROM cellgate.fenced_cells WHERE cell = ANY($1)", &[&list]).await.map_err(|e| e.to_string())?;
+            dst.execute("DELETE FROM cellgate.fenced_cells WHERE cell = ANY($1)", &[&list])
+                .await
+                .map_err(|e| e.to_string())?;
         }
         // 4d. Publish map v+1 here (persisted to the map file) and on every peer.
         let snap = state.pin();
@@ -617,7 +671,8 @@ async fn run(state: &Arc<AppState>, m: &Arc<Migration>, pairs: &[DbPair]) -> Res
             (snap.text.clone(), snap.map.version().0)
         } else {
             let (text, version) = next_map_text(&snap.text, &cells, &doc.to)?;
-            let src = crate::reload::Source::Push { body: text.clone(), json: false, if_match: Some(snap.map.version().0) };
+            let src =
+                crate::reload::Source::Push { body: text.clone(), json: false, if_match: Some(snap.map.version().0) };
             match crate::reload::request(&state.reload_tx, src).await {
                 Some(o) if o.result == "published" => {}
                 Some(o) => return Err(format!("publishing map v{version} failed: {}", o.errors.join("; "))),
@@ -626,7 +681,15 @@ async fn run(state: &Arc<AppState>, m: &Arc<Migration>, pairs: &[DbPair]) -> Res
             (text, version)
         };
         drop(snap);
-        let peers = crate::fleet::broadcast(&state.config, http::Method::PUT, "/admin/map", "application/toml", text.into(), Duration::from_secs(10)).await;
+        let peers = crate::fleet::broadcast(
+            &state.config,
+            http::Method::PUT,
+            "/admin/map",
+            "application/toml",
+            text.into(),
+            Duration::from_secs(10),
+        )
+        .await;
         note_peers(m, "map push", &peers);
         set(state, m, pairs, |d| d.map_version_after = Some(version)).await;
         // 4e. Release held writes: they re-route on the new map, to the target.
@@ -657,7 +720,13 @@ fn note_peers(m: &Migration, what: &str, peers: &[crate::fleet::PeerResult]) {
     let bad: Vec<String> = peers
         .iter()
         .filter(|p| !p.ok)
-        .map(|p| format!("{what}: {} did not acknowledge ({})", p.peer, p.error.clone().or(p.status.map(|s| s.to_string())).unwrap_or_default()))
+        .map(|p| {
+            format!(
+                "{what}: {} did not acknowledge ({})",
+                p.peer,
+                p.error.clone().or(p.status.map(|s| s.to_string())).unwrap_or_default()
+            )
+        })
         .collect();
     for b in &bad {
         tracing::warn!(problem = %b, "peer");
@@ -678,7 +747,15 @@ async fn release(state: &AppState, m: &Migration) {
         metrics::histogram!("cellgate_migration_hold_seconds").record(held as f64 / 1000.0);
     }
     let body = serde_json::json!({"id": id}).to_string();
-    let peers = crate::fleet::broadcast(&state.config, http::Method::POST, "/admin/release", "application/json", body.into(), Duration::from_secs(2)).await;
+    let peers = crate::fleet::broadcast(
+        &state.config,
+        http::Method::POST,
+        "/admin/release",
+        "application/json",
+        body.into(),
+        Duration::from_secs(2),
+    )
+    .await;
     note_peers(m, "release", &peers);
 }
 
@@ -698,15 +775,24 @@ pub fn release_local(state: &AppState, id: &str) -> Option<Arc<Freeze>> {
 async fn cleanup_replication(pairs: &[DbPair], name: &str) -> Result<(), String> {
     for p in pairs {
         let dst = connect(&p.target).await?;
-        let has_sub: i64 =
-            dst.query_one("SELECT count(*) FROM pg_subscription WHERE subname = $1", &[&name]).await.map_err(|e| e.to_string())?.get(0);
+        let has_sub: i64 = dst
+            .query_one("SELECT count(*) FROM pg_subscription WHERE subname = $1", &[&name])
+            .await
+            .map_err(|e| e.to_string())?
+            .get(0);
         if has_sub > 0 {
             // Dropping the subscription also drops its slot on the source.
-            dst.batch_execute(&format!("DROP SUBSCRIPTION {name}")).await.map_err(|e| format!("drop subscription: {e}"))?;
+            dst.batch_execute(&format!("DROP SUBSCRIPTION {name}"))
+                .await
+                .map_err(|e| format!("drop subscription: {e}"))?;
         }
         let src = connect(&p.source).await?;
-        src.batch_execute(&format!("DROP PUBLICATION IF EXISTS {name}")).await.map_err(|e| format!("drop publication: {e}"))?;
-        let _ = src.execute("SELECT pg_drop_replication_slot($1) FROM pg_replication_slots WHERE slot_name = $1", &[&name]).await;
+        src.batch_execute(&format!("DROP PUBLICATION IF EXISTS {name}"))
+            .await
+            .map_err(|e| format!("drop publication: {e}"))?;
+        let _ = src
+            .execute("SELECT pg_drop_replication_slot($1) FROM pg_replication_slots WHERE slot_name = $1", &[&name])
+            .await;
     }
     Ok(())
 }
@@ -729,7 +815,9 @@ async fn abort_cleanup(state: &AppState, m: &Migration, pairs: &[DbPair]) -> Res
             .map_err(|e| format!("removing copied rows of {t}: {e}"))?;
         }
         let src = connect(&p.source).await?;
-        src.execute("DELETE FROM cellgate.fenced_cells WHERE migration = $1", &[&doc.id]).await.map_err(|e| e.to_string())?;
+        src.execute("DELETE FROM cellgate.fenced_cells WHERE migration = $1", &[&doc.id])
+            .await
+            .map_err(|e| e.to_string())?;
         for (t, _) in &p.tables {
             let _ = src.batch_execute(&format!("ALTER TABLE public.{t} REPLICA IDENTITY DEFAULT")).await;
         }
@@ -774,7 +862,11 @@ pub async fn resume(state: &Arc<AppState>, id: &str) -> Result<Doc, ApiError> {
     let m = state.migrations.get(id).ok_or(ApiError::NotFound)?;
     let doc = m.doc();
     if doc.terminal() || m.running.load(Ordering::SeqCst) {
-        return Err(ApiError::Conflict(format!("migration {id} is {} and {}", doc.state, if m.running.load(Ordering::SeqCst) { "running" } else { "not resumable" })));
+        return Err(ApiError::Conflict(format!(
+            "migration {id} is {} and {}",
+            doc.state,
+            if m.running.load(Ordering::SeqCst) { "running" } else { "not resumable" }
+        )));
     }
     let pairs = pairs_for(state, &doc).map_err(ApiError::InvalidParams)?;
     set_quiet(&m, |d| d.error = None);
@@ -837,6 +929,13 @@ pub async fn recover(state: &Arc<AppState>) {
         }
         doc.error = Some("interrupted: the orchestrating process stopped; resume or abort".into());
         tracing::warn!(id = %doc.id, state = %doc.state, "unfinished migration found");
-        reg.insert(doc.id.clone(), Arc::new(Migration { doc: Mutex::new(doc), abort: AtomicBool::new(false), running: AtomicBool::new(false) }));
+        reg.insert(
+            doc.id.clone(),
+            Arc::new(Migration {
+                doc: Mutex::new(doc),
+                abort: AtomicBool::new(false),
+                running: AtomicBool::new(false),
+            }),
+        );
     }
 }

@@ -59,7 +59,10 @@ pub fn fence_trigger(table: &str, col: &str) -> String {
         )
     };
     format!(
-        "CREATE OR REPLACE FUNCTION cellgate.fence_{table}() RETURNS trigger LANGUAGE plpgsql AS $fn$
+        "CREATE OR REPLACE FUNCTION cellgate.fence_{table}() RETURNS trigger LANGUAGE plpgsql
+    -- Runs with the rights of its owner (the migration role): application roles need no access
+    -- to the cellgate schema. A pinned search_path keeps SECURITY DEFINER safe.
+    SECURITY DEFINER SET search_path = pg_catalog AS $fn$
 BEGIN
     IF TG_OP <> 'INSERT' AND {old} THEN
         RAISE EXCEPTION 'cell of this row migrated to another shard (fenced)' USING ERRCODE = '{FENCE_SQLSTATE}';
@@ -153,6 +156,9 @@ mod tests {
     #[test]
     fn quoting() {
         assert_eq!(literal("a'b"), "'a''b'");
-        assert_eq!(conninfo("h", 5, "d", "u", Some("p'w\\")), "host='h' port=5 dbname='d' user='u' password='p\\'w\\\\'");
+        assert_eq!(
+            conninfo("h", 5, "d", "u", Some("p'w\\")),
+            "host='h' port=5 dbname='d' user='u' password='p\\'w\\\\'"
+        );
     }
 }

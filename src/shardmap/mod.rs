@@ -47,8 +47,13 @@ pub enum DatabaseSpec {
         #[serde(skip_serializing_if = "Option::is_none")]
         admin: Option<Secret>,
     },
-    Sqlserver { primary: Secret, replicas: Vec<Secret> },
-    Mongodb { uri: Secret },
+    Sqlserver {
+        primary: Secret,
+        replicas: Vec<Secret>,
+    },
+    Mongodb {
+        uri: Secret,
+    },
 }
 
 impl DatabaseSpec {

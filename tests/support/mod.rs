@@ -51,6 +51,8 @@ pub struct Stack {
     pub server: Option<Running>,
     pub http: reqwest::Client,
     pub dir: std::path::PathBuf,
+    /// More instances on the same map file.
+    pub extra: Vec<Running>,
 }
 
 /// Two shards: "a" owns the resolution-0 cell around Madrid, "b" the one around Paris;
@@ -68,9 +70,10 @@ pub fn map_toml(cluster: &Cluster, extra_replica: Option<&str>) -> String {
             replicas.push(format!("\"{extra}\""));
         }
         s += &format!(
-            "[[shards]]\nid = \"{id}\"\nzone = \"test\"\n  [shards.databases.core]\n  kind = \"postgres\"\n  primary = \"{}\"\n  replicas = [{}]\n",
+            "[[shards]]\nid = \"{id}\"\nzone = \"test\"\n  [shards.databases.core]\n  kind = \"postgres\"\n  primary = \"{}\"\n  replicas = [{}]\n  admin = \"{}\"\n",
             sh.primary.app_url("core"),
-            replicas.join(", ")
+            replicas.join(", "),
+            sh.primary.admin_url("core")
         );
     }
     s += "[[assign]]\nshard = \"a\"\ncells = [\"8039fffffffffff\"]\n";
@@ -117,8 +120,37 @@ impl Stack {
         let dir = std::env::temp_dir().join(format!("cellgate-test-{}-{}", std::process::id(), rand_suffix()));
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(dir.join("map.toml"), map_toml(&cluster, extra_replica)).unwrap();
-        let mut cfg = format!(
-            r#"
+        let mut cfg = config_text(&dir);
+        tweak(&mut cfg);
+        let config = Config::parse(&cfg).expect("test config");
+        let server = server::start(config, false).await.expect("cellgate starts");
+        let stack = Stack { cluster, server: Some(server), http: reqwest::Client::new(), dir, extra: Vec::new() };
+        stack.wait_ready().await;
+        stack
+    }
+
+    /// Start one more instance on the same map file (a fleet member); `tweak` edits its config.
+    pub async fn add_instance(&mut self, tweak: impl FnOnce(&mut String)) -> usize {
+        let mut cfg = config_text(&self.dir);
+        tweak(&mut cfg);
+        let server = server::start(Config::parse(&cfg).expect("config"), false).await.expect("instance starts");
+        self.extra.push(server);
+        self.extra.len() - 1
+    }
+
+    pub fn data_of(&self, i: usize) -> String {
+        format!("http://{}", self.extra[i].data_addr)
+    }
+
+    pub fn admin_of(&self, i: usize) -> String {
+        format!("http://{}", self.extra[i].admin_addr)
+    }
+}
+
+/// The process config every test instance uses (tweaks edit the text).
+pub fn config_text(dir: &std::path::Path) -> String {
+    format!(
+        r#"
 map = {{ path = "{}" }}
 [listen]
 data = "127.0.0.1:0"
@@ -135,7 +167,7 @@ connect_timeout_ms = 1000
 checkout_timeout_ms = 1500
 [health]
 interval_ms = 200
-probe_timeout_ms = 500
+probe_timeout_ms = 1000
 fail_threshold = 2
 ok_threshold = 2
 max_lag_ms = 600
@@ -152,19 +184,14 @@ name = "admin"
 sha256 = "{}"
 scopes = ["admin"]
 "#,
-            dir.join("map.toml").display(),
-            cellgate::auth::digest_hex(READ_TOKEN),
-            cellgate::auth::digest_hex(WRITE_TOKEN),
-            cellgate::auth::digest_hex(ADMIN_TOKEN),
-        );
-        tweak(&mut cfg);
-        let config = Config::parse(&cfg).expect("test config");
-        let server = server::start(config, false).await.expect("cellgate starts");
-        let stack = Stack { cluster, server: Some(server), http: reqwest::Client::new(), dir };
-        stack.wait_ready().await;
-        stack
-    }
+        dir.join("map.toml").display(),
+        cellgate::auth::digest_hex(READ_TOKEN),
+        cellgate::auth::digest_hex(WRITE_TOKEN),
+        cellgate::auth::digest_hex(ADMIN_TOKEN),
+    )
+}
 
+impl Stack {
     pub fn data(&self) -> String {
         format!("http://{}", self.server.as_ref().unwrap().data_addr)
     }
@@ -231,6 +258,9 @@ scopes = ["admin"]
 
     pub async fn stop(mut self) {
         if let Some(s) = self.server.take() {
+            s.shutdown().await;
+        }
+        for s in std::mem::take(&mut self.extra) {
             s.shutdown().await;
         }
     }

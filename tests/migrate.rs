@@ -1,0 +1,355 @@
+//! Live migration between real PostgreSQL shards (logical replication), two cellgate instances,
+//! one of them stale: no acknowledged write lost, none on the old owner after the fence, no
+//! duplicates; ping-pong; abort during copy.
+
+mod support;
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use support::*;
+use tokio::sync::Mutex;
+
+/// The resolution-3 cell around Madrid: it moves; Barcelona (same shard) and Paris do not.
+fn moving_cell() -> String {
+    let p = cellgate::geo::point(MADRID.0, MADRID.1).unwrap();
+    cellgate::geo::owning_cell(p, h3o::Resolution::Three).to_string()
+}
+
+const BARCELONA: (f64, f64) = (41.3874, 2.1686);
+
+fn in_moving(lat: f64, lng: f64) -> bool {
+    let p = cellgate::geo::point(lat, lng).unwrap();
+    cellgate::geo::owning_cell(p, h3o::Resolution::Three).to_string() == moving_cell()
+}
+
+/// The tests of this file run one at a time: each drives hundreds of writes per second through
+/// two shards on a 2-core machine, and overlapping them measures the machine, not cellgate.
+static SERIAL: Mutex<()> = Mutex::const_new(());
+
+#[derive(Default)]
+struct Ledger {
+    /// id → (lat, lng) of every acknowledged write
+    acked: BTreeMap<i64, (f64, f64)>,
+    refused: u64,
+    statuses: BTreeMap<u16, u64>,
+    details: Vec<String>,
+}
+
+/// Writers at ~`rate` writes/s in total over moving and non-moving cells, alternating instances.
+fn start_writers(
+    http: reqwest::Client,
+    datas: Vec<String>,
+    rate: u64,
+    stop: Arc<AtomicBool>,
+    ledger: Arc<Mutex<Ledger>>,
+    next_id: Arc<AtomicI64>,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    let workers = 8u64;
+    let period = Duration::from_micros(1_000_000 * workers / rate);
+    (0..workers)
+        .map(|w| {
+            let (http, datas, stop, ledger, next_id) =
+                (http.clone(), datas.clone(), stop.clone(), ledger.clone(), next_id.clone());
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(period);
+                let mut i = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    tick.tick().await;
+                    i += 1;
+                    let id = next_id.fetch_add(1, Ordering::Relaxed);
+                    let jitter = ((id % 17) as f64 - 8.0) * 0.004;
+                    let at = match id % 4 {
+                        0 | 1 => (MADRID.0 + jitter, MADRID.1 - jitter),
+                        2 => (BARCELONA.0 + jitter, BARCELONA.1),
+                        _ => (PARIS.0 + jitter, PARIS.1),
+                    };
+                    let data = &datas[((w + i) % datas.len() as u64) as usize];
+                    let r = http
+                        .post(format!("{data}/v1/sql/core/execute"))
+                        .bearer_auth(WRITE_TOKEN)
+                        .json(&json!({"region": {"lat": at.0, "lng": at.1},
+                            "sql": "INSERT INTO items (id, name, lat, lng, h3) VALUES ($1, 'w', $2, $3, $4)",
+                            "params": [id, at.0, at.1, h3_of(at.0, at.1)]}))
+                        .send()
+                        .await;
+                    let status = r.as_ref().map(|r| r.status().as_u16()).unwrap_or(0);
+                    let detail = match r {
+                        Ok(r) if status != 200 => r.text().await.unwrap_or_default(),
+                        Err(e) => format!("{e:?}"),
+                        _ => String::new(),
+                    };
+                    let mut l = ledger.lock().await;
+                    if status != 200 {
+                        l.details.push(format!("{status} {detail}"));
+                    }
+                    *l.statuses.entry(status).or_default() += 1;
+                    if status == 200 {
+                        l.acked.insert(id, at);
+                    } else {
+                        l.refused += 1;
+                    }
+                }
+            })
+        })
+        .collect()
+}
+
+async fn admin_post(st: &Stack, admin: &str, path: &str, body: Value) -> (u16, Value) {
+    let r = st.http.post(format!("{admin}{path}")).bearer_auth(ADMIN_TOKEN).json(&body).send().await.unwrap();
+    let s = r.status().as_u16();
+    (s, r.json().await.unwrap())
+}
+
+async fn wait_state(st: &Stack, admin: &str, id: &str, want: &[&str], within: Duration) -> Value {
+    let t = Instant::now();
+    loop {
+        let r = st.http.get(format!("{admin}/admin/migrations/{id}")).bearer_auth(ADMIN_TOKEN).send().await.unwrap();
+        let v: Value = r.json().await.unwrap();
+        if want.contains(&v["state"].as_str().unwrap_or("")) {
+            return v;
+        }
+        assert!(
+            !["failed"].contains(&v["state"].as_str().unwrap_or("")) || want.contains(&"failed"),
+            "migration failed: {v}"
+        );
+        assert!(t.elapsed() < within, "migration not {want:?} in {within:?}: {v}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn ids_on(node: &cellgate_harness::Node, cond: &str) -> Vec<i64> {
+    let out = node.psql("core", &format!("SELECT id FROM items WHERE {cond} ORDER BY id")).unwrap();
+    out.lines().filter(|l| !l.is_empty()).map(|l| l.parse().unwrap()).collect()
+}
+
+/// Every acknowledged write is on its owner now; no moved-cell row on the old owner was written
+/// after the fence; nothing duplicated. Returns (acked, found).
+fn verify(st: &Stack, ledger: &Ledger, owner_of_moving: usize) -> (usize, usize) {
+    let (a, b) = (&st.cluster.shards[0].primary, &st.cluster.shards[1].primary);
+    let on_a: HashSet<i64> = ids_on(a, "true").into_iter().collect();
+    let on_b: HashSet<i64> = ids_on(b, "true").into_iter().collect();
+    let moving_owner = if owner_of_moving == 0 { &on_a } else { &on_b };
+    let mut found = 0;
+    for (id, (lat, lng)) in &ledger.acked {
+        let home = if in_moving(*lat, *lng) {
+            moving_owner
+        } else if lat > &45.0 {
+            &on_b
+        } else {
+            &on_a
+        };
+        assert!(home.contains(id), "acknowledged write {id} at {lat},{lng} is missing on its owner");
+        found += 1;
+    }
+    // No duplicates across shards, except moved-cell rows left behind on the old owner (the
+    // design's step 6 deletes them later): those must also be on the new owner.
+    let moving_filter = cellgate::migrate::sql::cell_filter("h3", &[moving_cell().parse().unwrap()]);
+    let old = if owner_of_moving == 0 { b } else { a };
+    let left_behind: HashSet<i64> = ids_on(old, &moving_filter).into_iter().collect();
+    for id in on_a.intersection(&on_b) {
+        assert!(left_behind.contains(id), "row {id} is on both shards but is not a moved-cell leftover");
+        assert!(moving_owner.contains(id));
+    }
+    // Nothing written on the old owner after its fence.
+    let late = old
+        .psql(
+            "core",
+            &format!(
+                "SELECT count(*) FROM items i WHERE {moving_filter} AND i.created_at > (SELECT min(fenced_at) FROM cellgate.fenced_cells)"
+            ),
+        )
+        .unwrap();
+    assert_eq!(late, "0", "rows of moved cells written on the old owner after the fence");
+    (ledger.acked.len(), found)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migration_under_load_with_a_stale_instance() {
+    let _serial = SERIAL.lock().await;
+    let mut st = Stack::start(2, 1, |_| {}).await;
+    // Instance 2 never hears about the change (no peer push reaches it, no file watch): it is
+    // stale and learns from the fence.
+    let stale = st
+        .add_instance(|c| {
+            *c = c.replacen("\" }\n[listen]", "\", watch = false }\n[listen]", 1);
+        })
+        .await;
+    let datas = vec![st.data(), st.data_of(stale)];
+    let stop = Arc::new(AtomicBool::new(false));
+    let ledger = Arc::new(Mutex::new(Ledger::default()));
+    let writers = start_writers(st.http.clone(), datas, 240, stop.clone(), ledger.clone(), Arc::new(AtomicI64::new(1)));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let t0 = Instant::now();
+    let (s, doc) = admin_post(
+        &st,
+        &st.admin(),
+        "/admin/migrations",
+        json!({"cells": [moving_cell()], "to": "b", "hold_ms": 2000}),
+    )
+    .await;
+    assert_eq!(s, 202, "{doc}");
+    assert_eq!(doc["from"], "a");
+    let id = doc["id"].as_str().unwrap().to_string();
+    let done = wait_state(&st, &st.admin(), &id, &["done"], Duration::from_secs(60)).await;
+    let took = t0.elapsed();
+    // Keep writing past 10 s in total.
+    tokio::time::sleep(Duration::from_secs(10).saturating_sub(took).max(Duration::from_secs(3))).await;
+    stop.store(true, Ordering::Relaxed);
+    for w in writers {
+        w.await.unwrap();
+    }
+    let ledger = ledger.lock().await;
+    let (acked, found) = verify(&st, &ledger, 1);
+    eprintln!(
+        "migration {id}: {took:?}, write pause (hold_ms_max) {} ms, map v{} -> v{}; writes: {acked} acknowledged, {found} found on their owner, {} refused ({:?})",
+        done["hold_ms_max"], done["map_version_before"], done["map_version_after"], ledger.refused, ledger.statuses
+    );
+    eprintln!("refused: {:?}", ledger.details);
+    // Only the stale instance may refuse (cells_frozen while the new map is not yet published).
+    assert!(ledger.details.iter().all(|d| d.starts_with("503") && d.contains("cells_frozen")), "{:?}", ledger.details);
+    assert!(acked >= 2000, "at least 200 writes/s for 10 s: {acked}");
+    assert_eq!(done["map_version_after"], 2);
+    assert!(done["hold_ms_max"].as_u64().unwrap() <= 2000 + 500, "{done}");
+    // Reads of moved cells through both instances return the data (the stale one refreshed on
+    // its first fenced write).
+    let moved: Vec<i64> = ledger.acked.iter().filter(|(_, (la, ln))| in_moving(*la, *ln)).map(|(i, _)| *i).collect();
+    for data in [st.data(), st.data_of(stale)] {
+        let r = st
+            .http
+            .post(format!("{data}/v1/sql/core/query"))
+            .bearer_auth(READ_TOKEN)
+            .json(&json!({"region": {"lat": MADRID.0, "lng": MADRID.1}, "sql": "SELECT count(*) AS n FROM items WHERE id = ANY($1)", "params": [moved], "consistency": "primary"}))
+            .send()
+            .await
+            .unwrap();
+        let v: Value = r.json().await.unwrap();
+        assert_eq!(v["shards"][0]["id"], "b", "{data}: {v}");
+        assert_eq!(v["rows"][0]["n"], moved.len() as i64, "{data}: {v}");
+    }
+    // The map file holds the new owner (a restart loads it).
+    let file = std::fs::read_to_string(st.dir.join("map.toml")).unwrap();
+    assert!(file.contains(&moving_cell()) && file.contains("version = 2"), "{file}");
+    st.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ping_pong_five_times() {
+    let _serial = SERIAL.lock().await;
+    let mut st = Stack::start(2, 0, |_| {}).await;
+    // A second, up-to-date instance: the first pushes maps and freezes to it.
+    let peer = st.add_instance(|_| {}).await;
+    let peer_admin = st.admin_of(peer);
+    let first = st.server.take().unwrap();
+    first.shutdown().await;
+    // Restart the orchestrating instance with the peer configured.
+    let first = cellgate::server::start(
+        cellgate::config::Config::parse(&format!(
+            "peers = [\"{peer_admin}\"]\npeer_token = \"{ADMIN_TOKEN}\"\n{}",
+            config_text(&st.dir)
+        ))
+        .unwrap(),
+        false,
+    )
+    .await
+    .unwrap();
+    st.server = Some(first);
+    st.wait_ready().await;
+    let datas = vec![st.data(), st.data_of(peer)];
+    let stop = Arc::new(AtomicBool::new(false));
+    let ledger = Arc::new(Mutex::new(Ledger::default()));
+    let writers = start_writers(st.http.clone(), datas, 200, stop.clone(), ledger.clone(), Arc::new(AtomicI64::new(1)));
+    let mut owner = 0usize;
+    let mut pauses = Vec::new();
+    for round in 0..5 {
+        let to = if owner == 0 { "b" } else { "a" };
+        let (s, doc) = admin_post(
+            &st,
+            &st.admin(),
+            "/admin/migrations",
+            json!({"cells": [moving_cell()], "to": to, "hold_ms": 2000}),
+        )
+        .await;
+        assert_eq!(s, 202, "round {round}: {doc}");
+        let done = wait_state(&st, &st.admin(), doc["id"].as_str().unwrap(), &["done"], Duration::from_secs(60)).await;
+        assert!(done["peer_problems"].as_array().unwrap().is_empty(), "{done}");
+        pauses.push(done["hold_ms_max"].as_u64().unwrap());
+        owner = 1 - owner;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    for w in writers {
+        w.await.unwrap();
+    }
+    let ledger = ledger.lock().await;
+    // After an odd number of moves the cells live on b.
+    let (acked, found) = verify_pingpong(&st, &ledger, owner);
+    eprintln!(
+        "ping-pong: write pauses {pauses:?} ms; writes: {acked} acknowledged, {found} found, {} refused ({:?}) {:?}",
+        ledger.refused, ledger.statuses, ledger.details
+    );
+    assert_eq!(ledger.refused, 0, "no failed write beyond the hold: {:?}", ledger.details);
+    st.stop().await;
+}
+
+/// After moves back and forth, the current owner has every acknowledged moved-cell write.
+fn verify_pingpong(st: &Stack, ledger: &Ledger, owner: usize) -> (usize, usize) {
+    let nodes = [&st.cluster.shards[0].primary, &st.cluster.shards[1].primary];
+    let on: Vec<HashSet<i64>> = nodes.iter().map(|n| ids_on(n, "true").into_iter().collect()).collect();
+    let mut found = 0;
+    for (id, (lat, lng)) in &ledger.acked {
+        let home = if in_moving(*lat, *lng) {
+            owner
+        } else if *lat > 45.0 {
+            1
+        } else {
+            0
+        };
+        assert!(on[home].contains(id), "acknowledged write {id} missing on its owner");
+        found += 1;
+    }
+    (ledger.acked.len(), found)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn abort_during_copy_leaves_the_source_in_charge() {
+    let _serial = SERIAL.lock().await;
+    let st = Stack::start(2, 0, |_| {}).await;
+    for i in 0..200 {
+        st.insert(i + 1, "before", (MADRID.0 + (i % 10) as f64 * 0.003, MADRID.1)).await;
+    }
+    let (s, doc) =
+        admin_post(&st, &st.admin(), "/admin/migrations", json!({"cells": [moving_cell()], "to": "b"})).await;
+    assert_eq!(s, 202, "{doc}");
+    let id = doc["id"].as_str().unwrap();
+    let (s, v) = admin_post(&st, &st.admin(), &format!("/admin/migrations/{id}/abort"), json!({})).await;
+    assert_eq!(s, 200, "{v}");
+    let done = wait_state(&st, &st.admin(), id, &["aborted"], Duration::from_secs(30)).await;
+    assert_eq!(done["map_version_after"], Value::Null);
+    let b = &st.cluster.shards[1].primary;
+    assert_eq!(b.psql("core", "SELECT count(*) FROM items").unwrap(), "0", "target holds none of the rows");
+    assert_eq!(b.psql("core", "SELECT count(*) FROM pg_subscription").unwrap(), "0");
+    let a = &st.cluster.shards[0].primary;
+    assert_eq!(a.psql("core", "SELECT count(*) FROM pg_publication").unwrap(), "0");
+    assert_eq!(a.psql("core", "SELECT count(*) FROM cellgate.fenced_cells").unwrap(), "0");
+    // The source still owns and serves the cells: reads and writes go to a.
+    let w = st.insert(10_000, "after-abort", MADRID).await;
+    assert_eq!(w["shards"][0]["id"], "a");
+    let (_, r) = st.query(json!({"region": {"lat": MADRID.0, "lng": MADRID.1}, "sql": "SELECT count(*) AS n FROM items", "consistency": "primary"})).await;
+    assert_eq!(r["rows"][0]["n"], 201);
+    // Bad requests are refused up front.
+    let (s, v) = admin_post(
+        &st,
+        &st.admin(),
+        "/admin/migrations",
+        json!({"cells": ["801ffffffffffff", "8039fffffffffff"], "to": "b"}),
+    )
+    .await;
+    assert_eq!(s, 400, "cells of two owners: {v}");
+    let (s, v) = admin_post(&st, &st.admin(), "/admin/migrations", json!({"cells": [moving_cell()], "to": "a"})).await;
+    assert_eq!(s, 400, "already owned: {v}");
+    st.stop().await;
+}
