@@ -134,6 +134,7 @@ const MAX_MAP_BYTES: usize = 256 << 20;
 
 async fn push_map(state: &Arc<AppState>, req: Request<Incoming>) -> Response<Body> {
     use http_body_util::BodyExt;
+    let from_peer = req.headers().contains_key(crate::fleet::FROM_PEER);
     let json = req
         .headers()
         .get(header::CONTENT_TYPE)
@@ -160,8 +161,40 @@ async fn push_map(state: &Arc<AppState>, req: Request<Incoming>) -> Response<Bod
     let Ok(body) = String::from_utf8(body.to_vec()) else {
         return ApiError::InvalidJson("map must be UTF-8 text".into()).into_response();
     };
-    let src = crate::reload::Source::Push { body, json, if_match };
-    reload_response(crate::reload::request(&state.reload_tx, src).await)
+    let src = crate::reload::Source::Push { body: body.clone(), json, if_match };
+    let outcome = crate::reload::request(&state.reload_tx, src).await;
+    // Fleet: a map an operator published here goes to every peer (a push from a peer does not
+    // travel on, so there are no loops). Each peer's answer is reported, failures included.
+    match outcome {
+        Some(o) if o.result == "published" && !from_peer && !state.config.peers.is_empty() => {
+            let ct = if json { "application/json" } else { "application/toml" };
+            let peers = crate::fleet::broadcast(
+                &state.config,
+                Method::PUT,
+                "/admin/map",
+                ct,
+                bytes::Bytes::from(body),
+                std::time::Duration::from_secs(10),
+            )
+            .await;
+            for p in peers.iter().filter(|p| !p.ok) {
+                tracing::warn!(peer = %p.peer, error = ?p.error, status = ?p.status, "peer did not acknowledge the map");
+            }
+            let mut v = serde_json::to_value(&o).expect("outcome serialises");
+            v["peers"] = json!(peers
+                .iter()
+                .map(|p| json!({
+                    "peer": p.peer,
+                    "acknowledged": p.ok,
+                    "version": p.body.as_ref().and_then(|b| b.get("version")).cloned(),
+                    "result": p.body.as_ref().and_then(|b| b.get("result")).cloned(),
+                    "error": p.error.clone().or_else(|| (!p.ok).then(|| format!("status {}", p.status.unwrap_or(0)))),
+                }))
+                .collect::<Vec<_>>());
+            json_response(StatusCode::OK, &v)
+        }
+        other => reload_response(other),
+    }
 }
 
 fn reload_response(outcome: Option<crate::reload::Outcome>) -> Response<Body> {

@@ -202,3 +202,41 @@ async fn if_match_json_file_watch_and_pool_reuse() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("\"published\""));
     st.stop().await;
 }
+
+/// Fleet: a map published on one instance is pushed to every peer; the response lists each
+/// peer's acknowledged version, and a peer that does not answer is reported.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn map_push_reaches_every_peer() {
+    let mut st = Stack::start(1, 0, |_| {}).await;
+    // The peer runs on its own copy of the map file (another machine, in effect).
+    let peer_dir = st.dir.join("peer");
+    std::fs::create_dir_all(&peer_dir).unwrap();
+    std::fs::copy(st.dir.join("map.toml"), peer_dir.join("map.toml")).unwrap();
+    let peer_map = peer_dir.join("map.toml").display().to_string();
+    let own_map = st.dir.join("map.toml").display().to_string();
+    let peer = st.add_instance(|c| *c = c.replace(&own_map, &peer_map)).await;
+    let dead = "http://127.0.0.1:1";
+    let peer_admin = st.admin_of(peer);
+    let first = st.server.take().unwrap();
+    first.shutdown().await;
+    let cfg = format!("peers = [\"{peer_admin}\", \"{dead}\"]\npeer_token = \"{ADMIN_TOKEN}\"\n{}", config_text(&st.dir));
+    st.server = Some(cellgate::server::start(cellgate::config::Config::parse(&cfg).unwrap(), false).await.unwrap());
+    st.wait_ready().await;
+
+    let base = map_toml(&st.cluster, None);
+    let (s, out) = put_map(&st, with_version(&base, 2), None, false).await;
+    assert_eq!(s, 200, "{out}");
+    let peers = out["peers"].as_array().unwrap();
+    assert_eq!(peers.len(), 2, "{out}");
+    let ok = peers.iter().find(|p| p["peer"] == peer_admin.as_str()).unwrap();
+    assert_eq!(ok["acknowledged"], true, "{out}");
+    assert_eq!(ok["version"], 2);
+    let bad = peers.iter().find(|p| p["peer"] == dead).unwrap();
+    assert_eq!(bad["acknowledged"], false);
+    assert!(bad["error"].as_str().is_some_and(|e| !e.is_empty()), "{out}");
+    let r = st.http.get(format!("{peer_admin}/admin/map")).bearer_auth(ADMIN_TOKEN).send().await.unwrap();
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["version"], 2, "the peer serves the pushed map");
+    assert!(std::fs::read_to_string(peer_dir.join("map.toml")).unwrap().contains("version = 2"), "persisted on the peer");
+    st.stop().await;
+}
