@@ -219,7 +219,8 @@ async fn map_push_reaches_every_peer() {
     let peer_admin = st.admin_of(peer);
     let first = st.server.take().unwrap();
     first.shutdown().await;
-    let cfg = format!("peers = [\"{peer_admin}\", \"{dead}\"]\npeer_token = \"{ADMIN_TOKEN}\"\n{}", config_text(&st.dir));
+    let cfg =
+        format!("peers = [\"{peer_admin}\", \"{dead}\"]\npeer_token = \"{ADMIN_TOKEN}\"\n{}", config_text(&st.dir));
     st.server = Some(cellgate::server::start(cellgate::config::Config::parse(&cfg).unwrap(), false).await.unwrap());
     st.wait_ready().await;
 
@@ -237,6 +238,9 @@ async fn map_push_reaches_every_peer() {
     let r = st.http.get(format!("{peer_admin}/admin/map")).bearer_auth(ADMIN_TOKEN).send().await.unwrap();
     let v: Value = r.json().await.unwrap();
     assert_eq!(v["version"], 2, "the peer serves the pushed map");
-    assert!(std::fs::read_to_string(peer_dir.join("map.toml")).unwrap().contains("version = 2"), "persisted on the peer");
+    assert!(
+        std::fs::read_to_string(peer_dir.join("map.toml")).unwrap().contains("version = 2"),
+        "persisted on the peer"
+    );
     st.stop().await;
 }

@@ -23,8 +23,8 @@ Options of cellgate-loadtest (every other option is goose's, listed below):
 
 Defaults that differ from goose's: --host http://127.0.0.1:8080, --run-time 60s (unless
 --iterations or --test-plan bounds the run), metrics kept from the ramp up (no reset), request
-timeout 10 s. The host must be a loopback address. The run ends with one summary line; the exit
-code is 1 if any request or transaction failed.
+timeout 10 s, no telnet controller. The host must be a loopback address. The run
+ends with one summary line; the exit code is 1 if any request or transaction failed.
 ";
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -133,9 +133,20 @@ mod tests {
 
     #[test]
     fn own_options_are_taken_out() {
-        let (own, rest) =
-            split(strings(&["-u", "20", "--token", "t1", "--cities=c.csv", "--seed", "9", "-t", "30s", "--test-plan", "1,1s"]))
-                .unwrap();
+        let (own, rest) = split(strings(&[
+            "-u",
+            "20",
+            "--token",
+            "t1",
+            "--cities=c.csv",
+            "--seed",
+            "9",
+            "-t",
+            "30s",
+            "--test-plan",
+            "1,1s",
+        ]))
+        .unwrap();
         assert_eq!(own.token.as_deref(), Some("t1"));
         assert_eq!(own.cities, "c.csv");
         assert_eq!(own.seed, 9);
@@ -148,10 +159,22 @@ mod tests {
 
     #[test]
     fn only_loopback_hosts() {
-        for ok in ["http://127.0.0.1:8080", "http://localhost:1/", "https://[::1]:8443/x", "127.0.0.2:80", "http://u:p@127.0.0.1"] {
+        for ok in [
+            "http://127.0.0.1:8080",
+            "http://localhost:1/",
+            "https://[::1]:8443/x",
+            "127.0.0.2:80",
+            "http://u:p@127.0.0.1",
+        ] {
             assert!(check_loopback(ok).is_ok(), "{ok}");
         }
-        for bad in ["http://10.0.0.1:8080", "http://example.com", "http://[2001:db8::1]:80", "http://127.0.0.1.example.com", ""] {
+        for bad in [
+            "http://10.0.0.1:8080",
+            "http://example.com",
+            "http://[2001:db8::1]:80",
+            "http://127.0.0.1.example.com",
+            "",
+        ] {
             assert!(check_loopback(bad).is_err(), "{bad}");
         }
     }

@@ -16,13 +16,14 @@ use crate::world::{Cities, Ids, Rng, bbox, h3_of, jitter};
 pub const QUERY: &str = "/v1/sql/core/query";
 pub const EXECUTE: &str = "/v1/sql/core/execute";
 
-/// Scenario (goose transaction) names, also the request names (`write_then_read` has two
-/// requests, `write_then_read:execute` and `write_then_read:query`), and their weights.
+/// Scenario (goose transaction) names, also the request names (`write_read` has two
+/// requests, `write_read:execute` and `write_read:query`), and their weights. Request names
+/// stay under 20 characters so goose's console tables print them whole.
 pub const POINT_READ: &str = "point_read";
 pub const NEARBY_SEARCH: &str = "nearby_search";
 pub const POST_GIG: &str = "post_gig";
-pub const WRITE_THEN_READ: &str = "write_then_read";
-pub const WEIGHTS: [(&str, usize); 4] = [(POINT_READ, 14), (NEARBY_SEARCH, 3), (POST_GIG, 2), (WRITE_THEN_READ, 1)];
+pub const WRITE_READ: &str = "write_read";
+pub const WEIGHTS: [(&str, usize); 4] = [(POINT_READ, 14), (NEARBY_SEARCH, 3), (POST_GIG, 2), (WRITE_READ, 1)];
 
 /// Point read: the nearest musicians within this many km of the user (lat/lng index).
 const POINT_READ_KM: f64 = 10.0;
@@ -61,7 +62,7 @@ pub fn marketplace() -> Result<Scenario, GooseError> {
             POINT_READ => transaction!(point_read),
             NEARBY_SEARCH => transaction!(nearby_search),
             POST_GIG => transaction!(post_gig),
-            _ => transaction!(write_then_read),
+            _ => transaction!(write_read),
         };
         scenario = scenario.register_transaction(transaction.set_name(name).set_weight(weight)?);
     }
@@ -128,10 +129,10 @@ async fn post_gig(user: &mut GooseUser) -> TransactionResult {
 
 /// Post a gig request, then read it back with the read-your-writes token: the read must return
 /// the row (from a replica that replayed past the token within 500 ms, else the primary).
-async fn write_then_read(user: &mut GooseUser) -> TransactionResult {
+async fn write_read(user: &mut GooseUser) -> TransactionResult {
     let (id, body) = gig_insert(user)?;
     let region = body["region"].clone();
-    let name = "write_then_read:execute";
+    let name = "write_read:execute";
     let (mut request, value) = call(user, name, EXECUTE, &body).await?;
     expect_inserted(user, &mut request, &value, id)?;
     let Some(token) = value.get("token").and_then(Value::as_str) else {
@@ -143,7 +144,7 @@ async fn write_then_read(user: &mut GooseUser) -> TransactionResult {
         "params": [id],
         "consistency": {"after": token, "wait_ms": RYW_WAIT_MS},
     });
-    let name = "write_then_read:query";
+    let name = "write_read:query";
     let (mut request, value) = call(user, name, QUERY, &read).await?;
     let rows = value.get("rows").and_then(Value::as_array).map(Vec::as_slice).unwrap_or_default();
     if !rows.iter().any(|row| same_id(&row["id"], id)) {
@@ -220,21 +221,37 @@ async fn call(
 }
 
 /// A read answers with a `rows` array of at most `limit` rows.
-fn expect_rows(user: &mut GooseUser, request: &mut GooseRequestMetric, value: &Value, limit: usize) -> TransactionResult {
+fn expect_rows(
+    user: &mut GooseUser,
+    request: &mut GooseRequestMetric,
+    value: &Value,
+    limit: usize,
+) -> TransactionResult {
     match value.get("rows").and_then(Value::as_array) {
         Some(rows) if rows.len() <= limit => Ok(()),
-        Some(rows) => Err(fail(user, request, &format!("{}: {} rows over the limit {limit}", request.name, rows.len()))),
+        Some(rows) => {
+            Err(fail(user, request, &format!("{}: {} rows over the limit {limit}", request.name, rows.len())))
+        }
         None => Err(fail(user, request, &format!("{}: no rows array", request.name))),
     }
 }
 
 /// An insert answers `rows_affected: 1` and returns its id.
-fn expect_inserted(user: &mut GooseUser, request: &mut GooseRequestMetric, value: &Value, id: i64) -> TransactionResult {
+fn expect_inserted(
+    user: &mut GooseUser,
+    request: &mut GooseRequestMetric,
+    value: &Value,
+    id: i64,
+) -> TransactionResult {
     let returned = value.get("rows").and_then(Value::as_array).and_then(|rows| rows.first()).map(|row| &row["id"]);
     if value.get("rows_affected") == Some(&json!(1)) && returned.is_some_and(|v| same_id(v, id)) {
         Ok(())
     } else {
-        Err(fail(user, request, &format!("{}: insert of {id} not confirmed: {}", request.name, clip(&value.to_string()))))
+        Err(fail(
+            user,
+            request,
+            &format!("{}: insert of {id} not confirmed: {}", request.name, clip(&value.to_string())),
+        ))
     }
 }
 

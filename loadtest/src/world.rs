@@ -16,6 +16,7 @@ const KM_PER_DEGREE_LAT: f64 = 111.195;
 pub struct Rng(u64);
 
 impl Rng {
+    #[cfg(test)]
     pub fn new(seed: u64) -> Self {
         Rng(seed)
     }

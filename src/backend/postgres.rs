@@ -388,16 +388,15 @@ impl PgDatabase {
         Self { primary, replicas, next: AtomicUsize::new(0) }
     }
 
-    /// Replicas currently fit for reads (healthy, in recovery, within the lag bound), rotated so
-    /// load spreads. Never "unban all": if none is fit the caller uses the primary.
-    pub fn readable_replicas(&self, max_lag_ms: u64, max_lag_bytes: u64) -> Vec<Arc<PgEndpoint>> {
-        let fit: Vec<&Arc<PgEndpoint>> =
-            self.replicas.iter().filter(|r| r.health.readable(max_lag_ms, max_lag_bytes)).collect();
-        if fit.is_empty() {
-            return Vec::new();
+    /// A replica fit for reads now (healthy, in recovery, within the lag bounds), taken in
+    /// rotation so load spreads. Never "unban all": `None` sends the read to the primary.
+    pub fn pick_replica(&self, max_lag_ms: u64, max_lag_bytes: u64) -> Option<Arc<PgEndpoint>> {
+        let n = self.replicas.len();
+        if n == 0 {
+            return None;
         }
-        let start = self.next.fetch_add(1, Ordering::Relaxed) % fit.len();
-        fit.iter().cycle().skip(start).take(fit.len()).map(|r| Arc::clone(r)).collect()
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        (0..n).map(|i| &self.replicas[(start + i) % n]).find(|r| r.health.readable(max_lag_ms, max_lag_bytes)).cloned()
     }
 
     pub fn endpoints(&self) -> impl Iterator<Item = &Arc<PgEndpoint>> {

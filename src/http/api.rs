@@ -98,12 +98,6 @@ struct ShardInfo {
     endpoint: String,
 }
 
-#[derive(Serialize)]
-struct Column<'a> {
-    name: &'a str,
-    r#type: &'a str,
-}
-
 fn parse_region(v: Option<Value>, snap: &Snapshot) -> Result<Region, ApiError> {
     let v = match v {
         None | Some(Value::Null) => return Err(ApiError::RegionRequired),
@@ -205,14 +199,14 @@ async fn read_on_shard(
     match consistency {
         Consistency::Primary => {}
         Consistency::Replica => {
-            if let Some(r) = pg.readable_replicas(h.max_lag_ms, h.max_lag_bytes).into_iter().next() {
+            if let Some(r) = pg.pick_replica(h.max_lag_ms, h.max_lag_bytes) {
                 candidates.push((r, None));
             }
         }
         Consistency::After { shard: tshard, lsn, wait } => {
             let until = (Instant::now() + *wait).min(deadline);
             let min = if *tshard == id { Some((*lsn, until)) } else { None };
-            if let Some(r) = pg.readable_replicas(h.max_lag_ms, h.max_lag_bytes).into_iter().next() {
+            if let Some(r) = pg.pick_replica(h.max_lag_ms, h.max_lag_bytes) {
                 candidates.push((r, min));
             }
         }
@@ -250,7 +244,7 @@ async fn read_on_shard(
     ))
 }
 
-pub async fn query(state: &AppState, db: &str, body: &[u8], out: &mut Outcome) -> Result<Value, ApiError> {
+pub async fn query(state: &AppState, db: &str, body: &[u8], out: &mut Outcome) -> Result<Answer, ApiError> {
     let snap = state.pin();
     let req: QueryRequest = parse_json(body)?;
     if !snap.map.databases().contains_key(db) {
@@ -269,7 +263,7 @@ pub async fn query(state: &AppState, db: &str, body: &[u8], out: &mut Outcome) -
                 read_on_shard(state, &snap, shard, db, &req.sql, &req.params, &consistency, deadline).await?;
             out.shard = Some(info.id.clone());
             out.role = Some(info.role);
-            Ok(render(&rows, format, vec![info], None, None, snap.map.version().0))
+            Ok(render(rows, format, vec![info], None, None, snap.map.version().0))
         }
         RegionRoute::Many(area) => {
             if area.shards.is_empty() {
@@ -288,12 +282,12 @@ pub async fn query(state: &AppState, db: &str, body: &[u8], out: &mut Outcome) -
             out.shard = Some(if parts.len() == 1 { parts[0].1.id.clone() } else { "multi".into() });
             let (rows, infos): (Vec<Rows>, Vec<ShardInfo>) = parts.into_iter().unzip();
             let merged = merge_rows(rows, req.merge.as_ref())?;
-            Ok(render(&merged, format, infos, None, None, snap.map.version().0))
+            Ok(render(merged, format, infos, None, None, snap.map.version().0))
         }
     }
 }
 
-pub async fn execute(state: &AppState, db: &str, body: &[u8], out: &mut Outcome) -> Result<Value, ApiError> {
+pub async fn execute(state: &AppState, db: &str, body: &[u8], out: &mut Outcome) -> Result<Answer, ApiError> {
     let snap = state.pin();
     let req: ExecuteRequest = parse_json(body)?;
     if !snap.map.databases().contains_key(db) {
@@ -365,7 +359,7 @@ pub async fn execute(state: &AppState, db: &str, body: &[u8], out: &mut Outcome)
                 let info = ShardInfo { id: id.clone(), role: Role::Primary, endpoint: pg.primary.label.to_string() };
                 let token = make_token(&id, res.lsn);
                 return Ok(render(
-                    &res.rows,
+                    res.rows,
                     format,
                     vec![info],
                     Some(res.rows_affected),
@@ -408,36 +402,66 @@ fn route_err(e: RouteError) -> ApiError {
     }
 }
 
+/// A successful answer, serialised straight from the backend rows (no intermediate JSON tree).
+#[derive(Serialize)]
+pub struct Answer {
+    columns: Vec<ColumnOut>,
+    rows: RowsOut,
+    shards: Vec<ShardInfo>,
+    map_version: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    rows_affected: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    token: Option<String>,
+}
+
+#[derive(Serialize)]
+struct ColumnOut {
+    name: String,
+    r#type: String,
+}
+
+struct RowsOut {
+    rows: Rows,
+    format: RowFormat,
+}
+
+impl Serialize for RowsOut {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::{SerializeMap, SerializeSeq};
+        let mut seq = s.serialize_seq(Some(self.rows.rows.len()))?;
+        for row in &self.rows.rows {
+            match self.format {
+                RowFormat::Array => seq.serialize_element(row)?,
+                RowFormat::Object => {
+                    struct Obj<'a>(&'a [(String, String)], &'a [Value]);
+                    impl Serialize for Obj<'_> {
+                        fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                            let mut m = s.serialize_map(Some(self.1.len()))?;
+                            for ((name, _), v) in self.0.iter().zip(self.1) {
+                                m.serialize_entry(name, v)?;
+                            }
+                            m.end()
+                        }
+                    }
+                    seq.serialize_element(&Obj(&self.rows.columns, row))?
+                }
+            }
+        }
+        seq.end()
+    }
+}
+
 fn render(
-    rows: &Rows,
+    rows: Rows,
     format: RowFormat,
     shards: Vec<ShardInfo>,
     rows_affected: Option<u64>,
     token: Option<String>,
     map_version: u64,
-) -> Value {
-    let columns: Vec<Column> = rows.columns.iter().map(|(n, t)| Column { name: n, r#type: t }).collect();
-    let out_rows: Vec<Value> = match format {
-        RowFormat::Array => rows.rows.iter().map(|r| Value::Array(r.clone())).collect(),
-        RowFormat::Object => rows
-            .rows
-            .iter()
-            .map(|r| Value::Object(rows.columns.iter().zip(r).map(|((n, _), v)| (n.clone(), v.clone())).collect()))
-            .collect(),
-    };
-    let mut v = serde_json::json!({
-        "columns": columns,
-        "rows": out_rows,
-        "shards": shards,
-        "map_version": map_version,
-    });
-    if let Some(n) = rows_affected {
-        v["rows_affected"] = n.into();
-    }
-    if let Some(t) = token {
-        v["token"] = t.into();
-    }
-    v
+) -> Answer {
+    let columns = rows.columns.iter().map(|(n, t)| ColumnOut { name: n.clone(), r#type: t.clone() }).collect();
+    Answer { columns, rows: RowsOut { rows, format }, shards, map_version, rows_affected, token }
 }
 
 /// Compare two JSON cells of one column. Numbers numerically; numeric/int8 columns may carry

@@ -1,0 +1,17 @@
+// Point read only: the nearest musicians around the user's location, on the owning shard's
+// replica. Threshold: p99 < 10 ms.
+//   k6 run -e TOKEN=... -e BASE_URL=http://127.0.0.1:8080 loadtest/k6/point_read.js
+import { SharedArray } from 'k6/data';
+import * as lib from './lib.js';
+
+const cities = new SharedArray('cities', () => lib.parseCities(open(lib.CITIES_CSV)));
+
+export const options = lib.options(['point_read']);
+
+export function setup() {
+  return lib.setupRun(cities, false);
+}
+
+export function point_read() {
+  lib.pointRead(cities);
+}
