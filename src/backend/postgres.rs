@@ -103,8 +103,8 @@ pub struct PgEndpoint {
     pub(crate) probe_client: tokio::sync::Mutex<Option<tokio_postgres::Client>>,
 }
 
-/// Safe display of an endpoint: hosts, ports and database, never credentials.
-pub fn endpoint_label(cfg: &tokio_postgres::Config) -> String {
+/// First host and port of a connection config (what cellgate connects to).
+pub fn host_port(cfg: &tokio_postgres::Config) -> (String, u16) {
     let host = cfg
         .get_hosts()
         .first()
@@ -113,7 +113,12 @@ pub fn endpoint_label(cfg: &tokio_postgres::Config) -> String {
             tokio_postgres::config::Host::Unix(p) => p.display().to_string(),
         })
         .unwrap_or_else(|| "localhost".into());
-    let port = cfg.get_ports().first().copied().unwrap_or(5432);
+    (host, cfg.get_ports().first().copied().unwrap_or(5432))
+}
+
+/// Safe display of an endpoint: hosts, ports and database, never credentials.
+pub fn endpoint_label(cfg: &tokio_postgres::Config) -> String {
+    let (host, port) = host_port(cfg);
     format!("{host}:{port}/{}", cfg.get_dbname().unwrap_or(""))
 }
 

@@ -512,16 +512,7 @@ async fn run(state: &Arc<AppState>, m: &Arc<Migration>, pairs: &[DbPair]) -> Res
                 .map_err(|e| e.to_string())?
                 .get(0);
             if has_sub == 0 {
-                let host = p
-                    .source
-                    .get_hosts()
-                    .first()
-                    .map(|h| match h {
-                        tokio_postgres::config::Host::Tcp(s) => s.clone(),
-                        tokio_postgres::config::Host::Unix(p) => p.display().to_string(),
-                    })
-                    .unwrap_or_else(|| "localhost".into());
-                let port = p.source.get_ports().first().copied().unwrap_or(5432);
+                let (host, port) = crate::backend::postgres::host_port(&p.source);
                 let password = p.source.get_password().map(|b| String::from_utf8_lossy(b).into_owned());
                 let conninfo = sql::conninfo(
                     &host,
@@ -597,16 +588,7 @@ async fn run(state: &Arc<AppState>, m: &Arc<Migration>, pairs: &[DbPair]) -> Res
         let hold = Duration::from_millis(doc.hold_ms);
         freeze_local(state, &doc.id, &cells, hold);
         let body = serde_json::json!({"id": doc.id, "cells": doc.cells, "hold_ms": doc.hold_ms}).to_string();
-        let peers = crate::fleet::broadcast(
-            &state.config,
-            http::Method::POST,
-            "/admin/freeze",
-            "application/json",
-            body.into(),
-            Duration::from_secs(2),
-        )
-        .await;
-        note_peers(m, "freeze", &peers);
+        tell_peers(state, m, "freeze", http::Method::POST, "/admin/freeze", "application/json", body, 2).await;
         // 4b. Fence the source: the lock waits for in-flight writers and blocks new ones until the
         //     fence commits; after it, the trigger rejects every write to the cells.
         let mut fence_lsns = Vec::new();
@@ -681,16 +663,7 @@ async fn run(state: &Arc<AppState>, m: &Arc<Migration>, pairs: &[DbPair]) -> Res
             (text, version)
         };
         drop(snap);
-        let peers = crate::fleet::broadcast(
-            &state.config,
-            http::Method::PUT,
-            "/admin/map",
-            "application/toml",
-            text.into(),
-            Duration::from_secs(10),
-        )
-        .await;
-        note_peers(m, "map push", &peers);
+        tell_peers(state, m, "map push", http::Method::PUT, "/admin/map", "application/toml", text, 10).await;
         set(state, m, pairs, |d| d.map_version_after = Some(version)).await;
         // 4e. Release held writes: they re-route on the new map, to the target.
         release(state, m).await;
@@ -714,6 +687,23 @@ async fn run(state: &Arc<AppState>, m: &Arc<Migration>, pairs: &[DbPair]) -> Res
 
 fn set_quiet(m: &Migration, f: impl FnOnce(&mut Doc)) {
     f(&mut m.doc.lock().expect("doc"));
+}
+
+/// Send one request to every peer and record the ones that did not acknowledge it.
+async fn tell_peers(
+    state: &AppState,
+    m: &Migration,
+    what: &str,
+    method: http::Method,
+    path: &str,
+    content_type: &str,
+    body: String,
+    timeout_s: u64,
+) {
+    let peers =
+        crate::fleet::broadcast(&state.config, method, path, content_type, body.into(), Duration::from_secs(timeout_s))
+            .await;
+    note_peers(m, what, &peers);
 }
 
 fn note_peers(m: &Migration, what: &str, peers: &[crate::fleet::PeerResult]) {
@@ -747,16 +737,7 @@ async fn release(state: &AppState, m: &Migration) {
         metrics::histogram!("cellgate_migration_hold_seconds").record(held as f64 / 1000.0);
     }
     let body = serde_json::json!({"id": id}).to_string();
-    let peers = crate::fleet::broadcast(
-        &state.config,
-        http::Method::POST,
-        "/admin/release",
-        "application/json",
-        body.into(),
-        Duration::from_secs(2),
-    )
-    .await;
-    note_peers(m, "release", &peers);
+    tell_peers(state, m, "release", http::Method::POST, "/admin/release", "application/json", body, 2).await;
 }
 
 pub fn release_local(state: &AppState, id: &str) -> Option<Arc<Freeze>> {
