@@ -60,9 +60,7 @@ pub async fn handle(state: &Arc<AppState>, req: Request<Incoming>) -> Response<B
         },
         (&Method::POST, "/admin/freeze") => match read_json::<FreezeRequest>(req).await {
             Ok(r) => {
-                let snap = state.pin();
                 let cells: Result<Vec<_>, _> = r.cells.iter().map(|c| crate::geo::parse_cell(c)).collect();
-                drop(snap);
                 match cells {
                     Ok(cells) => {
                         crate::migrate::freeze_local(state, &r.id, &cells, std::time::Duration::from_millis(r.hold_ms));

@@ -356,7 +356,7 @@ fn spawn_run(state: Arc<AppState>, m: Arc<Migration>, pairs: Vec<DbPair>) {
                 tracing::warn!(id = %m.doc().id, "failpoint: orchestrator stopped");
             } else if aborting && !published {
                 let r = abort_cleanup(&state, &m, &pairs).await;
-                set(&state, &m, &pairs, |d| match r {
+                set(&m, &pairs, |d| match r {
                     Ok(()) => d.state = "aborted".into(),
                     Err(e) => {
                         d.state = "failed".into();
@@ -368,7 +368,7 @@ fn spawn_run(state: Arc<AppState>, m: Arc<Migration>, pairs: Vec<DbPair>) {
                 // Before the fence nothing changed ownership: undo and report. After it, keep
                 // the fence (no write may land on the source) and leave it resumable.
                 let fenced = m.doc().fenced;
-                set(&state, &m, &pairs, |d| {
+                set(&m, &pairs, |d| {
                     d.error = Some(e.clone());
                     if !fenced {
                         d.state = "failed".into();
@@ -387,7 +387,7 @@ fn spawn_run(state: Arc<AppState>, m: Arc<Migration>, pairs: Vec<DbPair>) {
 
 /// Update the doc, log it, and persist it on both shards (best effort: the in-memory doc is
 /// authoritative while this process runs; the persisted one after a crash).
-async fn set(state: &AppState, m: &Migration, pairs: &[DbPair], f: impl FnOnce(&mut Doc)) {
+async fn set(m: &Migration, pairs: &[DbPair], f: impl FnOnce(&mut Doc)) {
     let doc = {
         let mut d = m.doc.lock().expect("doc");
         f(&mut d);
@@ -397,20 +397,25 @@ async fn set(state: &AppState, m: &Migration, pairs: &[DbPair], f: impl FnOnce(&
     metrics::gauge!("cellgate_migration_active").set(if doc.terminal() { 0.0 } else { 1.0 });
     let json = serde_json::to_value(&doc).expect("doc serialises");
     for p in pairs {
-        for cfg in [&p.source, &p.target] {
-            if let Ok(c) = connect(cfg).await {
-                let _ = c.batch_execute(sql::SCHEMA).await;
-                let _ = c
-                    .execute(
-                        "INSERT INTO cellgate.migrations (id, state, doc) VALUES ($1, $2, $3)
-                         ON CONFLICT (id) DO UPDATE SET state = EXCLUDED.state, doc = EXCLUDED.doc, updated_at = now()",
-                        &[&doc.id, &doc.state, &json],
-                    )
-                    .await;
+        for (side, cfg) in [("source", &p.source), ("target", &p.target)] {
+            let persisted = async {
+                let c = connect(cfg).await?;
+                c.batch_execute(sql::SCHEMA).await.map_err(|e| e.to_string())?;
+                c.execute(
+                    "INSERT INTO cellgate.migrations (id, state, doc) VALUES ($1, $2, $3)
+                     ON CONFLICT (id) DO UPDATE SET state = EXCLUDED.state, doc = EXCLUDED.doc, updated_at = now()",
+                    &[&doc.id, &doc.state, &json],
+                )
+                .await
+                .map_err(|e| e.to_string())
+            };
+            if let Err(e) = persisted.await {
+                // The step goes on (the in-memory doc is current); a crash now would show the
+                // previous persisted state, from which resume is still safe (steps are idempotent).
+                tracing::warn!(id = %doc.id, database = %p.db, side, error = %e, "could not persist migration progress");
             }
         }
     }
-    let _ = state;
 }
 
 const FAILPOINT: &str = "failpoint";
@@ -492,7 +497,7 @@ async fn run(state: &Arc<AppState>, m: &Arc<Migration>, pairs: &[DbPair]) -> Res
         check_abort(m)?;
         // 2. Copy: publication with the row filter on the source, subscription with copy_data on
         //    the target (created only if missing: resumable).
-        set(state, m, pairs, |d| d.state = "copying".into()).await;
+        set(m, pairs, |d| d.state = "copying".into()).await;
         for p in pairs {
             let src = connect(&p.source).await?;
             let has_pub: i64 = src
@@ -530,7 +535,7 @@ async fn run(state: &Arc<AppState>, m: &Arc<Migration>, pairs: &[DbPair]) -> Res
             }
         }
         // 3. Catch up: every table copied (state 'r'eady) and the slot close to the source's WAL.
-        set(state, m, pairs, |d| d.state = "catching_up".into()).await;
+        set(m, pairs, |d| d.state = "catching_up".into()).await;
         loop {
             check_abort(m)?;
             let mut ready = true;
@@ -583,7 +588,7 @@ async fn run(state: &Arc<AppState>, m: &Arc<Migration>, pairs: &[DbPair]) -> Res
 
     if !published {
         // 4. Cutover.
-        set(state, m, pairs, |d| d.state = "cutover".into()).await;
+        set(m, pairs, |d| d.state = "cutover".into()).await;
         // 4a. Every instance holds writes for the cells (bounded by hold_ms, then 503 cells_frozen).
         let hold = Duration::from_millis(doc.hold_ms);
         freeze_local(state, &doc.id, &cells, hold);
@@ -613,7 +618,7 @@ async fn run(state: &Arc<AppState>, m: &Arc<Migration>, pairs: &[DbPair]) -> Res
                 src.query_one("SELECT pg_current_wal_lsn()::text", &[]).await.map_err(|e| e.to_string())?.get(0);
             fence_lsns.push(lsn);
         }
-        set(state, m, pairs, |d| d.fenced = true).await;
+        set(m, pairs, |d| d.fenced = true).await;
         failpoint("after_fence")?;
         // 4c. Wait until the target has applied everything up to the fence.
         for (p, lsn) in pairs.iter().zip(&fence_lsns) {
@@ -664,7 +669,7 @@ async fn run(state: &Arc<AppState>, m: &Arc<Migration>, pairs: &[DbPair]) -> Res
         };
         drop(snap);
         tell_peers(state, m, "map push", http::Method::PUT, "/admin/map", "application/toml", text, 10).await;
-        set(state, m, pairs, |d| d.map_version_after = Some(version)).await;
+        set(m, pairs, |d| d.map_version_after = Some(version)).await;
         // 4e. Release held writes: they re-route on the new map, to the target.
         release(state, m).await;
     }
@@ -677,7 +682,7 @@ async fn run(state: &Arc<AppState>, m: &Arc<Migration>, pairs: &[DbPair]) -> Res
             let _ = src.batch_execute(&format!("ALTER TABLE public.{t} REPLICA IDENTITY DEFAULT")).await;
         }
     }
-    set(state, m, pairs, |d| {
+    set(m, pairs, |d| {
         d.state = "done".into();
         d.error = None;
     })
@@ -782,7 +787,7 @@ async fn cleanup_replication(pairs: &[DbPair], name: &str) -> Result<(), String>
 /// from the target, the source's fence lifted (it owns the cells again), writes released.
 async fn abort_cleanup(state: &AppState, m: &Migration, pairs: &[DbPair]) -> Result<(), String> {
     let doc = m.doc();
-    set(state, m, pairs, |d| d.state = "aborting".into()).await;
+    set(m, pairs, |d| d.state = "aborting".into()).await;
     let cells = cells_of(&doc);
     cleanup_replication(pairs, &sql::object_name(&doc.id)).await?;
     for p in pairs {
@@ -826,7 +831,7 @@ pub async fn abort(state: &Arc<AppState>, id: &str) -> Result<Doc, ApiError> {
         // Not running (recovered after a crash): clean up here.
         let pairs = pairs_for(state, &doc).map_err(ApiError::InvalidParams)?;
         let r = abort_cleanup(state, &m, &pairs).await;
-        set(state, &m, &pairs, |d| match r {
+        set(&m, &pairs, |d| match r {
             Ok(()) => d.state = "aborted".into(),
             Err(e) => {
                 d.state = "failed".into();
