@@ -20,6 +20,15 @@ pub fn init_metrics() {
         let handle = recorder.handle();
         // Another recorder may already be installed (embedding); then we render an empty set.
         let _ = metrics::set_global_recorder(recorder);
+        // Histograms keep raw samples until upkeep folds them into buckets; without it memory
+        // grows with every request until /metrics is scraped (seen: ~18 bytes per request).
+        let upkeep = handle.clone();
+        let _ = std::thread::Builder::new().name("metrics-upkeep".into()).spawn(move || {
+            loop {
+                std::thread::sleep(std::time::Duration::from_secs(5));
+                upkeep.run_upkeep();
+            }
+        });
         handle
     });
 }

@@ -1,0 +1,215 @@
+//! Command line of `cellgate-bench`.
+
+use std::path::PathBuf;
+
+/// The workspace root, found from the build's source tree (like the load test's cities CSV).
+const WORKSPACE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
+
+/// The workspace root as a clean absolute path.
+pub fn workspace() -> String {
+    std::fs::canonicalize(WORKSPACE).map(|p| p.display().to_string()).unwrap_or_else(|_| WORKSPACE.to_string())
+}
+
+pub const HELP: &str = "\
+cellgate-bench: point reads directly against PostgreSQL vs through cellgate, in alternating pairs,
+plus the 100k-concurrent-streams test (G4) and the latency-under-100k-open-streams test (G7).
+Starts its own loopback cluster (harness) and release cellgate processes; stops everything it
+started, also on error and Ctrl-C. Writes a markdown report and an SVG latency chart.
+
+Usage: cellgate-bench [OPTIONS]
+
+Parts:
+  --only PARTS          comma-separated subset of pairs,streams,g7 (repeatable) [default: all]
+
+Pairs (G1-G3):
+  --pairs N             alternating direct/proxied pairs [default: 3]
+  --secs S              seconds per measured run [default: 10]
+  --concurrency C       clients (pgbench -c, h2load -c, Rust tasks) and cellgate pool size [default: 16]
+  --client-threads T    pgbench -j and h2load -t [default: 1]
+  --scale N             pgbench -i scale (100,000 accounts per unit) [default: 1]
+  --proto h1|h2c        protocol of h2load in the pairs [default: h1]
+  --noise-threshold X   CPU of other processes (cores, averaged over a run) that marks it noisy
+                        [default: 0.2]
+
+Streams (G4):
+  --streams-connections N   h2load -c [default: 100]
+  --streams-per-conn M      h2load -m [default: 1000]
+  --streams-requests R      h2load -n [default: 200000]
+  --streams-pool P          cellgate pool.max_size per endpoint [default: 8]
+
+G7:
+  --g7-rps R            offered req/s in total (point reads + area searches) [default: 10000]
+  --g7-area-share F     share of the offered rate that is area searches [default: 0.1]
+  --g7-secs S           measured seconds [default: 10]
+  --g7-radius-km K      radius of the area search [default: 10]
+
+Output and build:
+  --out FILE            markdown report [default: docs/performance-runner.md]
+  --svg FILE            latency chart [default: docs/performance-latency.svg]
+  --keep-work           keep the work directory (configs, h2load/pgbench logs)
+  --build               run `cargo build --release -p cellgate` first
+  -h, --help            this text
+
+Environment: CELLGATE_BIN (default <workspace>/target/release/cellgate), H2LOAD (default h2load
+on PATH), PGBENCH (default pgbench on PATH).
+";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Part {
+    Pairs,
+    Streams,
+    G7,
+}
+
+#[derive(Debug, Clone)]
+pub struct Args {
+    pub parts: Vec<Part>,
+    pub pairs: usize,
+    pub secs: u64,
+    pub concurrency: usize,
+    pub client_threads: usize,
+    pub scale: u32,
+    pub h2c: bool,
+    pub noise_threshold: f64,
+    pub streams_connections: usize,
+    pub streams_per_conn: usize,
+    pub streams_requests: u64,
+    pub streams_pool: usize,
+    pub g7_rps: f64,
+    pub g7_area_share: f64,
+    pub g7_secs: u64,
+    pub g7_radius_km: f64,
+    pub out: PathBuf,
+    pub svg: PathBuf,
+    pub keep_work: bool,
+    pub build: bool,
+    pub help: bool,
+}
+
+impl Default for Args {
+    fn default() -> Self {
+        Args {
+            parts: vec![Part::Pairs, Part::Streams, Part::G7],
+            pairs: 3,
+            secs: 10,
+            concurrency: 16,
+            client_threads: 1,
+            scale: 1,
+            h2c: false,
+            noise_threshold: 0.2,
+            streams_connections: 100,
+            streams_per_conn: 1000,
+            streams_requests: 200_000,
+            streams_pool: 8,
+            g7_rps: 10_000.0,
+            g7_area_share: 0.1,
+            g7_secs: 10,
+            g7_radius_km: 10.0,
+            out: PathBuf::from(workspace()).join("docs/performance-runner.md"),
+            svg: PathBuf::from(workspace()).join("docs/performance-latency.svg"),
+            keep_work: false,
+            build: false,
+            help: false,
+        }
+    }
+}
+
+impl Args {
+    pub fn has(&self, p: Part) -> bool {
+        self.parts.contains(&p)
+    }
+}
+
+fn num<T: std::str::FromStr>(flag: &str, v: &str) -> Result<T, String> {
+    v.parse().map_err(|_| format!("{flag}: not a valid number: {v:?}"))
+}
+
+pub fn parse(argv: impl IntoIterator<Item = String>) -> Result<Args, String> {
+    let mut a = Args::default();
+    let mut only: Vec<Part> = Vec::new();
+    let mut it = argv.into_iter();
+    while let Some(arg) = it.next() {
+        let (flag, inline) = match arg.split_once('=') {
+            Some((f, v)) if f.starts_with("--") => (f.to_string(), Some(v.to_string())),
+            _ => (arg.clone(), None),
+        };
+        let mut value = || inline.clone().or_else(|| it.next()).ok_or_else(|| format!("{flag} needs a value"));
+        match flag.as_str() {
+            "-h" | "--help" => a.help = true,
+            "--only" => {
+                for p in value()?.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+                    only.push(match p {
+                        "pairs" => Part::Pairs,
+                        "streams" => Part::Streams,
+                        "g7" => Part::G7,
+                        other => return Err(format!("--only: unknown part {other:?} (pairs, streams, g7)")),
+                    });
+                }
+            }
+            "--pairs" => a.pairs = num(&flag, &value()?)?,
+            "--secs" => a.secs = num(&flag, &value()?)?,
+            "--concurrency" => a.concurrency = num(&flag, &value()?)?,
+            "--client-threads" => a.client_threads = num(&flag, &value()?)?,
+            "--scale" => a.scale = num(&flag, &value()?)?,
+            "--proto" => {
+                a.h2c = match value()?.as_str() {
+                    "h1" => false,
+                    "h2c" => true,
+                    other => return Err(format!("--proto: {other:?} (h1 or h2c)")),
+                }
+            }
+            "--noise-threshold" => a.noise_threshold = num(&flag, &value()?)?,
+            "--streams-connections" => a.streams_connections = num(&flag, &value()?)?,
+            "--streams-per-conn" => a.streams_per_conn = num(&flag, &value()?)?,
+            "--streams-requests" => a.streams_requests = num(&flag, &value()?)?,
+            "--streams-pool" => a.streams_pool = num(&flag, &value()?)?,
+            "--g7-rps" => a.g7_rps = num(&flag, &value()?)?,
+            "--g7-area-share" => a.g7_area_share = num(&flag, &value()?)?,
+            "--g7-secs" => a.g7_secs = num(&flag, &value()?)?,
+            "--g7-radius-km" => a.g7_radius_km = num(&flag, &value()?)?,
+            "--out" => a.out = PathBuf::from(value()?),
+            "--svg" => a.svg = PathBuf::from(value()?),
+            "--keep-work" => a.keep_work = true,
+            "--build" => a.build = true,
+            other => return Err(format!("unknown option {other:?} (see --help)")),
+        }
+    }
+    if !only.is_empty() {
+        only.dedup();
+        a.parts = only;
+    }
+    if a.pairs == 0 || a.secs == 0 || a.concurrency == 0 || a.client_threads == 0 || a.scale == 0 {
+        return Err("--pairs, --secs, --concurrency, --client-threads and --scale must be > 0".into());
+    }
+    if a.secs > 600 || a.g7_secs > 600 || a.g7_secs == 0 {
+        return Err("--secs and --g7-secs must be in 1..=600 (runs are bounded)".into());
+    }
+    if a.streams_connections == 0 || a.streams_per_conn == 0 || a.streams_requests == 0 || a.streams_pool == 0 {
+        return Err("the --streams-* values must be > 0".into());
+    }
+    if !(0.0..1.0).contains(&a.g7_area_share) || a.g7_rps <= 0.0 || a.g7_radius_km <= 0.0 {
+        return Err("--g7-area-share must be in [0, 1), --g7-rps and --g7-radius-km > 0".into());
+    }
+    Ok(a)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(args: &[&str]) -> Result<Args, String> {
+        parse(args.iter().map(|s| s.to_string()))
+    }
+
+    #[test]
+    fn flags() {
+        let a = p(&["--pairs", "5", "--secs=3", "--only", "pairs,streams", "--proto", "h2c"]).unwrap();
+        assert_eq!((a.pairs, a.secs, a.h2c), (5, 3, true));
+        assert_eq!(a.parts, vec![Part::Pairs, Part::Streams]);
+        assert_eq!(p(&[]).unwrap().parts.len(), 3);
+        assert!(p(&["--only", "x"]).is_err());
+        assert!(p(&["--pairs", "0"]).is_err());
+        assert!(p(&["--secs"]).is_err());
+        assert!(p(&["--bogus"]).is_err());
+    }
+}
