@@ -485,12 +485,9 @@ async fn run(state: &Arc<AppState>, m: &Arc<Migration>, pairs: &[DbPair]) -> Res
                 // Rows of these cells on the target are leftovers of an earlier move away (the
                 // target does not own them): they would collide with the copy.
                 for (t, col) in &p.tables {
-                    dst.batch_execute(&format!(
-                        "BEGIN; SET LOCAL session_replication_role = replica; DELETE FROM public.{t} WHERE {}; COMMIT;",
-                        sql::cell_filter(col, &cells)
-                    ))
-                    .await
-                    .map_err(|e| format!("target cleanup of {t}: {e}"))?;
+                    dst.batch_execute(&sql::delete_cells_unfenced(t, col, &cells))
+                        .await
+                        .map_err(|e| format!("target cleanup of {t}: {e}"))?;
                 }
             }
         }
@@ -793,12 +790,9 @@ async fn abort_cleanup(state: &AppState, m: &Migration, pairs: &[DbPair]) -> Res
     for p in pairs {
         let dst = connect(&p.target).await?;
         for (t, col) in &p.tables {
-            dst.batch_execute(&format!(
-                "BEGIN; SET LOCAL session_replication_role = replica; DELETE FROM public.{t} WHERE {}; COMMIT;",
-                sql::cell_filter(col, &cells)
-            ))
-            .await
-            .map_err(|e| format!("removing copied rows of {t}: {e}"))?;
+            dst.batch_execute(&sql::delete_cells_unfenced(t, col, &cells))
+                .await
+                .map_err(|e| format!("removing copied rows of {t}: {e}"))?;
         }
         let src = connect(&p.source).await?;
         src.execute("DELETE FROM cellgate.fenced_cells WHERE migration = $1", &[&doc.id])

@@ -80,6 +80,16 @@ CREATE TRIGGER cellgate_fence BEFORE INSERT OR UPDATE OR DELETE ON public.{table
     )
 }
 
+/// Delete a table's rows under the cells on a shard that does not own them (leftovers, copies of
+/// an aborted migration). `session_replication_role = replica` keeps the fence trigger, which
+/// protects exactly these cells there, from refusing the cleanup.
+pub fn delete_cells_unfenced(table: &str, col: &str, cells: &[CellIndex]) -> String {
+    format!(
+        "BEGIN; SET LOCAL session_replication_role = replica; DELETE FROM public.{table} WHERE {}; COMMIT;",
+        cell_filter(col, cells)
+    )
+}
+
 /// Names of the replication objects of one migration (ids are `[a-z0-9]`, checked by the caller).
 pub fn object_name(id: &str) -> String {
     format!("cellgate_mig_{id}")
