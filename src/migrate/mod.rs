@@ -476,12 +476,8 @@ async fn run(state: &Arc<AppState>, m: &Arc<Migration>, pairs: &[DbPair]) -> Res
                     .await
                     .map_err(|e| format!("replica identity on {t}: {e}"))?;
             }
-            let exists: i64 = dst
-                .query_one("SELECT count(*) FROM pg_subscription WHERE subname = $1", &[&name])
-                .await
-                .map_err(|e| e.to_string())?
-                .get(0);
-            if exists == 0 {
+            let exists = has_subscription(&dst, &name).await?;
+            if !exists {
                 // Rows of these cells on the target are leftovers of an earlier move away (the
                 // target does not own them): they would collide with the copy.
                 for (t, col) in &p.tables {
@@ -497,23 +493,13 @@ async fn run(state: &Arc<AppState>, m: &Arc<Migration>, pairs: &[DbPair]) -> Res
         set(m, pairs, |d| d.state = "copying".into()).await;
         for p in pairs {
             let src = connect(&p.source).await?;
-            let has_pub: i64 = src
-                .query_one("SELECT count(*) FROM pg_publication WHERE pubname = $1", &[&name])
-                .await
-                .map_err(|e| e.to_string())?
-                .get(0);
-            if has_pub == 0 {
+            if count(&src, "SELECT count(*) FROM pg_publication WHERE pubname = $1", &[&name]).await? == 0 {
                 src.batch_execute(&sql::create_publication(&doc.id, &p.tables, &cells))
                     .await
                     .map_err(|e| format!("create publication: {e}"))?;
             }
             let dst = connect(&p.target).await?;
-            let has_sub: i64 = dst
-                .query_one("SELECT count(*) FROM pg_subscription WHERE subname = $1", &[&name])
-                .await
-                .map_err(|e| e.to_string())?
-                .get(0);
-            if has_sub == 0 {
+            if !has_subscription(&dst, &name).await? {
                 let (host, port) = crate::backend::postgres::host_port(&p.source);
                 let password = p.source.get_password().map(|b| String::from_utf8_lossy(b).into_owned());
                 let conninfo = sql::conninfo(
@@ -540,24 +526,20 @@ async fn run(state: &Arc<AppState>, m: &Arc<Migration>, pairs: &[DbPair]) -> Res
             let mut copied = 0u64;
             for p in pairs {
                 let dst = connect(&p.target).await?;
-                let not_ready: i64 = dst
-                    .query_one(
-                        "SELECT count(*) FROM pg_subscription_rel r JOIN pg_subscription s ON s.oid = r.srsubid WHERE s.subname = $1 AND r.srsubstate <> 'r'",
-                        &[&name],
-                    )
-                    .await
-                    .map_err(|e| e.to_string())?
-                    .get(0);
+                let not_ready = count(
+                    &dst,
+                    "SELECT count(*) FROM pg_subscription_rel r JOIN pg_subscription s ON s.oid = r.srsubid WHERE s.subname = $1 AND r.srsubstate <> 'r'",
+                    &[&name],
+                )
+                .await?;
                 ready &= not_ready == 0;
                 for (t, col) in &p.tables {
-                    let n: i64 = dst
-                        .query_one(
-                            &format!("SELECT count(*) FROM public.{t} WHERE {}", sql::cell_filter(col, &cells)),
-                            &[],
-                        )
-                        .await
-                        .map_err(|e| e.to_string())?
-                        .get(0);
+                    let n = count(
+                        &dst,
+                        &format!("SELECT count(*) FROM public.{t} WHERE {}", sql::cell_filter(col, &cells)),
+                        &[],
+                    )
+                    .await?;
                     copied += n as u64;
                 }
                 let src = connect(&p.source).await?;
@@ -755,15 +737,24 @@ pub fn release_local(state: &AppState, id: &str) -> Option<Arc<Freeze>> {
     released
 }
 
+/// The value of a `SELECT count(*) ...`.
+async fn count(
+    c: &tokio_postgres::Client,
+    sql: &str,
+    params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+) -> Result<i64, String> {
+    Ok(c.query_one(sql, params).await.map_err(|e| e.to_string())?.get(0))
+}
+
+/// Does this migration's subscription exist on the target (steps re-run after a crash)?
+async fn has_subscription(target: &tokio_postgres::Client, name: &str) -> Result<bool, String> {
+    Ok(count(target, "SELECT count(*) FROM pg_subscription WHERE subname = $1", &[&name]).await? > 0)
+}
+
 async fn cleanup_replication(pairs: &[DbPair], name: &str) -> Result<(), String> {
     for p in pairs {
         let dst = connect(&p.target).await?;
-        let has_sub: i64 = dst
-            .query_one("SELECT count(*) FROM pg_subscription WHERE subname = $1", &[&name])
-            .await
-            .map_err(|e| e.to_string())?
-            .get(0);
-        if has_sub > 0 {
+        if has_subscription(&dst, name).await? {
             // Dropping the subscription also drops its slot on the source.
             dst.batch_execute(&format!("DROP SUBSCRIPTION {name}"))
                 .await
