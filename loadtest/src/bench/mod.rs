@@ -211,6 +211,29 @@ async fn measure<T>(
     Ok((v, cpu0.zip(cpu1).map(|(a, b)| b - a), samples))
 }
 
+/// A pgbench run (unthrottled, or at the `offered` rate) as a report row.
+fn pgbench_run(
+    ctx: &Ctx,
+    tool: &'static str,
+    offered: Option<f64>,
+    r: tools::PgbenchResult,
+    cpu: Option<f64>,
+    samples: Samples,
+) -> Run {
+    Run {
+        tool,
+        direct: true,
+        offered,
+        requests: r.lat.n,
+        errors: r.failed,
+        rps: r.tps,
+        lat: r.lat,
+        cpu_us_per_req: per_req(cpu, r.lat.n),
+        samples,
+        command: ctx.show(&ctx.pgbench, &r.args),
+    }
+}
+
 fn per_req(cpu: Option<f64>, n: u64) -> Option<f64> {
     cpu.map(|c| c / n.max(1) as f64)
 }
@@ -446,18 +469,7 @@ async fn run_pairs(ctx: &Ctx) -> Result<PairsOut, String> {
         say(&format!("pair {i}/{}: direct (pgbench, tokio-postgres)", a.pairs));
         let p = pg(None, secs, "pg");
         let (r, cpu, s) = measure(ctx, Some(&cg), iv, p.run()).await?;
-        let pgbench = Run {
-            tool: "pgbench -S",
-            direct: true,
-            offered: None,
-            requests: r.lat.n,
-            errors: r.failed,
-            rps: r.tps,
-            lat: r.lat,
-            cpu_us_per_req: per_req(cpu, r.lat.n),
-            samples: s,
-            command: ctx.show(&ctx.pgbench, &r.args),
-        };
+        let pgbench = pgbench_run(ctx, "pgbench -S", None, r, cpu, s);
         let (t, _, s) =
             measure(ctx, Some(&cg), iv, clients::direct(&replica_url, c, Duration::from_secs(secs), ctx.accounts))
                 .await?;
@@ -504,18 +516,7 @@ async fn run_pairs(ctx: &Ctx) -> Result<PairsOut, String> {
         say(&format!("pair {i}/{}: both at 50 % of the direct ceiling ({half:.0}/s)", a.pairs));
         let p = pg(Some(half), secs, "pg-half");
         let (r, cpu, s) = measure(ctx, Some(&cg), iv, p.run()).await?;
-        let pgbench_half = Run {
-            tool: "pgbench -S -R",
-            direct: true,
-            offered: Some(half),
-            requests: r.lat.n,
-            errors: r.failed,
-            rps: r.tps,
-            lat: r.lat,
-            cpu_us_per_req: per_req(cpu, r.lat.n),
-            samples: s,
-            command: ctx.show(&ctx.pgbench, &r.args),
-        };
+        let pgbench_half = pgbench_run(ctx, "pgbench -S -R", Some(half), r, cpu, s);
         let hl = h2(Some(half), secs, "h2-half.log");
         let (r, cpu, s) = measure(ctx, Some(&cg), iv, hl.run()).await?;
         let h2load_half = h2_run("h2load --rps", Some(half), &r, cpu, s, ctx.show(&ctx.h2load, &r.args));
