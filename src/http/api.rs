@@ -176,6 +176,8 @@ pub struct Outcome {
     pub shard: Option<String>,
     pub role: Option<Role>,
     pub cell: Option<String>,
+    /// The version of the snapshot the request pinned (the last one, after a fence retry).
+    pub map_version: Option<u64>,
 }
 
 /// Run a read on one shard with the requested consistency. Reads are idempotent: if a replica
@@ -246,6 +248,7 @@ async fn read_on_shard(
 
 pub async fn query(state: &AppState, db: &str, body: &[u8], out: &mut Outcome) -> Result<Answer, ApiError> {
     let snap = state.pin();
+    out.map_version = Some(snap.map.version().0);
     let req: QueryRequest = parse_json(body)?;
     if !snap.map.databases().contains_key(db) {
         return Err(ApiError::UnknownDatabase(db.to_string()));
@@ -313,6 +316,7 @@ pub async fn execute(state: &AppState, db: &str, body: &[u8], out: &mut Outcome)
     let mut refreshed = false;
     loop {
         let snap = state.pin();
+        out.map_version = Some(snap.map.version().0);
         let region = parse_region(req.region.clone(), &snap)?;
         let route = match routing::route_region(&snap.map, &region).map_err(route_err)? {
             RegionRoute::One(r) => r,

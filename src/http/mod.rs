@@ -297,7 +297,9 @@ async fn data(state: &AppState, req: Request<Incoming>) -> Response<Body> {
     if let Some(c) = &out.cell {
         span.record("cell", c.as_str());
     }
-    span.record("map_version", state.snapshot.load().map.version().0);
+    if let Some(v) = out.map_version {
+        span.record("map_version", v);
+    }
     tracing::debug!(parent: &span, elapsed_us = started.elapsed().as_micros() as u64, "done");
     // Labels from bounded sets only: route, shard id, role, status. Never cells.
     let labels =
