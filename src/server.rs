@@ -79,6 +79,7 @@ pub fn load_snapshot(path: &Path, cfg: &Config) -> Result<Snapshot, StartError> 
 /// Start serving. Must run inside a tokio runtime.
 pub async fn start(cfg: Config, insecure_no_auth: bool) -> Result<Running, StartError> {
     crate::telemetry::init_metrics();
+    crate::backend::install_crypto_provider();
     for addr in [cfg.listen.data, cfg.listen.admin] {
         if cfg.tokens.is_empty() && !addr.ip().is_loopback() && !insecure_no_auth {
             return Err(StartError::NoAuth(addr));

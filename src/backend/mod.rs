@@ -12,6 +12,17 @@ use crate::config;
 use crate::shardmap::{DatabaseSpec, ShardMap};
 use postgres::{PgDatabase, PgEndpoint};
 
+/// Install aws-lc-rs as the one process-wide rustls provider. tiberius and mongodb pass their
+/// provider explicitly, but any `ClientConfig::builder()` elsewhere panics when two providers are
+/// compiled in and none is installed (crates.md P7). Idempotent.
+pub fn install_crypto_provider() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        // Err means another provider was installed first (by an embedding program): keep it.
+        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    });
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
