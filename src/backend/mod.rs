@@ -52,8 +52,15 @@ pub enum BackendError {
     Timeout,
     #[error("{message}")]
     Database { sqlstate: String, message: String, detail: Option<String>, hint: Option<String>, position: Option<u32> },
+    /// A SQL Server or MongoDB server rejected the operation: its numeric error code
+    /// (SQL Server error number, MongoDB code such as 11000) and message.
+    #[error("{message}")]
+    Server { code: i64, message: String },
     #[error("{0}")]
     Params(pg_types::ParamError),
+    /// Request values the backend cannot bind (non-PostgreSQL backends; PostgreSQL uses `Params`).
+    #[error("{0}")]
+    BadInput(String),
     #[error("{0}")]
     Column(pg_types::ColumnError),
     #[error("statement {index} of {count}: {source}")]

@@ -28,6 +28,8 @@ pub enum ApiError {
     MethodNotAllowed,
     Database {
         sqlstate: Option<String>,
+        /// SQL Server error number or MongoDB error code (`server_code` in the JSON).
+        server_code: Option<i64>,
         message: String,
         detail: Option<String>,
         hint: Option<String>,
@@ -121,8 +123,11 @@ impl ApiError {
     pub fn into_response(self) -> Response<Body> {
         let (status, code, retryable) = self.class();
         let mut err = json!({ "code": code, "message": self.message(), "retryable": retryable });
-        if let ApiError::Database { sqlstate, detail, hint, statement, .. } = &self {
-            err["sqlstate"] = json!(sqlstate);
+        if let ApiError::Database { sqlstate, server_code, detail, hint, statement, .. } = &self {
+            match server_code {
+                Some(c) => err["server_code"] = json!(c),
+                None => err["sqlstate"] = json!(sqlstate),
+            }
             if let Some(d) = detail {
                 err["detail"] = json!(d);
             }
@@ -161,6 +166,7 @@ impl ApiError {
             BackendError::Timeout => ApiError::Timeout,
             BackendError::Database { sqlstate, message, detail, hint, .. } => ApiError::Database {
                 sqlstate: Some(sqlstate.clone()),
+                server_code: None,
                 message: message.clone(),
                 detail: detail.clone(),
                 hint: hint.clone(),
@@ -170,8 +176,21 @@ impl ApiError {
                 Some(i) => format!("statement {i}: {p}"),
                 None => p.to_string(),
             }),
+            BackendError::Server { code, message } => ApiError::Database {
+                sqlstate: None,
+                server_code: Some(*code),
+                message: message.clone(),
+                detail: None,
+                hint: None,
+                statement,
+            },
+            BackendError::BadInput(m) => ApiError::InvalidParams(match statement {
+                Some(i) => format!("statement {i}: {m}"),
+                None => m.clone(),
+            }),
             BackendError::Column(c) => ApiError::Database {
                 sqlstate: None,
+                server_code: None,
                 message: c.to_string(),
                 detail: None,
                 hint: Some("cast the column to text in the query".into()),
