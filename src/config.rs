@@ -109,6 +109,13 @@ pub struct Pool {
     pub max_lifetime_s: u64,
     /// An idle connection is closed after this long, s. Default 600.
     pub idle_timeout_s: u64,
+    /// PostgreSQL: shared connections per endpoint over which plain reads (no read-your-writes
+    /// wait) are pipelined instead of taking a pooled connection each. 0 = off (every read
+    /// checks out a pooled connection). Default 4.
+    pub pipeline_connections: u32,
+    /// PostgreSQL: reads in flight per shared connection at most; beyond that a read waits
+    /// (up to `checkout_timeout_ms`, then 429 `overloaded`). Default 64.
+    pub pipeline_depth: u32,
 }
 
 impl Default for Pool {
@@ -120,6 +127,8 @@ impl Default for Pool {
             checkout_timeout_ms: 2_000,
             max_lifetime_s: 1_800,
             idle_timeout_s: 600,
+            pipeline_connections: 4,
+            pipeline_depth: 64,
         }
     }
 }
@@ -245,6 +254,9 @@ impl Config {
         }
         if self.pool.max_size == 0 {
             errs.push("pool.max_size must be >= 1".into());
+        }
+        if self.pool.pipeline_connections > 0 && self.pool.pipeline_depth == 0 {
+            errs.push("pool.pipeline_depth must be >= 1 when pipeline_connections > 0".into());
         }
         if self.pool.min_idle > self.pool.max_size {
             errs.push("pool.min_idle must be <= pool.max_size".into());

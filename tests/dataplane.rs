@@ -306,3 +306,36 @@ async fn graceful_shutdown_drains_in_flight() {
     stopping.await.unwrap();
     assert!(t.elapsed() < Duration::from_secs(5));
 }
+
+/// Plain reads are pipelined over the shared connections (`pipeline_connections`): 64 concurrent
+/// reads reach the replica over one server connection; when the server kills it, the read that
+/// hit the dead connection is retried on the primary and the next reads use a new connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plain_reads_share_pipelined_connections() {
+    let st = Stack::start(1, 1, |c| *c = c.replace("[pool]\n", "[pool]\npipeline_connections = 1\n")).await;
+    let replica = &st.cluster.shards[0].replicas[0];
+    let body = json!({"region": {"lat": MADRID.0, "lng": MADRID.1},
+        "sql": "SELECT pg_backend_pid() AS pid, inet_server_port() AS port, pg_sleep(0.01)::text AS s"});
+    let reads = (0..64).map(|_| st.query(body.clone()));
+    let mut pids = std::collections::BTreeSet::new();
+    for (s, r) in futures_util::future::join_all(reads).await {
+        assert_eq!(s, 200, "{r}");
+        assert_eq!(port(&r), replica.port, "read on the replica: {r}");
+        pids.insert(r["rows"][0]["pid"].as_i64().unwrap());
+    }
+    assert_eq!(pids.len(), 1, "64 concurrent reads shared one server connection, saw backends {pids:?}");
+    let pid = *pids.first().unwrap();
+
+    replica.psql("core", &format!("SELECT pg_terminate_backend({pid})")).unwrap();
+    let mut replica_pids = std::collections::BTreeSet::new();
+    for _ in 0..5 {
+        let (s, r) = st.query(body.clone()).await;
+        assert_eq!(s, 200, "reads keep working after the shared connection was killed: {r}");
+        if port(&r) == replica.port {
+            replica_pids.insert(r["rows"][0]["pid"].as_i64().unwrap());
+        }
+    }
+    assert!(!replica_pids.is_empty(), "the replica serves reads again over a new connection");
+    assert!(!replica_pids.contains(&pid), "the killed backend {pid} was not reused: {replica_pids:?}");
+    st.stop().await;
+}

@@ -101,6 +101,46 @@ pub struct PgEndpoint {
     /// The health prober's own connection. Lives with the endpoint, not the probe task, so a
     /// reload that reuses the endpoint does not pay a new connect (and SCRAM) per probe task.
     pub(crate) probe_client: tokio::sync::Mutex<Option<tokio_postgres::Client>>,
+    /// Shared connections for plain reads (None when `pipeline_connections = 0`).
+    pipeline: Option<Pipeline>,
+}
+
+/// Plain reads (autocommit, no replay wait) pipelined over a few shared connections.
+///
+/// Why: with an exclusive pooled connection per read, every read costs its own send and recv on
+/// the backend socket and a wake-up of its own connection task. tokio-postgres multiplexes
+/// concurrent requests on one `Client`: the connection task writes every queued request with one
+/// send and reads many responses with one recv, so under load the per-read syscall and
+/// scheduling cost falls with the queue depth. A single autocommit statement has no session
+/// state to isolate, so sharing is safe; transactions, batches and replay waits keep using the
+/// exclusive pool. A dropped (cancelled) read is harmless here: the connection task discards
+/// its response, and the next read simply queues behind it (bounded by statement_timeout).
+struct Pipeline {
+    slots: Vec<tokio::sync::Mutex<Option<Arc<SharedConn>>>>,
+    next: AtomicUsize,
+    /// Bounds reads in flight over all slots (connections × depth).
+    permits: tokio::sync::Semaphore,
+}
+
+struct SharedConn {
+    client: tokio_postgres::Client,
+    stmts: std::sync::Mutex<HashMap<String, Statement>>,
+}
+
+impl SharedConn {
+    async fn prepare(&self, sql: &str) -> Result<Statement, tokio_postgres::Error> {
+        if let Some(s) = self.stmts.lock().unwrap_or_else(|p| p.into_inner()).get(sql) {
+            return Ok(s.clone());
+        }
+        // Two concurrent misses may both prepare; the second insert wins, both are valid.
+        let s = self.client.prepare(sql).await?;
+        let mut m = self.stmts.lock().unwrap_or_else(|p| p.into_inner());
+        if m.len() >= STMT_CACHE {
+            m.clear();
+        }
+        m.insert(sql.to_string(), s.clone());
+        Ok(s)
+    }
 }
 
 /// First host and port of a connection config (what cellgate connects to).
@@ -151,7 +191,17 @@ impl PgEndpoint {
             .test_on_check_out(false)
             .error_sink(Box::new(Sink { endpoint: label.clone(), health: health.clone() }))
             .build_unchecked(manager);
+        let pipeline = (pool.pipeline_connections > 0).then(|| Pipeline {
+            slots: (0..pool.pipeline_connections).map(|_| tokio::sync::Mutex::new(None)).collect(),
+            next: AtomicUsize::new(0),
+            permits: tokio::sync::Semaphore::new(
+                (pool.pipeline_connections as usize)
+                    .saturating_mul(pool.pipeline_depth.max(1) as usize)
+                    .min(tokio::sync::Semaphore::MAX_PERMITS),
+            ),
+        });
         Ok(Self {
+            pipeline,
             probe_client: tokio::sync::Mutex::new(None),
             key: Self::key_of(conn),
             label,
@@ -238,6 +288,11 @@ impl PgEndpoint {
         params: &[Value],
         min_lsn: Option<(u64, Instant)>,
     ) -> Result<Option<Rows>, BackendError> {
+        if min_lsn.is_none()
+            && let Some(p) = &self.pipeline
+        {
+            return self.query_pipelined(p, sql, params).await.map(Some);
+        }
         let mut conn = self.checkout().await?;
         if let Some((lsn, until)) = min_lsn
             && !self.wait_replay(&mut conn, lsn, until).await?
@@ -250,6 +305,51 @@ impl PgEndpoint {
         let rows = conn.client.query(&stmt, &pg_types::as_sql_refs(&bound)).await.map_err(|e| self.classify(e))?;
         conn.busy = false;
         Rows::from_pg(&stmt, &rows).map(Some)
+    }
+
+    async fn query_pipelined(&self, p: &Pipeline, sql: &str, params: &[Value]) -> Result<Rows, BackendError> {
+        let _permit = match tokio::time::timeout(self.checkout_timeout, p.permits.acquire()).await {
+            Ok(Ok(permit)) => permit,
+            // Closed never happens (the semaphore is never closed); treat it like a full queue.
+            Ok(Err(_)) | Err(_) => return Err(BackendError::Overloaded { endpoint: self.label.to_string() }),
+        };
+        let conn = self.shared_conn(p).await?;
+        let stmt = conn.prepare(sql).await.map_err(|e| self.classify(e))?;
+        let bound = pg_types::bind_params(stmt.params(), params).map_err(BackendError::Params)?;
+        let rows = conn.client.query(&stmt, &pg_types::as_sql_refs(&bound)).await.map_err(|e| self.classify(e))?;
+        Rows::from_pg(&stmt, &rows)
+    }
+
+    /// The next shared connection (round robin), opened or re-opened if needed. The slot lock
+    /// is held across the connect so concurrent reads wait for one connect instead of racing.
+    async fn shared_conn(&self, p: &Pipeline) -> Result<Arc<SharedConn>, BackendError> {
+        let i = p.next.fetch_add(1, Ordering::Relaxed) % p.slots.len();
+        let mut slot = p.slots[i].lock().await;
+        if let Some(c) = slot.as_ref()
+            && !c.client.is_closed()
+        {
+            return Ok(c.clone());
+        }
+        let connect = self.pg_config.connect(NoTls);
+        let (client, connection) = match tokio::time::timeout(self.checkout_timeout, connect).await {
+            Ok(Ok(pair)) => pair,
+            Ok(Err(e)) => return Err(self.classify(e)),
+            Err(_) => {
+                return Err(BackendError::Unavailable {
+                    endpoint: self.label.to_string(),
+                    reason: format!("no connection within {:?}", self.checkout_timeout),
+                });
+            }
+        };
+        let label = self.label.clone();
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(endpoint = %label, error = %e, "shared read connection closed");
+            }
+        });
+        let c = Arc::new(SharedConn { client, stmts: std::sync::Mutex::new(HashMap::new()) });
+        *slot = Some(c.clone());
+        Ok(c)
     }
 
     /// Has this replica replayed past `lsn`? Polls until `until`.
