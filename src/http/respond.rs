@@ -121,9 +121,20 @@ impl ApiError {
     }
 
     pub fn into_response(self) -> Response<Body> {
-        let (status, code, retryable) = self.class();
+        let status = self.status();
+        let retry_after = self.retry_after();
+        let mut resp = json_response(status, &json!({ "error": self.body() }));
+        if let Some(s) = retry_after {
+            resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(s));
+        }
+        resp
+    }
+
+    /// The `{"code", "message", "retryable", ...}` object of an error response.
+    fn body(&self) -> serde_json::Value {
+        let (_, code, retryable) = self.class();
         let mut err = json!({ "code": code, "message": self.message(), "retryable": retryable });
-        if let ApiError::Database { sqlstate, server_code, detail, hint, statement, .. } = &self {
+        if let ApiError::Database { sqlstate, server_code, detail, hint, statement, .. } = self {
             match server_code {
                 Some(c) => err["server_code"] = json!(c),
                 None => err["sqlstate"] = json!(sqlstate),
@@ -138,14 +149,10 @@ impl ApiError {
                 err["statement"] = json!(s);
             }
         }
-        if let ApiError::ShardUnavailable { shard, .. } = &self {
+        if let ApiError::ShardUnavailable { shard, .. } = self {
             err["shard"] = json!(shard);
         }
-        let mut resp = json_response(status, &json!({ "error": err }));
-        if let Some(s) = self.retry_after() {
-            resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(s));
-        }
-        resp
+        err
     }
 
     /// Map a backend failure on `shard`.
@@ -200,6 +207,12 @@ impl ApiError {
             BackendError::InStatement { .. } => unreachable!("root() strips batch tags"),
         }
     }
+}
+
+/// A backend failure on `shard` as the error object of a partial success (e.g. one shard's part
+/// of a split insert), shaped exactly like the `error` of an error response.
+pub fn error_json(e: BackendError, shard: &str) -> serde_json::Value {
+    ApiError::from_backend(e, shard).body()
 }
 
 pub fn json_response(status: StatusCode, v: &impl serde::Serialize) -> Response<Body> {
