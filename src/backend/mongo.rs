@@ -521,8 +521,7 @@ mod tests {
     fn label_hides_credentials_and_staleness_is_clamped() {
         let uri = Secret::new("mongodb://app:s3cr3t-pw@h1:27017,h2:27018/core?replicaSet=rs0".into());
         let pool = config::Pool::default();
-        let mut health = config::Health::default();
-        health.max_lag_ms = 5_000;
+        let mut health = config::Health { max_lag_ms: 5_000, ..Default::default() };
         let db = MongoDatabase::new(&uri, "profiles", &pool, &health).unwrap();
         assert_eq!(&*db.label, "h1:27017,h2:27018/core");
         assert_eq!(db.database_name(), "core");
