@@ -354,6 +354,73 @@ async fn down_shard_is_unavailable_and_secrets_stay_secret() {
     assert!(!logged.contains(CANARY), "logs leak the password");
 }
 
+/// Writes honour the live-migration hold like SQL writes, and a reload keeps the client of an
+/// unchanged URI (its pool and monitors) while building a new one for a changed URI.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn freeze_holds_writes_and_reload_reuses_clients() {
+    let (ca, cb) = (Congo::start(), Congo::start());
+    let st = DocStack::start(&[ca.uri(), cb.uri()]).await;
+    let cell = cellgate::geo::owning_cell(cellgate::geo::point(MADRID.0, MADRID.1).unwrap(), h3o::Resolution::Five);
+    let admin_post = |path: &'static str, body: Value| {
+        let req = st.http.post(format!("{}{path}", st.admin())).bearer_auth(support::ADMIN_TOKEN).json(&body);
+        async move { req.send().await.unwrap().status().as_u16() }
+    };
+    // A hold that runs out: 503 cells_frozen, nothing written.
+    assert_eq!(
+        admin_post("/admin/freeze", json!({"id": "m1", "cells": [cell.to_string()], "hold_ms": 300})).await,
+        200
+    );
+    let t = std::time::Instant::now();
+    let (s, v, retry) =
+        st.raw("profiles/people/insert", WRITE_TOKEN, &json!({"documents": [{"loc": geo(MADRID)}]}).to_string()).await;
+    assert_eq!((s, v["error"]["code"].as_str(), retry.as_deref()), (503, Some("cells_frozen"), Some("1")), "{v}");
+    assert!(t.elapsed() >= Duration::from_millis(250), "the write was held first");
+    let (s, v) = st.write("people/delete", json!({"region": at(MADRID), "filter": {}})).await;
+    assert_eq!((s, v["error"]["code"].as_str()), (503, Some("cells_frozen")), "{v}");
+    // Writes to other cells are not held.
+    let (s, v) = st.write("people/insert", json!({"documents": [{"loc": geo(PARIS)}]})).await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(admin_post("/admin/release", json!({"id": "m1"})).await, 200);
+    // A hold released in time: the write proceeds.
+    assert_eq!(
+        admin_post("/admin/freeze", json!({"id": "m2", "cells": [cell.to_string()], "hold_ms": 5000})).await,
+        200
+    );
+    let pending = st.write("people/insert", json!({"documents": [{"name": "held", "loc": geo(MADRID)}]}));
+    let release = async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        admin_post("/admin/release", json!({"id": "m2"})).await
+    };
+    let ((s, v), released) = tokio::join!(pending, release);
+    assert_eq!((s, released), (200, 200), "{v}");
+    let a = ca.client().await;
+    assert_eq!(direct(&a, "people").await.len(), 1, "only the released write landed on a");
+
+    // Reload: shard a unchanged keeps its client; shard b's new URI gets a new one.
+    let cfg = cellgate::config::Config::parse(&support::config_text(&st.dir)).unwrap();
+    let cc = Congo::start();
+    let v1 = cellgate::shardmap::compile_str(&support::mongo::map_toml(&[ca.uri(), cb.uri()])).unwrap();
+    let v2 = cellgate::shardmap::compile_str(&support::mongo::map_toml(&[ca.uri(), cc.uri()])).unwrap();
+    let old = cellgate::backend::Backends::build(&v1, &cfg).unwrap();
+    let new = cellgate::backend::Backends::build_reusing(&v2, &cfg, Some(&old)).unwrap();
+    let mongo = |b: &cellgate::backend::Backends, i: usize| match b.shards[i].get("profiles") {
+        Some(cellgate::backend::DatabaseBackend::Mongo(m)) => m.clone(),
+        _ => panic!("profiles is a MongoDB database"),
+    };
+    assert!(std::sync::Arc::ptr_eq(&mongo(&old, 0), &mongo(&new, 0)), "unchanged URI: same client");
+    assert!(!std::sync::Arc::ptr_eq(&mongo(&old, 1), &mongo(&new, 1)), "changed URI: new client");
+    new.check_new(&cfg).await.expect("the new database answers a ping");
+    let gone = cellgate::shardmap::compile_str(&support::mongo::map_toml(&[
+        ca.uri(),
+        "mongodb://127.0.0.1:1/?directConnection=true".into(),
+    ]))
+    .unwrap();
+    let bad = cellgate::backend::Backends::build_reusing(&gone, &cfg, Some(&old)).unwrap();
+    let errs = bad.check_new(&cfg).await.expect_err("an unreachable new URI fails the reload check");
+    assert!(errs[0].contains("shard b database profiles"), "{errs:?}");
+    st.stop().await;
+}
+
 /// Read preferences reach the right member of a replica set (MockupDB records who got what).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replica_routing_against_mockupdb() {
