@@ -256,6 +256,8 @@ async fn insert_split_by_geo_field_and_area_merge() {
     // Without sort, an area find concatenates shard results (limit still applies).
     let (_, v) = st.read("people/find", json!({"region": area, "limit": 3})).await;
     assert_eq!(v["documents"].as_array().unwrap().len(), 3, "{v}");
+    let (_, v) = st.read("people/find", json!({"region": area, "limit": 0})).await;
+    assert_eq!(v["documents"].as_array().unwrap().len(), 12, "limit 0 is no limit, as in MongoDB: {v}");
 
     // Documents that cannot be placed.
     let (s, v) =

@@ -197,7 +197,16 @@ impl MongoDatabase {
     async fn client(&self) -> Result<&Client, BackendError> {
         self.client
             .get_or_try_init(|| async {
-                let mut o = ClientOptions::parse(self.conn.clone()).await.map_err(|e| self.classify(e))?;
+                // The URI was validated at build; what can fail here is SRV/TXT resolution or
+                // what it returned: the shard is unreachable, never the request's fault.
+                let unreachable = |e: DriverError| match self.classify(e) {
+                    e @ BackendError::Unavailable { .. } => e,
+                    other => BackendError::Unavailable {
+                        endpoint: self.label.to_string(),
+                        reason: scrub_pw(&format!("cannot build the client: {other}"), self.password.as_deref()),
+                    },
+                };
+                let mut o = ClientOptions::parse(self.conn.clone()).await.map_err(unreachable)?;
                 let s = &self.settings;
                 o.app_name = Some("cellgate".into());
                 o.max_pool_size = Some(s.max_pool);
@@ -208,7 +217,7 @@ impl MongoDatabase {
                 // A request waits this long for a usable member (then 503), not the driver's 30 s.
                 o.server_selection_timeout = Some(s.selection_timeout);
                 o.max_idle_time = Some(s.max_idle);
-                Client::with_options(o).map_err(|e| self.classify(e))
+                Client::with_options(o).map_err(unreachable)
             })
             .await
     }

@@ -341,9 +341,11 @@ async fn find(
     let deadline = Instant::now() + state.config.request_timeout();
     let shards = read_shards(&snap, &region, out)?;
     let single = shards.len() == 1;
+    // MongoDB reads `limit: 0` as "no limit"; the merge must too.
+    let req_limit = req.limit.filter(|l| *l > 0);
     // Across shards, each shard returns its first skip+limit documents and skip applies after
     // the merge.
-    let (skip, limit) = if single { (req.skip, req.limit) } else { (0, req.limit.map(|l| l.saturating_add(req.skip))) };
+    let (skip, limit) = if single { (req.skip, req_limit) } else { (0, req_limit.map(|l| l.saturating_add(req.skip))) };
     let parts = fan_out(&snap, db, &shards, &consistency, deadline, |m, opts| {
         let q = FindQuery { filter: filter.clone(), projection: projection.clone(), sort: sort.clone(), skip, limit };
         m.find(collection, q, opts)
@@ -359,7 +361,7 @@ async fn find(
             None => docs.into_iter().flatten().collect(),
         };
         let skip = usize::try_from(req.skip).unwrap_or(usize::MAX);
-        let limit = req.limit.map_or(usize::MAX, |l| usize::try_from(l).unwrap_or(usize::MAX));
+        let limit = req_limit.map_or(usize::MAX, |l| usize::try_from(l).unwrap_or(usize::MAX));
         merged.into_iter().skip(skip).take(limit).collect()
     };
     Ok(ReadAnswer { documents: Docs(documents), shards: infos, map_version: snap.map.version().0 })

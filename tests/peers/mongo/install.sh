@@ -34,7 +34,7 @@ if [[ -x "$venv/bin/python" ]] && "$venv/bin/python" -c 'import mockupdb, bson' 
 else
   rm -rf "$venv"
   python3 -m venv "$venv"
-  "$venv/bin/pip" install --quiet 'mockupdb==1.8.1' 'pymongo>=4,<5'
+  "$venv/bin/pip" install --quiet 'mockupdb==1.8.1' 'pymongo==4.20.1'
   "$venv/bin/python" -c 'import mockupdb, bson'
   echo "mockupdb: installed in $venv"
 fi
