@@ -446,6 +446,14 @@ async fn replica_routing_against_mockupdb() {
     assert_eq!(c.member, "secondary");
     assert_eq!(c.read_preference, json!({"mode": "secondaryPreferred", "maxStalenessSeconds": 90}), "{c:?}");
     assert!(!c.after_cluster_time);
+    assert!(c.max_time_ms.is_some_and(|t| t > 0 && t <= 3000), "reads carry the time left as maxTimeMS: {c:?}");
+    ra.clear();
+
+    // A member that never answers: the request deadline (3 s in the test config) gives a 504.
+    let t = std::time::Instant::now();
+    let (s, v) = st.read("slow/find", json!({"region": madrid})).await;
+    assert_eq!((s, v["error"]["code"].as_str()), (504, Some("timeout")), "{v}");
+    assert!(t.elapsed() < Duration::from_secs(5), "bounded by the deadline");
     ra.clear();
 
     let (_, v) = st.read("people/count", json!({"region": madrid})).await;

@@ -106,6 +106,7 @@ pub struct SeenCommand {
     pub command: String,
     pub read_preference: Value,
     pub after_cluster_time: bool,
+    pub max_time_ms: Option<i64>,
 }
 
 /// A two-member MockupDB replica set (primary + secondary).
@@ -154,6 +155,7 @@ impl MockupRs {
                         command: v["command"].as_str().unwrap_or("").into(),
                         read_preference: v["read_preference"].clone(),
                         after_cluster_time: v["after_cluster_time"] == true,
+                        max_time_ms: v["max_time_ms"].as_i64(),
                     });
                 }
             }

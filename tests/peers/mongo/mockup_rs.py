@@ -10,7 +10,8 @@ nothing: it proves routing, not data. Run with the venv that tests/peers/mongo/i
 Stdout protocol (one JSON object per line, flushed):
     {"event": "listening", "set": "rs0", "primary": "127.0.0.1:P", "secondary": "127.0.0.1:S"}
     {"event": "command", "member": "primary"|"secondary", "command": "find", "db": "...",
-     "read_preference": {...} | null, "after_cluster_time": bool}
+     "read_preference": {...} | null, "after_cluster_time": bool, "max_time_ms": int | null}
+Commands on a collection named "slow" are recorded but never answered.
 Stops on SIGTERM/SIGINT or when stdin closes.
 """
 
@@ -88,7 +89,11 @@ def main():
                 "db": doc.get("$db"),
                 "read_preference": doc.get("$readPreference"),
                 "after_cluster_time": "afterClusterTime" in rc,
+                "max_time_ms": doc.get("maxTimeMS"),
             })
+            if doc.get(request.command_name) == "slow":
+                # Never answered: lets the test see cellgate's deadline (504).
+                return False
             ns = f"{doc.get('$db')}.{doc.get(request.command_name)}"
             reply = {"ok": 1, "operationTime": OP_TIME}
             if cmd in ("find", "aggregate"):
