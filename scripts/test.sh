@@ -8,6 +8,8 @@ source scripts/lib/deps.sh
 
 ensure_rust
 ensure_postgres
+# MongoDB test peers (CongoDB from npm, MockupDB from PyPI) into git-ignored folders.
+bash tests/peers/mongo/install.sh
 
 echo "== cargo test --workspace (benches are built by clippy --all-targets; run them with cargo bench)"
 cargo test --workspace "$@"

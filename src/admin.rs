@@ -302,6 +302,18 @@ fn shards_json(state: &AppState) -> Value {
                         .collect();
                     json!({"kind": "postgres", "endpoints": eps})
                 }
+                DatabaseBackend::Mongo(m) => {
+                    // The driver picks members itself; this is cellgate's view of the database.
+                    let st = m.status();
+                    json!({"kind": "mongodb", "endpoints": [{
+                        "endpoint": st.endpoint,
+                        "database": st.database,
+                        "warmed": st.warmed,
+                        "up": st.up,
+                        "max_staleness_s": m.max_staleness().as_secs(),
+                        "last_error": st.last_error,
+                    }]})
+                }
                 DatabaseBackend::Unsupported(kind) => json!({"kind": kind, "served": false}),
             };
             dbs.insert(name.clone(), v);

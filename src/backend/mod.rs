@@ -1,6 +1,7 @@
 //! Backends: one module per database kind plus health. Owns connections; knows nothing of HTTP.
 
 pub mod health;
+pub mod mongo;
 pub mod pg_types;
 pub mod postgres;
 
@@ -10,6 +11,7 @@ use std::time::Duration;
 
 use crate::config;
 use crate::shardmap::{DatabaseSpec, ShardMap};
+use mongo::MongoDatabase;
 use postgres::{PgDatabase, PgEndpoint};
 
 /// Install aws-lc-rs as the one process-wide rustls provider. tiberius and mongodb pass their
@@ -87,6 +89,7 @@ impl BackendError {
 /// A shard's logical database, by kind.
 pub enum DatabaseBackend {
     Postgres(Arc<PgDatabase>),
+    Mongo(Arc<MongoDatabase>),
     /// Declared in the map but served by a backend this build does not run yet.
     Unsupported(&'static str),
 }
@@ -97,6 +100,8 @@ pub struct Backends {
     health_tasks: Vec<tokio::task::JoinHandle<()>>,
     /// Endpoints created by this build (not reused from the previous snapshot), with context.
     fresh: Vec<(String, Arc<PgEndpoint>)>,
+    /// MongoDB databases created by this build, with context.
+    fresh_mongo: Vec<(String, Arc<MongoDatabase>)>,
 }
 
 impl Drop for Backends {
@@ -122,15 +127,23 @@ impl Backends {
         old: Option<&Backends>,
     ) -> Result<Backends, Vec<String>> {
         let mut reusable: HashMap<([u8; 32], Role), Arc<PgEndpoint>> = HashMap::new();
+        let mut reusable_mongo: HashMap<[u8; 32], Arc<MongoDatabase>> = HashMap::new();
         if let Some(old) = old {
             for db in old.shards.iter().flat_map(|s| s.values()) {
-                if let DatabaseBackend::Postgres(pg) = db {
-                    for ep in pg.endpoints() {
-                        reusable.insert((ep.key, ep.role), ep.clone());
+                match db {
+                    DatabaseBackend::Postgres(pg) => {
+                        for ep in pg.endpoints() {
+                            reusable.insert((ep.key, ep.role), ep.clone());
+                        }
                     }
+                    DatabaseBackend::Mongo(m) => {
+                        reusable_mongo.insert(m.key, m.clone());
+                    }
+                    DatabaseBackend::Unsupported(_) => {}
                 }
             }
         }
+        let mut fresh_mongo = Vec::new();
         let mut errors = Vec::new();
         let mut shards = Vec::new();
         let mut tasks = Vec::new();
@@ -171,15 +184,32 @@ impl Backends {
                     DatabaseSpec::Sqlserver { .. } => {
                         dbs.insert(name.clone(), DatabaseBackend::Unsupported("sqlserver"));
                     }
-                    DatabaseSpec::Mongodb { .. } => {
-                        dbs.insert(name.clone(), DatabaseBackend::Unsupported("mongodb"));
+                    DatabaseSpec::Mongodb { uri } => {
+                        // Same URI and database as before: keep the client (its pool and
+                        // topology monitors) across the reload.
+                        if let Some(m) = reusable_mongo.get(&MongoDatabase::key_of(uri, name)) {
+                            dbs.insert(name.clone(), DatabaseBackend::Mongo(m.clone()));
+                            continue;
+                        }
+                        match MongoDatabase::new(uri, name, &cfg.pool, &cfg.health) {
+                            Ok(m) => {
+                                let m = Arc::new(m);
+                                // Warm in the background, bounded: a down shard must not hold
+                                // up (or fail) the build.
+                                let w = m.clone();
+                                tasks.push(tokio::spawn(async move { w.warm().await }));
+                                fresh_mongo.push((ctx, m.clone()));
+                                dbs.insert(name.clone(), DatabaseBackend::Mongo(m));
+                            }
+                            Err(e) => errors.push(format!("{ctx}: {e}")),
+                        }
                     }
                 }
             }
             shards.push(dbs);
         }
         if errors.is_empty() {
-            Ok(Backends { shards, health_tasks: tasks, fresh })
+            Ok(Backends { shards, health_tasks: tasks, fresh, fresh_mongo })
         } else {
             for t in tasks {
                 t.abort();
@@ -200,8 +230,15 @@ impl Backends {
                 Err(_) => Err(format!("{ctx} ({}): no answer within {timeout:?}", ep.label)),
             }
         });
-        let errors: Vec<String> =
-            futures_util::future::join_all(checks).await.into_iter().filter_map(Result::err).collect();
+        let mongo_checks = self.fresh_mongo.iter().map(|(ctx, db)| async move {
+            db.ping(tokio::time::Instant::now() + timeout).await.map_err(|e| format!("{ctx} ({}): {e}", db.label))
+        });
+        let (pg, mongo) = futures_util::future::join(
+            futures_util::future::join_all(checks),
+            futures_util::future::join_all(mongo_checks),
+        )
+        .await;
+        let errors: Vec<String> = pg.into_iter().chain(mongo).filter_map(Result::err).collect();
         if errors.is_empty() { Ok(()) } else { Err(errors) }
     }
 
@@ -209,6 +246,8 @@ impl Backends {
     pub fn first_pass_done(&self) -> bool {
         self.shards.iter().flat_map(|s| s.values()).all(|db| match db {
             DatabaseBackend::Postgres(pg) => pg.endpoints().all(|e| e.health.view().probed),
+            // The bounded warm-up attempt finished (a down shard counts as probed).
+            DatabaseBackend::Mongo(m) => m.warmed(),
             DatabaseBackend::Unsupported(_) => true,
         })
     }

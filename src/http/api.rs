@@ -92,13 +92,13 @@ pub enum Consistency {
 }
 
 #[derive(Serialize)]
-struct ShardInfo {
-    id: String,
-    role: Role,
-    endpoint: String,
+pub(super) struct ShardInfo {
+    pub(super) id: String,
+    pub(super) role: Role,
+    pub(super) endpoint: String,
 }
 
-fn parse_region(v: Option<Value>, snap: &Snapshot) -> Result<Region, ApiError> {
+pub(super) fn parse_region(v: Option<Value>, snap: &Snapshot) -> Result<Region, ApiError> {
     let v = match v {
         None | Some(Value::Null) => return Err(ApiError::RegionRequired),
         Some(v) => v,
@@ -113,7 +113,7 @@ pub fn make_token(shard: &str, lsn: u64) -> String {
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!("v1:{shard}:{lsn:x}"))
 }
 
-fn parse_token(t: &str) -> Option<(String, u64)> {
+pub(super) fn parse_token(t: &str) -> Option<(String, u64)> {
     let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(t.trim()).ok()?;
     let s = String::from_utf8(raw).ok()?;
     let mut parts = s.splitn(3, ':');
@@ -125,7 +125,7 @@ fn parse_token(t: &str) -> Option<(String, u64)> {
     Some((shard, lsn))
 }
 
-fn parse_consistency(v: Option<Value>, max_wait_ms: u64) -> Result<Consistency, ApiError> {
+pub(super) fn parse_consistency(v: Option<Value>, max_wait_ms: u64) -> Result<Consistency, ApiError> {
     match v {
         None | Some(Value::Null) => Ok(Consistency::Replica),
         Some(Value::String(s)) if s == "replica" => Ok(Consistency::Replica),
@@ -155,13 +155,16 @@ fn parse_consistency(v: Option<Value>, max_wait_ms: u64) -> Result<Consistency, 
     }
 }
 
-fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+pub(super) fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     serde_json::from_slice(body).map_err(|e| ApiError::InvalidJson(e.to_string()))
 }
 
 fn pg_db<'a>(snap: &'a Snapshot, shard: ShardIdx, db: &str) -> Result<&'a Arc<PgDatabase>, ApiError> {
     match snap.backends.shards[shard.get()].get(db) {
         Some(DatabaseBackend::Postgres(pg)) => Ok(pg),
+        Some(DatabaseBackend::Mongo(_)) => Err(ApiError::Unsupported(format!(
+            "database {db:?} is mongodb: use POST /v1/docs/{db}/{{collection}}/{{op}}"
+        ))),
         Some(DatabaseBackend::Unsupported(kind)) => {
             Err(ApiError::Unsupported(format!("database {db:?} is {kind}, which this build does not serve yet")))
         }
@@ -324,21 +327,10 @@ pub async fn execute(state: &AppState, db: &str, body: &[u8], out: &mut Outcome)
         };
         // Cutover hold: writes to moving cells wait for the release (bounded by hold_ms), then
         // re-route on the map published by then.
-        let frozen = state.freeze.borrow().clone();
-        if let Some(f) = frozen
-            && f.covers(route.cell)
-        {
+        if let Some(f) = frozen_for(state, &[route.cell]) {
             drop(snap);
-            let mut rx = state.freeze.subscribe();
-            let released = tokio::time::timeout_at(
-                f.deadline,
-                rx.wait_for(|cur| !cur.as_ref().is_some_and(|c| Arc::ptr_eq(c, &f))),
-            )
-            .await;
-            match released {
-                Ok(_) => continue,
-                Err(_) => return Err(ApiError::CellsFrozen(format!("cell {} is moving; retry shortly", route.cell))),
-            }
+            hold(state, f, route.cell).await?;
+            continue;
         }
         let shard = route.shard.expect("route() returns owned cells only");
         out.cell = Some(route.cell.to_string());
@@ -395,11 +387,33 @@ pub async fn execute(state: &AppState, db: &str, body: &[u8], out: &mut Outcome)
     }
 }
 
+/// The cutover hold (design §5) covering any of `cells`, if one is in force.
+pub(super) fn frozen_for(state: &AppState, cells: &[h3o::CellIndex]) -> Option<Arc<crate::migrate::Freeze>> {
+    state.freeze.borrow().as_ref().filter(|f| cells.iter().any(|c| f.covers(*c))).cloned()
+}
+
+/// Hold a write to `cell` until the freeze `f` is released (then the caller re-routes on the map
+/// published by then), or fail with `cells_frozen` when its hold time runs out. The caller must
+/// not keep a snapshot pinned while waiting.
+pub(super) async fn hold(
+    state: &AppState,
+    f: Arc<crate::migrate::Freeze>,
+    cell: h3o::CellIndex,
+) -> Result<(), ApiError> {
+    let mut rx = state.freeze.subscribe();
+    let released =
+        tokio::time::timeout_at(f.deadline, rx.wait_for(|cur| !cur.as_ref().is_some_and(|c| Arc::ptr_eq(c, &f)))).await;
+    match released {
+        Ok(_) => Ok(()),
+        Err(_) => Err(ApiError::CellsFrozen(format!("cell {cell} is moving; retry shortly"))),
+    }
+}
+
 fn is_fenced(e: &crate::backend::BackendError) -> bool {
     matches!(e.root(), crate::backend::BackendError::Database { sqlstate, .. } if sqlstate == crate::migrate::sql::FENCE_SQLSTATE)
 }
 
-fn route_err(e: RouteError) -> ApiError {
+pub(super) fn route_err(e: RouteError) -> ApiError {
     match e {
         RouteError::NoShard(c) => ApiError::NoShardForRegion(c.to_string()),
         RouteError::CellIsArea { .. } => ApiError::InvalidRegion(e.to_string()),

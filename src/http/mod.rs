@@ -3,6 +3,7 @@
 //! limit (429), request deadline (504), auth, the request span and metrics.
 
 pub mod api;
+pub mod docs;
 pub mod respond;
 
 use std::net::SocketAddr;
@@ -227,31 +228,53 @@ async fn handle(state: Arc<AppState>, plane: Plane, req: Request<Incoming>) -> R
     }
 }
 
+/// What a data-plane request asks for (from its path).
+enum DataOp {
+    Query,
+    Execute,
+    /// Collection and operation of the document API.
+    Docs(String, docs::Op),
+}
+
+#[derive(serde::Serialize)]
+#[serde(untagged)]
+enum Answer {
+    Sql(api::Answer),
+    Docs(docs::Answer),
+}
+
 async fn data(state: &AppState, req: Request<Incoming>) -> Response<Body> {
     let started = std::time::Instant::now();
     let path = req.uri().path().to_string();
-    // /v1/sql/{db}/{query|execute}
+    // /v1/sql/{db}/{query|execute} and /v1/docs/{db}/{collection}/{op}
     let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
     let (db, op) = match parts.as_slice() {
-        ["v1", "sql", db, op @ ("query" | "execute")] => (db.to_string(), *op),
+        ["v1", "sql", db, op @ ("query" | "execute")] => {
+            (db.to_string(), if *op == "query" { DataOp::Query } else { DataOp::Execute })
+        }
+        ["v1", "docs", db, coll, op] => match docs::Op::parse(op) {
+            Some(op) => (db.to_string(), DataOp::Docs(coll.to_string(), op)),
+            None => return ApiError::NotFound.into_response(),
+        },
         _ => return ApiError::NotFound.into_response(),
     };
     if req.method() != Method::POST {
         return ApiError::MethodNotAllowed.into_response();
     }
-    let route = if op == "query" { "sql_query" } else { "sql_execute" };
+    let (route, read) = match &op {
+        DataOp::Query => ("sql_query", true),
+        DataOp::Execute => ("sql_execute", false),
+        DataOp::Docs(_, o) => (o.route(), o.is_read()),
+    };
     let span = tracing::info_span!("request", route, db = %db, cell = tracing::field::Empty, shard = tracing::field::Empty,
         role = tracing::field::Empty, map_version = tracing::field::Empty, status = tracing::field::Empty);
-    let scope = if op == "query" { Scope::Read } else { Scope::Write };
+    let scope = if read { Scope::Read } else { Scope::Write };
     let result = async {
         match state.auth.check(req.headers().get(header::AUTHORIZATION).map(|v| v.as_bytes()), scope) {
             Ok(_) => {}
             Err(crate::auth::AuthError::Unauthorized) => return (Err(ApiError::Unauthorized), api::Outcome::default()),
             Err(crate::auth::AuthError::Forbidden(_)) => {
-                return (
-                    Err(ApiError::Forbidden(if op == "query" { "read" } else { "write" })),
-                    api::Outcome::default(),
-                );
+                return (Err(ApiError::Forbidden(if read { "read" } else { "write" })), api::Outcome::default());
             }
         }
         // In-flight limit: counted before the body is read, so a flood of slow uploads counts too.
@@ -264,10 +287,16 @@ async fn data(state: &AppState, req: Request<Incoming>) -> Response<Body> {
         let mut out = api::Outcome::default();
         let work = async {
             let body = read_body(body, &parts.headers, state.config.limits.max_body_bytes).await?;
-            if op == "query" {
-                api::query(state, &db, &body, &mut out).await
-            } else {
-                api::execute(state, &db, &body, &mut out).await
+            match &op {
+                DataOp::Query => {
+                    api::query(state, &db, &body, &mut out).await.map(|a| (StatusCode::OK, Answer::Sql(a)))
+                }
+                DataOp::Execute => {
+                    api::execute(state, &db, &body, &mut out).await.map(|a| (StatusCode::OK, Answer::Sql(a)))
+                }
+                DataOp::Docs(coll, o) => {
+                    docs::handle(state, &db, coll, *o, &body, &mut out).await.map(|(s, a)| (s, Answer::Docs(a)))
+                }
             }
         };
         let r = match tokio::time::timeout(state.config.request_timeout(), work).await {
@@ -280,7 +309,7 @@ async fn data(state: &AppState, req: Request<Incoming>) -> Response<Body> {
     .await;
     let (result, out) = result;
     let resp = match result {
-        Ok(v) => respond::json_response(StatusCode::OK, &v),
+        Ok((status, v)) => respond::json_response(status, &v),
         Err(e) => {
             if e.status().is_server_error() {
                 tracing::warn!(parent: &span, code = e.code(), "request failed");

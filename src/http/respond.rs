@@ -33,7 +33,8 @@ pub enum ApiError {
         message: String,
         detail: Option<String>,
         hint: Option<String>,
-        statement: Option<usize>,
+        /// Batch index; u32 keeps `ApiError` under clippy's large-error threshold.
+        statement: Option<u32>,
     },
     Overloaded(String),
     ShardUnavailable {
@@ -121,9 +122,20 @@ impl ApiError {
     }
 
     pub fn into_response(self) -> Response<Body> {
-        let (status, code, retryable) = self.class();
+        let status = self.status();
+        let retry_after = self.retry_after();
+        let mut resp = json_response(status, &json!({ "error": self.body() }));
+        if let Some(s) = retry_after {
+            resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(s));
+        }
+        resp
+    }
+
+    /// The `{"code", "message", "retryable", ...}` object of an error response.
+    fn body(&self) -> serde_json::Value {
+        let (_, code, retryable) = self.class();
         let mut err = json!({ "code": code, "message": self.message(), "retryable": retryable });
-        if let ApiError::Database { sqlstate, server_code, detail, hint, statement, .. } = &self {
+        if let ApiError::Database { sqlstate, server_code, detail, hint, statement, .. } = self {
             match server_code {
                 Some(c) => err["server_code"] = json!(c),
                 None => err["sqlstate"] = json!(sqlstate),
@@ -138,20 +150,16 @@ impl ApiError {
                 err["statement"] = json!(s);
             }
         }
-        if let ApiError::ShardUnavailable { shard, .. } = &self {
+        if let ApiError::ShardUnavailable { shard, .. } = self {
             err["shard"] = json!(shard);
         }
-        let mut resp = json_response(status, &json!({ "error": err }));
-        if let Some(s) = self.retry_after() {
-            resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(s));
-        }
-        resp
+        err
     }
 
     /// Map a backend failure on `shard`.
     pub fn from_backend(e: BackendError, shard: &str) -> ApiError {
         let statement = match &e {
-            BackendError::InStatement { index, .. } => Some(*index),
+            BackendError::InStatement { index, .. } => u32::try_from(*index).ok(),
             _ => None,
         };
         match e.root() {
@@ -200,6 +208,12 @@ impl ApiError {
             BackendError::InStatement { .. } => unreachable!("root() strips batch tags"),
         }
     }
+}
+
+/// A backend failure on `shard` as the error object of a partial success (e.g. one shard's part
+/// of a split insert), shaped exactly like the `error` of an error response.
+pub fn error_json(e: BackendError, shard: &str) -> serde_json::Value {
+    ApiError::from_backend(e, shard).body()
 }
 
 pub fn json_response(status: StatusCode, v: &impl serde::Serialize) -> Response<Body> {

@@ -2,6 +2,8 @@
 //! serving in-process on 127.0.0.1:0. Dropping the stack stops cellgate and the cluster.
 #![allow(dead_code)]
 
+pub mod mongo;
+
 use std::io::Write;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};

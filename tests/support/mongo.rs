@@ -1,0 +1,277 @@
+//! MongoDB test peers (CongoDB per shard, a MockupDB replica set per shard) started on free
+//! loopback ports and killed by PID on drop, plus a cellgate instance whose map serves the
+//! `profiles` database from them. Installs nothing: `tests/peers/mongo/install.sh` does.
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use cellgate::config::Config;
+use cellgate::server::{self, Running};
+use serde_json::{Value, json};
+
+use super::{ADMIN_TOKEN, READ_TOKEN, WRITE_TOKEN, config_text, logs};
+
+fn peers_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/peers/mongo")
+}
+
+const INSTALL_HINT: &str = "MongoDB test peers are not installed: run `bash tests/peers/mongo/install.sh`";
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A child process killed (SIGKILL, by its PID) when dropped, with its stdout lines.
+pub struct Proc {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+}
+
+impl Proc {
+    fn spawn(mut cmd: Command) -> Proc {
+        cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::inherit());
+        let mut child = cmd.spawn().unwrap_or_else(|e| panic!("{INSTALL_HINT} (spawn failed: {e})"));
+        let out = child.stdout.take().expect("piped stdout");
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Proc { child, lines }
+    }
+
+    /// The next stdout line, or None when the process ended or `timeout` passed.
+    pub fn next_line(&self, timeout: Duration) -> Option<String> {
+        self.lines.recv_timeout(timeout).ok()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One CongoDB (in-memory, standalone) on a free port.
+pub struct Congo {
+    _proc: Proc,
+    pub port: u16,
+}
+
+impl Congo {
+    pub fn start() -> Congo {
+        let dir = peers_dir().join(".congodb");
+        assert!(dir.join("congo-start.mjs").exists() && dir.join("package").exists(), "{INSTALL_HINT}");
+        // A free port can be taken between the probe and node's bind: try a few.
+        for _ in 0..3 {
+            let port = free_port();
+            let mut cmd = Command::new("node");
+            cmd.arg("congo-start.mjs").current_dir(&dir).env("CONGO_PORT", port.to_string());
+            let proc = Proc::spawn(cmd);
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while Instant::now() < deadline {
+                match proc.next_line(Duration::from_millis(200)) {
+                    Some(l) if l.contains("listening") => return Congo { _proc: proc, port },
+                    _ => {}
+                }
+            }
+        }
+        panic!("CongoDB did not start (no listening line); is the install complete? {INSTALL_HINT}");
+    }
+
+    /// The URI cellgate and the tests use (standalone: a direct connection).
+    pub fn uri(&self) -> String {
+        format!("mongodb://127.0.0.1:{}/?directConnection=true", self.port)
+    }
+
+    /// A driver client for reading the server directly (build one per test: clients are bound
+    /// to the runtime they were created in).
+    pub async fn client(&self) -> mongodb::Client {
+        mongodb::Client::with_uri_str(self.uri()).await.expect("direct client")
+    }
+}
+
+/// One command a MockupDB member received.
+#[derive(Debug, Clone)]
+pub struct SeenCommand {
+    pub member: String,
+    pub command: String,
+    pub read_preference: Value,
+    pub after_cluster_time: bool,
+    pub max_time_ms: Option<i64>,
+}
+
+/// A two-member MockupDB replica set (primary + secondary).
+pub struct MockupRs {
+    proc: Proc,
+    pub set_name: String,
+    pub primary: String,
+    pub secondary: String,
+    seen: Arc<Mutex<Vec<SeenCommand>>>,
+}
+
+impl MockupRs {
+    pub fn start(set_name: &str) -> MockupRs {
+        let dir = peers_dir();
+        let python = dir.join(".venv/bin/python");
+        assert!(python.exists(), "{INSTALL_HINT}");
+        let mut cmd = Command::new(python);
+        cmd.arg(dir.join("mockup_rs.py")).arg("--set-name").arg(set_name);
+        let proc = Proc::spawn(cmd);
+        let line =
+            proc.next_line(Duration::from_secs(20)).unwrap_or_else(|| panic!("MockupDB did not start. {INSTALL_HINT}"));
+        let v: Value = serde_json::from_str(&line).unwrap_or_else(|_| panic!("MockupDB said {line:?}"));
+        assert_eq!(v["event"], "listening", "{v}");
+        MockupRs {
+            proc,
+            set_name: set_name.to_string(),
+            primary: v["primary"].as_str().unwrap().to_string(),
+            secondary: v["secondary"].as_str().unwrap().to_string(),
+            seen: Arc::new(Mutex::new(Vec::new())),
+        }
+    }
+
+    pub fn uri(&self) -> String {
+        format!("mongodb://{},{}/?replicaSet={}", self.primary, self.secondary, self.set_name)
+    }
+
+    /// Drain what the members reported so far (waiting up to `wait` for at least `n` commands).
+    pub fn commands(&self, n: usize, wait: Duration) -> Vec<SeenCommand> {
+        let deadline = Instant::now() + wait;
+        loop {
+            while let Some(line) = self.proc.next_line(Duration::from_millis(20)) {
+                let v: Value = serde_json::from_str(&line).unwrap_or(Value::Null);
+                if v["event"] == "command" {
+                    self.seen.lock().unwrap().push(SeenCommand {
+                        member: v["member"].as_str().unwrap_or("").into(),
+                        command: v["command"].as_str().unwrap_or("").into(),
+                        read_preference: v["read_preference"].clone(),
+                        after_cluster_time: v["after_cluster_time"] == true,
+                        max_time_ms: v["max_time_ms"].as_i64(),
+                    });
+                }
+            }
+            let seen = self.seen.lock().unwrap();
+            if seen.len() >= n || Instant::now() >= deadline {
+                return seen.clone();
+            }
+        }
+    }
+
+    /// Forget what was reported so far.
+    pub fn clear(&self) {
+        self.commands(0, Duration::ZERO);
+        self.seen.lock().unwrap().clear();
+    }
+}
+
+/// Madrid's resolution-0 cell belongs to shard "a", Paris's to "b"; everything else is rejected.
+pub fn map_toml(uris: &[String]) -> String {
+    let mut s = String::from("version = 1\nresolution = 5\n");
+    for (id, uri) in ["a", "b"].iter().zip(uris) {
+        s += &format!(
+            "[[shards]]\nid = \"{id}\"\nzone = \"test\"\n  [shards.databases.profiles]\n  kind = \"mongodb\"\n  uri = \"{uri}\"\n"
+        );
+    }
+    s += "[[assign]]\nshard = \"a\"\ncells = [\"8039fffffffffff\"]\n";
+    s += "[[assign]]\nshard = \"b\"\ncells = [\"801ffffffffffff\"]\n";
+    s += "[fallback]\nmode = \"reject\"\n[tables.profiles.people]\ngeo_field = \"loc\"\n";
+    s
+}
+
+/// cellgate in-process on a map whose `profiles` database lives at `uris` (shard a, shard b).
+pub struct DocStack {
+    pub server: Option<Running>,
+    pub http: reqwest::Client,
+    pub dir: PathBuf,
+}
+
+impl DocStack {
+    pub async fn start(uris: &[String]) -> DocStack {
+        logs();
+        let dir = std::env::temp_dir().join(format!("cellgate-mongo-{}-{}", std::process::id(), free_port()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("map.toml"), map_toml(uris)).unwrap();
+        let config = Config::parse(&config_text(&dir)).expect("test config");
+        let server = server::start(config, false).await.expect("cellgate starts");
+        let st = DocStack { server: Some(server), http: reqwest::Client::new(), dir };
+        st.wait_ready().await;
+        st
+    }
+
+    pub fn data(&self) -> String {
+        format!("http://{}", self.server.as_ref().unwrap().data_addr)
+    }
+
+    pub fn admin(&self) -> String {
+        format!("http://{}", self.server.as_ref().unwrap().admin_addr)
+    }
+
+    async fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(r) = self.http.get(format!("{}/readyz", self.admin())).send().await
+                && r.status() == 200
+            {
+                return;
+            }
+            assert!(Instant::now() < deadline, "cellgate not ready in 30 s");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// POST `body` (raw text, so Extended JSON key order is the test's) to `/v1/docs/profiles/{path}`.
+    pub async fn raw(&self, path: &str, token: &str, body: &str) -> (u16, Value, Option<String>) {
+        let resp = self
+            .http
+            .post(format!("{}/v1/docs/{path}", self.data()))
+            .bearer_auth(token)
+            .header("content-type", "application/json")
+            .body(body.to_string())
+            .send()
+            .await
+            .expect("request");
+        let status = resp.status().as_u16();
+        let retry = resp.headers().get("retry-after").map(|v| v.to_str().unwrap().to_string());
+        let text = resp.text().await.unwrap();
+        let v = serde_json::from_str(&text).unwrap_or_else(|_| json!({"raw": text}));
+        (status, v, retry)
+    }
+
+    /// A read op on `profiles.<coll>`.
+    pub async fn read(&self, coll_op: &str, body: Value) -> (u16, Value) {
+        let (s, v, _) = self.raw(&format!("profiles/{coll_op}"), READ_TOKEN, &body.to_string()).await;
+        (s, v)
+    }
+
+    /// A write op on `profiles.<coll>`.
+    pub async fn write(&self, coll_op: &str, body: Value) -> (u16, Value) {
+        let (s, v, _) = self.raw(&format!("profiles/{coll_op}"), WRITE_TOKEN, &body.to_string()).await;
+        (s, v)
+    }
+
+    pub async fn admin_get(&self, path: &str) -> (u16, String) {
+        let r = self.http.get(format!("{}{path}", self.admin())).bearer_auth(ADMIN_TOKEN).send().await.unwrap();
+        (r.status().as_u16(), r.text().await.unwrap())
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(s) = self.server.take() {
+            s.shutdown().await;
+        }
+    }
+}
+
+impl Drop for DocStack {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
