@@ -4,14 +4,7 @@
 # that nothing is left running. Used by .ci/run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-
-free_port() {
-  local p
-  for p in $(shuf -i 20000-60000 -n 50); do
-    if ! (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then echo "$p"; return; fi
-  done
-  echo "no free port" >&2; exit 1
-}
+source scripts/lib/deps.sh
 
 OUT=$(mktemp)
 DATA_PORT=$(free_port)

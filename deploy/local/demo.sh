@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# The local demo: real PostgreSQL shards (3 × primary + 1 streaming replica) on loopback, the
-# musician-marketplace data, and cellgate serving shard-maps/demo.toml. Ctrl-C / SIGTERM stops all.
+# The local demo: real PostgreSQL shards (3 × primary + 1 streaming replica) on loopback, a
+# CongoDB (MongoDB wire-protocol server, in memory) per shard for the `profiles` database when
+# Node.js is available, the musician-marketplace data, and cellgate serving shard-maps/demo.toml.
+# Ctrl-C / SIGTERM stops all.
 # Usage: bash deploy/local/demo.sh [--data-port 8080] [--admin-port 9090]
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -21,6 +23,14 @@ ensure_rust
 ensure_postgres
 command -v jq >/dev/null || apt_install jq
 command -v curl >/dev/null || apt_install curl
+# Node.js runs the CongoDB peer (MongoDB `profiles`); without it the demo runs PostgreSQL only.
+MONGO=1
+if ! command -v node >/dev/null || ! command -v npm >/dev/null; then
+  apt_install nodejs npm >/dev/null 2>&1 || true
+fi
+if ! command -v node >/dev/null || ! command -v npm >/dev/null || ! bash tests/peers/mongo/install.sh --congodb-only; then
+  MONGO=0
+fi
 
 echo "== building (release)"
 cargo build --release -q -p cellgate -p cellgate-harness
@@ -29,9 +39,11 @@ WORK=$(mktemp -d /tmp/cellgate-demo.XXXXXX)
 chmod 755 "$WORK"
 CLUSTER_PID=""
 CELLGATE_PID=""
+CONGO_PIDS=()
 cleanup() {
   trap - EXIT INT TERM
   [ -n "$CELLGATE_PID" ] && kill -TERM "$CELLGATE_PID" 2>/dev/null && wait "$CELLGATE_PID" 2>/dev/null
+  for p in "${CONGO_PIDS[@]}"; do kill -TERM "$p" 2>/dev/null && wait "$p" 2>/dev/null; done
   [ -n "$CLUSTER_PID" ] && kill -TERM "$CLUSTER_PID" 2>/dev/null && wait "$CLUSTER_PID" 2>/dev/null
   rm -rf "$WORK"
   echo "cellgate demo stopped"
@@ -58,6 +70,23 @@ for s in AM1 EU1 AS1; do
   i=$((i + 1))
 done
 
+if [ "$MONGO" = 1 ]; then
+  echo "== starting a CongoDB per shard (MongoDB wire protocol, in memory) for the profiles database"
+  for s in AM1 EU1 AS1; do
+    port=$(free_port)
+    CONGO_PORT=$port node tests/peers/mongo/.congodb/congo-start.mjs > "$WORK/congo-$s.log" 2>&1 &
+    CONGO_PIDS+=($!)
+    for _ in $(seq 1 100); do grep -q listening "$WORK/congo-$s.log" && break; sleep 0.1; done
+    grep -q listening "$WORK/congo-$s.log" || { cat "$WORK/congo-$s.log" >&2; echo "CongoDB did not start" >&2; exit 1; }
+    export "CELLGATE_DEMO_${s}_MONGO_PORT=$port"
+  done
+else
+  echo "== Node.js/npm not available: the MongoDB profiles database is NOT started"
+  echo "   (/v1/docs/profiles/... requests will answer 503 shard_unavailable; install nodejs and npm to get it)"
+  # Point the map at a port nothing listens on, so the failure is immediate and explicit.
+  for s in AM1 EU1 AS1; do export "CELLGATE_DEMO_${s}_MONGO_PORT=$(free_port)"; done
+fi
+
 echo "== loading the marketplace (50,000 musicians around real cities)"
 ./target/release/cellgate demo load --map shard-maps/demo.toml
 
@@ -81,6 +110,20 @@ for _ in $(seq 1 300); do
 done
 
 D="http://127.0.0.1:$DATA_PORT"
+if [ "$MONGO" = 1 ]; then
+  # Musician profiles in MongoDB, inserted through cellgate in one batch: each document's shard
+  # comes from its GeoJSON `location` (the [tables.profiles.profiles] geo_field), so the batch is
+  # split over the three shards. The 300 largest cities of the data file, one profile each.
+  echo "== loading 300 musician profiles into MongoDB through cellgate (one batch, split by location)"
+  tail -n +2 tests/data/cities15000.csv | grep -v '"' | sort -t, -k6,6nr | head -n 300 | \
+    jq -R -s -c '[split("\n")[] | select(length > 0) | split(",") | {name: ("Profile of a musician in " + .[1]),
+      city: .[1], country: .[2], instruments: ["guitar", "voice"], rating: {"$numberDecimal": "4.5"},
+      location: {type: "Point", coordinates: [(.[4] | tonumber), (.[3] | tonumber)]}}] | {documents: .}' \
+    > "$WORK/profiles.json"
+  curl -fsS "$D/v1/docs/profiles/profiles/insert" -H "authorization: Bearer $TOKEN" \
+    -H 'content-type: application/json' --data-binary @"$WORK/profiles.json" | \
+    jq -r '"   inserted \(.inserted_count): " + ([.shards[] | "\(.id) \(.inserted_ids | length)"] | join(", "))'
+fi
 TOKYO_H3=$(printf '%d' "0x$(./target/release/cellgate locate --map shard-maps/demo.toml --lat 35.6895 --lng 139.6917 --json | jq -r .point_cell)")
 A="http://127.0.0.1:$ADMIN_PORT"
 cat <<TXT
@@ -100,6 +143,19 @@ curl -s $D/v1/sql/core/query -H 'authorization: Bearer $TOKEN' -H 'content-type:
 curl -s $D/v1/sql/core/execute -H 'authorization: Bearer $TOKEN' -H 'content-type: application/json' \\
   -d '{"region": {"lat": 35.6895, "lng": 139.6917}, "sql": "INSERT INTO gig_requests (id, venue_id, title, budget_cents, gig_date, lat, lng, h3) VALUES (\$1, 1, \$2, 50000, \$3, 35.6895, 139.6917, \$4) RETURNING id", "params": [900001, "Jazz night", "2027-01-15", "$TOKYO_H3"]}'
 
+TXT
+if [ "$MONGO" = 1 ]; then cat <<TXT
+# MongoDB profiles near Madrid (same region, same shard as the SQL example; Extended JSON out)
+curl -s $D/v1/docs/profiles/profiles/find -H 'authorization: Bearer $TOKEN' -H 'content-type: application/json' \\
+  -d '{"region": {"lat": 40.4168, "lng": -3.7038}, "filter": {"city": "Madrid"}, "projection": {"_id": 0, "name": 1, "rating": 1}}'
+
+# profiles within 1,000 km of Paris, over the owning shards, merged on city name, first 5
+curl -s $D/v1/docs/profiles/profiles/find -H 'authorization: Bearer $TOKEN' -H 'content-type: application/json' \\
+  -d '{"region": {"lat": 48.8566, "lng": 2.3522, "radius_km": 1000}, "sort": {"city": 1}, "limit": 5, "projection": {"_id": 0, "city": 1}}'
+
+TXT
+fi
+cat <<TXT
 # where does a place go?
 curl -s "$A/admin/locate?lat=-33.8688&lng=151.2093" -H 'authorization: Bearer $TOKEN'
 # shard health, lag and pools

@@ -15,6 +15,15 @@ apt_install() {
   as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@"
 }
 
+# A TCP port on 127.0.0.1 nothing listens on right now (probed, never fixed).
+free_port() {
+  local p
+  for p in $(shuf -i 20000-60000 -n 50); do
+    if ! (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then echo "$p"; return; fi
+  done
+  echo "no free port" >&2; return 1
+}
+
 ensure_rust() {
   if ! command -v cargo >/dev/null; then
     [ -f "$HOME/.cargo/env" ] && . "$HOME/.cargo/env"
@@ -44,4 +53,16 @@ ensure_postgres() {
   fi
   export CELLGATE_PG_BINDIR="$dir"
   echo "== PostgreSQL: $("$dir/postgres" --version)"
+}
+
+# Node.js + npm (the CongoDB test peer) and Python's venv (the MockupDB test peer).
+ensure_peer_tools() {
+  if ! command -v node >/dev/null || ! command -v npm >/dev/null; then
+    echo "== installing Node.js and npm from Debian"
+    apt_install nodejs npm
+  fi
+  if ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then
+    echo "== installing python3-venv from Debian"
+    apt_install python3-venv
+  fi
 }

@@ -5,7 +5,10 @@
 # The recipe is the one in shared/testpeers/README.md: a plain `npm install @push.rocks/smartmongo`
 # fails (not all of its dependencies are on the registry), so only CongoDB's own dependencies are
 # installed and the package tarball is unpacked beside them.
+# Usage: bash tests/peers/mongo/install.sh [--congodb-only]   (the demo needs only CongoDB)
 set -euo pipefail
+only_congo=0
+[[ "${1:-}" == "--congodb-only" ]] && only_congo=1
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 
 congo="$here/.congodb"
@@ -27,6 +30,8 @@ JSON
 fi
 # The starter lives in git; it imports CongoDB relative to its own folder.
 cp "$here/congo-start.mjs" "$congo/congo-start.mjs"
+
+[[ $only_congo == 1 ]] && exit 0
 
 venv="$here/.venv"
 if [[ -x "$venv/bin/python" ]] && "$venv/bin/python" -c 'import mockupdb, bson' 2>/dev/null; then
