@@ -1,6 +1,8 @@
 //! Backends: one module per database kind plus health. Owns connections; knows nothing of HTTP.
 
 pub mod health;
+pub mod mssql;
+pub mod mssql_types;
 pub mod pg_types;
 pub mod postgres;
 
@@ -10,6 +12,7 @@ use std::time::Duration;
 
 use crate::config;
 use crate::shardmap::{DatabaseSpec, ShardMap};
+use mssql::{MssqlDatabase, MssqlEndpoint};
 use postgres::{PgDatabase, PgEndpoint};
 
 /// Install aws-lc-rs as the one process-wide rustls provider. tiberius and mongodb pass their
@@ -87,6 +90,7 @@ impl BackendError {
 /// A shard's logical database, by kind.
 pub enum DatabaseBackend {
     Postgres(Arc<PgDatabase>),
+    Sqlserver(Arc<MssqlDatabase>),
     /// Declared in the map but served by a backend this build does not run yet.
     Unsupported(&'static str),
 }
@@ -96,7 +100,13 @@ pub struct Backends {
     pub shards: Vec<BTreeMap<String, DatabaseBackend>>,
     health_tasks: Vec<tokio::task::JoinHandle<()>>,
     /// Endpoints created by this build (not reused from the previous snapshot), with context.
-    fresh: Vec<(String, Arc<PgEndpoint>)>,
+    fresh: Vec<(String, Fresh)>,
+}
+
+/// An endpoint created by a build, to be checked before the map is published.
+enum Fresh {
+    Pg(Arc<PgEndpoint>),
+    Mssql(Arc<MssqlEndpoint>),
 }
 
 impl Drop for Backends {
@@ -122,15 +132,37 @@ impl Backends {
         old: Option<&Backends>,
     ) -> Result<Backends, Vec<String>> {
         let mut reusable: HashMap<([u8; 32], Role), Arc<PgEndpoint>> = HashMap::new();
+        let mut reusable_ms: HashMap<([u8; 32], Role), Arc<MssqlEndpoint>> = HashMap::new();
         if let Some(old) = old {
             for db in old.shards.iter().flat_map(|s| s.values()) {
-                if let DatabaseBackend::Postgres(pg) = db {
-                    for ep in pg.endpoints() {
-                        reusable.insert((ep.key, ep.role), ep.clone());
+                match db {
+                    DatabaseBackend::Postgres(pg) => {
+                        for ep in pg.endpoints() {
+                            reusable.insert((ep.key, ep.role), ep.clone());
+                        }
                     }
+                    DatabaseBackend::Sqlserver(ms) => {
+                        for ep in ms.endpoints() {
+                            reusable_ms.insert((ep.key, ep.role), ep.clone());
+                        }
+                    }
+                    DatabaseBackend::Unsupported(_) => {}
                 }
             }
         }
+        let mut fresh_ms = Vec::new();
+        let request_timeout = Duration::from_millis(cfg.limits.request_timeout_ms);
+        let mut ms_endpoint =
+            |conn: &crate::shardmap::Secret, role: Role, ctx: String| -> Result<Arc<MssqlEndpoint>, String> {
+                if let Some(ep) = reusable_ms.get(&(MssqlEndpoint::key_of(conn), role)) {
+                    return Ok(ep.clone());
+                }
+                let ep = Arc::new(
+                    MssqlEndpoint::new(conn, role, &cfg.pool, request_timeout).map_err(|e| format!("{ctx}: {e}"))?,
+                );
+                fresh_ms.push((ctx, Fresh::Mssql(ep.clone())));
+                Ok(ep)
+            };
         let mut errors = Vec::new();
         let mut shards = Vec::new();
         let mut tasks = Vec::new();
@@ -144,7 +176,7 @@ impl Backends {
                 }
                 let ep =
                     Arc::new(PgEndpoint::new(conn, role, &cfg.pool, stmt_timeout).map_err(|e| format!("{ctx}: {e}"))?);
-                fresh.push((ctx, ep.clone()));
+                fresh.push((ctx, Fresh::Pg(ep.clone())));
                 Ok(ep)
             };
         for shard in map.shards() {
@@ -168,8 +200,21 @@ impl Backends {
                             (p, rs) => errors.extend(p.err().into_iter().chain(rs.err())),
                         }
                     }
-                    DatabaseSpec::Sqlserver { .. } => {
-                        dbs.insert(name.clone(), DatabaseBackend::Unsupported("sqlserver"));
+                    DatabaseSpec::Sqlserver { primary, replicas } => {
+                        let p = ms_endpoint(primary, Role::Primary, format!("{ctx} primary"));
+                        let rs: Vec<_> = replicas
+                            .iter()
+                            .enumerate()
+                            .map(|(i, r)| ms_endpoint(r, Role::Replica, format!("{ctx} replica {i}")))
+                            .collect();
+                        match (p, rs.into_iter().collect::<Result<Vec<_>, _>>()) {
+                            (Ok(p), Ok(rs)) => {
+                                let db = Arc::new(MssqlDatabase::new(p, rs));
+                                tasks.push(tokio::spawn(mssql::run_health(db.clone(), cfg.health.clone())));
+                                dbs.insert(name.clone(), DatabaseBackend::Sqlserver(db));
+                            }
+                            (p, rs) => errors.extend(p.err().into_iter().chain(rs.err())),
+                        }
                     }
                     DatabaseSpec::Mongodb { .. } => {
                         dbs.insert(name.clone(), DatabaseBackend::Unsupported("mongodb"));
@@ -178,6 +223,7 @@ impl Backends {
             }
             shards.push(dbs);
         }
+        fresh.extend(fresh_ms);
         if errors.is_empty() {
             Ok(Backends { shards, health_tasks: tasks, fresh })
         } else {
@@ -193,11 +239,14 @@ impl Backends {
     pub async fn check_new(&self, cfg: &config::Config) -> Result<(), Vec<String>> {
         let timeout = Duration::from_millis(cfg.pool.connect_timeout_ms.max(cfg.health.probe_timeout_ms));
         let checks = self.fresh.iter().map(|(ctx, ep)| async move {
-            let r = tokio::time::timeout(timeout, ep.check()).await;
+            let (label, r) = match ep {
+                Fresh::Pg(ep) => (&ep.label, tokio::time::timeout(timeout, ep.check()).await),
+                Fresh::Mssql(ep) => (&ep.label, tokio::time::timeout(timeout, ep.check()).await),
+            };
             match r {
                 Ok(Ok(())) => Ok(()),
-                Ok(Err(e)) => Err(format!("{ctx} ({}): {e}", ep.label)),
-                Err(_) => Err(format!("{ctx} ({}): no answer within {timeout:?}", ep.label)),
+                Ok(Err(e)) => Err(format!("{ctx} ({label}): {e}")),
+                Err(_) => Err(format!("{ctx} ({label}): no answer within {timeout:?}")),
             }
         });
         let errors: Vec<String> =
@@ -209,6 +258,7 @@ impl Backends {
     pub fn first_pass_done(&self) -> bool {
         self.shards.iter().flat_map(|s| s.values()).all(|db| match db {
             DatabaseBackend::Postgres(pg) => pg.endpoints().all(|e| e.health.view().probed),
+            DatabaseBackend::Sqlserver(ms) => ms.endpoints().all(|e| e.health.view().probed),
             DatabaseBackend::Unsupported(_) => true,
         })
     }
