@@ -260,6 +260,9 @@ const DESCRIBE_CACHE: usize = 1024;
 /// read-only secondary, read-only intent not allowed).
 const READ_ONLY_ERRORS: [u32; 4] = [3906, 3908, 976, 978];
 
+/// Tries per read when pooled connections turn out to be closed by the server.
+const READ_ATTEMPTS: usize = 3;
+
 /// Errors of severity 20 and above close the connection server-side.
 const FATAL_CLASS: u8 = 20;
 
@@ -512,11 +515,26 @@ impl MssqlEndpoint {
         .await
     }
 
-    /// Run one read.
+    /// Run one read. A pooled connection the server has closed since its last use is only
+    /// found out by using it; reads are idempotent, so a transport failure is retried on
+    /// another connection (the broken one is poisoned and dropped) before it is reported.
     pub async fn query(&self, sql: &str, params: &[Value]) -> Result<Rows, BackendError> {
-        let mut conn = self.checkout().await?;
-        let bound = self.bind(&mut conn, sql, params).await?;
-        Ok(self.run(&mut conn, sql, bound).await?.rows)
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let mut conn = self.checkout().await?;
+            let r = async {
+                let bound = self.bind(&mut conn, sql, params).await?;
+                Ok(self.run(&mut conn, sql, bound).await?.rows)
+            }
+            .await;
+            match r {
+                Err(BackendError::Unavailable { .. }) if conn.poisoned && attempt < READ_ATTEMPTS => {
+                    tracing::debug!(endpoint = %self.label, "stale pooled connection; retrying the read");
+                }
+                r => return r,
+            }
+        }
     }
 
     async fn batch(&self, conn: &mut MsConn, text: &'static str) -> Result<(), BackendError> {
