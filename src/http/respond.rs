@@ -33,7 +33,8 @@ pub enum ApiError {
         message: String,
         detail: Option<String>,
         hint: Option<String>,
-        statement: Option<usize>,
+        /// Batch index; u32 keeps `ApiError` under clippy's large-error threshold.
+        statement: Option<u32>,
     },
     Overloaded(String),
     ShardUnavailable {
@@ -151,7 +152,7 @@ impl ApiError {
     /// Map a backend failure on `shard`.
     pub fn from_backend(e: BackendError, shard: &str) -> ApiError {
         let statement = match &e {
-            BackendError::InStatement { index, .. } => Some(*index),
+            BackendError::InStatement { index, .. } => u32::try_from(*index).ok(),
             _ => None,
         };
         match e.root() {

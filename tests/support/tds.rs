@@ -607,7 +607,7 @@ fn parse_value(c: &mut Cur) -> Option<(String, Val)> {
             }
             ("daten".into(), Val::Date(le_uint(c.take(3)?) as u32))
         }
-        0x29 | 0x2A | 0x2B => {
+        0x29..=0x2B => {
             let scale = c.u8()?;
             let len = c.u8()? as usize;
             let name = match t {
