@@ -569,7 +569,9 @@ fn merge_rows(parts: Vec<Rows>, merge: Option<&Merge>) -> Result<Rows, ApiError>
         let i = columns.iter().position(|(n, _)| *n == o.column).ok_or_else(|| {
             ApiError::InvalidParams(format!("merge.order_by: column {:?} is not in the result", o.column))
         })?;
-        let numeric = matches!(columns[i].1.as_str(), "numeric" | "int8");
+        // Exact numbers that may arrive as strings: PostgreSQL numeric/int8, SQL Server
+        // decimal/numeric/money/bigint.
+        let numeric = matches!(columns[i].1.as_str(), "numeric" | "int8" | "decimal" | "money" | "bigint");
         keys.push((i, o.desc, numeric));
     }
     let cmp = |a: &Vec<Value>, b: &Vec<Value>| {
@@ -644,6 +646,19 @@ mod tests {
         assert_eq!(names, ["a", "b", "c", "d"]);
         let bad = Merge { order_by: vec![OrderBy { column: "nope".into(), desc: false }], limit: None };
         assert!(merge_rows(vec![rows(&[(1, "a")])], Some(&bad)).is_err());
+    }
+
+    #[test]
+    fn exact_numbers_as_strings_merge_numerically() {
+        // SQL Server decimal columns arrive as strings: "9.25" < "10.5" numerically, not as text.
+        let part = |v: &[&str]| Rows {
+            columns: vec![("price".into(), "decimal".into())],
+            rows: v.iter().map(|p| vec![json!(p)]).collect(),
+        };
+        let m = Merge { order_by: vec![OrderBy { column: "price".into(), desc: false }], limit: None };
+        let out = merge_rows(vec![part(&["9.25", "10.5"]), part(&["9.5", "100"])], Some(&m)).unwrap();
+        let got: Vec<_> = out.rows.iter().map(|r| r[0].as_str().unwrap().to_string()).collect();
+        assert_eq!(got, ["9.25", "9.5", "10.5", "100"]);
     }
 
     #[test]
