@@ -186,7 +186,12 @@ const MAX_REDIRECTS: usize = 3;
 pub async fn dial(config: &tiberius::Config) -> Result<TdsClient, TdsError> {
     let mut cfg = config.clone();
     for _ in 0..=MAX_REDIRECTS {
-        let tcp = TcpStream::connect(cfg.get_addr()).await?;
+        // The handshake timeout bounds the TCP connect too: a black-holed host must not hold a
+        // pool slot (or the prober) for the OS connect timeout.
+        let limit = cfg.get_handshake_timeout().unwrap_or(Duration::from_secs(15));
+        let tcp = tokio::time::timeout(limit, TcpStream::connect(cfg.get_addr())).await.map_err(|_| {
+            TdsError::Io { kind: std::io::ErrorKind::TimedOut, message: format!("connect timed out after {limit:?}") }
+        })??;
         tcp.set_nodelay(true)?;
         match Client::connect(cfg.clone(), tcp.compat_write()).await {
             Err(TdsError::Routing { host, port }) => {
@@ -339,6 +344,11 @@ impl MssqlEndpoint {
     async fn checkout(&self) -> Result<bb8::PooledConnection<'_, MsManager>, BackendError> {
         match self.pool.get().await {
             Ok(c) => Ok(c),
+            // A connect that failed is the endpoint's fault, a timeout included (not a 504).
+            Err(bb8::RunError::User(TdsError::Io { message, .. })) => {
+                self.health.request_recheck();
+                Err(BackendError::Unavailable { endpoint: self.label.to_string(), reason: message })
+            }
             Err(bb8::RunError::User(e)) => Err(self.classify(e)),
             Err(bb8::RunError::TimedOut) => {
                 if self.health.is_up() {
