@@ -186,14 +186,21 @@ impl Drop for Gate {
 
 /// Primaries in the URL form, replicas in the ADO form: both must work.
 fn map_toml(p: &Peers) -> String {
-    let mut s = String::from("version = 1\nresolution = 5\n");
+    map_toml_v(p, 1, None)
+}
+
+/// `b_replica`: point shard b's replica at this port instead.
+fn map_toml_v(p: &Peers, version: u64, b_replica: Option<u16>) -> String {
+    let mut s = format!("version = {version}\nresolution = 5\n");
     for (i, id) in ["a", "b"].iter().enumerate() {
         let primary =
             format!("sqlserver://app:{CANARY}@127.0.0.1:{}/tx?encrypt=not_supported", p.servers[i * 2].port());
-        let replica = format!(
-            "server=tcp:127.0.0.1,{};user id=app;password={CANARY};database=tx;encrypt=DANGER_PLAINTEXT",
-            p.servers[i * 2 + 1].port()
-        );
+        let port = match (i, b_replica) {
+            (1, Some(port)) => port,
+            _ => p.servers[i * 2 + 1].port(),
+        };
+        let replica =
+            format!("server=tcp:127.0.0.1,{port};user id=app;password={CANARY};database=tx;encrypt=DANGER_PLAINTEXT");
         s += &format!(
             "[[shards]]\nid = \"{id}\"\nzone = \"test\"\n  [shards.databases.tx]\n  kind = \"sqlserver\"\n  primary = \"{primary}\"\n  replicas = [\"{replica}\"]\n"
         );
@@ -625,6 +632,90 @@ async fn primary_down_fails_writes_fast_and_reads_continue() {
     let (s, r) = g.query(json!({"region": paris, "sql": "SELECT 1"})).await;
     assert_eq!(s, 200, "{r}");
     assert_eq!(r["shards"][0]["role"], "replica");
+    g.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exhausted_pool_answers_429() {
+    let p = Peers::start().await;
+    let g = Gate::start(&p).await;
+    // pool.max_size = 8: eight slow reads hold every connection of shard a's primary.
+    let slow: Vec<_> = (0..8)
+        .map(|_| {
+            let http = g.http.clone();
+            let url = format!("{}/v1/sql/tx/query", g.data());
+            tokio::spawn(async move {
+                let body = json!({"region": madrid(), "sql": "SLEEP", "consistency": "primary"});
+                http.post(url).bearer_auth(READ_TOKEN).json(&body).send().await.unwrap().status().as_u16()
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let t = Instant::now();
+    let (s, r) = g.query(json!({"region": madrid(), "sql": "SELECT 1", "consistency": "primary"})).await;
+    assert_eq!(s, 429, "{r}");
+    assert_eq!(r["error"]["code"], "overloaded");
+    assert!(t.elapsed() < Duration::from_millis(2500), "checkout_timeout_ms bounds the wait: {:?}", t.elapsed());
+    for h in slow {
+        assert_eq!(h.await.unwrap(), 504);
+    }
+    // The abandoned connections were dropped, and the pool serves again.
+    let (s, _) = g.query(json!({"region": madrid(), "sql": "SELECT 1", "consistency": "primary"})).await;
+    assert_eq!(s, 200);
+    g.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_keeps_unchanged_endpoints_and_checks_new_ones() {
+    let p = Peers::start().await;
+    let g = Gate::start(&p).await;
+    let q = json!({"region": madrid(), "sql": "SELECT 1", "consistency": "primary"});
+    assert_eq!(g.query(q.clone()).await.0, 200);
+    let before: Vec<usize> = p.servers.iter().map(|s| s.accepted()).collect();
+    let path = g.dir.join("map.toml");
+    let reload = || async {
+        let r = g.http.post(format!("{}/admin/map/reload", g.admin())).bearer_auth(ADMIN_TOKEN).send().await.unwrap();
+        (r.status().as_u16(), r.json::<Value>().await.unwrap())
+    };
+    // Same endpoints, new version: published (by the file watcher or this call) without a
+    // single new connection.
+    std::fs::write(&path, map_toml_v(&p, 2, None)).unwrap();
+    let (s, out) = reload().await;
+    assert_eq!(s, 200, "{out}");
+    let (s, r) = g.query(q.clone()).await;
+    assert_eq!((s, r["map_version"].clone()), (200, json!(2)), "{r}");
+    let after: Vec<usize> = p.servers.iter().map(|s| s.accepted()).collect();
+    assert_eq!(before, after, "unchanged endpoints keep their pools and probe connections");
+    // A new endpoint that does not answer: the reload is refused, version 2 keeps serving.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead_port = dead.local_addr().unwrap().port();
+    drop(dead);
+    std::fs::write(&path, map_toml_v(&p, 3, Some(dead_port))).unwrap();
+    let (s, out) = reload().await;
+    assert_eq!(s, 422, "{out}");
+    let text = out.to_string();
+    assert!(text.contains(&format!("127.0.0.1:{dead_port}/tx")), "{text}");
+    assert!(!text.contains(CANARY));
+    let (s, r) = g.query(q).await;
+    assert_eq!((s, r["map_version"].clone()), (200, json!(2)));
+    g.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_migrations_refuse_sqlserver_databases() {
+    let p = Peers::start().await;
+    let g = Gate::start(&p).await;
+    let r = g
+        .http
+        .post(format!("{}/admin/migrations", g.admin()))
+        .bearer_auth(ADMIN_TOKEN)
+        .json(&json!({"cells": ["8039fffffffffff"], "to": "b"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 422);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "unsupported", "{v}");
     g.stop().await;
 }
 
