@@ -45,10 +45,32 @@ pub enum ConnError {
     TrustConflict,
 }
 
+/// Trust anchors for the server certificate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Trust {
+    /// The system's roots (tiberius' default).
+    System,
+    /// Accept any certificate (`trust_server_certificate=true`).
+    Any,
+    /// A CA file.
+    CaFile(String),
+}
+
+/// The TLS settings of a URL-form connection string (what was applied to the config).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tls {
+    pub encryption: EncryptionLevel,
+    pub trust: Trust,
+}
+
 /// A parsed endpoint: the tiberius config and the safe label `host:port/db`.
 pub struct Parsed {
     pub config: tiberius::Config,
     pub label: String,
+    /// URL form only (an ADO string is applied by tiberius directly).
+    pub tls: Option<Tls>,
+    /// `application_intent` from the URL, if given (the role overrides it anyway).
+    pub read_only: Option<bool>,
 }
 
 /// `sqlserver://user:pw@host:1433/db?encrypt=..` (or `mssql://`) or an ADO string
@@ -72,7 +94,7 @@ fn parse_ado(s: &str) -> Result<Parsed, ConnError> {
         }
     }
     let label = format!("{}/{db}", config.get_addr());
-    Ok(Parsed { config, label })
+    Ok(Parsed { config, label, tls: None, read_only: None })
 }
 
 fn percent_decode(s: &str) -> Result<String, ConnError> {
@@ -137,41 +159,57 @@ fn parse_url(s: &str) -> Result<Parsed, ConnError> {
         config.authentication(tiberius::AuthMethod::sql_server(percent_decode(user)?, percent_decode(pw)?));
     }
     let (mut trust, mut ca) = (false, None);
+    // tiberius 0.13's default with a TLS feature on.
+    let mut encryption = EncryptionLevel::Required;
+    let mut read_only = None;
     for pair in query.split('&').filter(|p| !p.is_empty()) {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
         let key = k.to_ascii_lowercase().replace('-', "_");
         let v = percent_decode(v)?;
         match key.as_str() {
-            "encrypt" => config.encryption(match v.to_ascii_lowercase().as_str() {
-                "off" | "false" | "no" => EncryptionLevel::Off,
-                "on" => EncryptionLevel::On,
-                "required" | "true" | "yes" | "mandatory" => EncryptionLevel::Required,
-                "not_supported" | "danger_plaintext" => EncryptionLevel::NotSupported,
-                "strict" => EncryptionLevel::Strict,
-                _ => return Err(ConnError::BadOption(key)),
-            }),
+            "encrypt" => {
+                encryption = match v.to_ascii_lowercase().as_str() {
+                    "off" | "false" | "no" => EncryptionLevel::Off,
+                    "on" => EncryptionLevel::On,
+                    "required" | "true" | "yes" | "mandatory" => EncryptionLevel::Required,
+                    "not_supported" | "danger_plaintext" => EncryptionLevel::NotSupported,
+                    "strict" => EncryptionLevel::Strict,
+                    _ => return Err(ConnError::BadOption(key)),
+                }
+            }
             "trust_server_certificate" | "trustservercertificate" => trust = parse_bool(&key, &v)?,
             "ca_file" | "trust_server_certificate_ca" | "trustservercertificateca" => ca = Some(v),
-            "application_intent" | "applicationintent" => match v.to_ascii_lowercase().as_str() {
-                "readonly" => config.readonly(true),
-                "readwrite" => config.readonly(false),
-                _ => return Err(ConnError::BadOption(key)),
-            },
+            "application_intent" | "applicationintent" => {
+                read_only = Some(match v.to_ascii_lowercase().as_str() {
+                    "readonly" => true,
+                    "readwrite" => false,
+                    _ => return Err(ConnError::BadOption(key)),
+                })
+            }
             "hostname_in_certificate" | "hostnameincertificate" => config.hostname_in_certificate(&v),
             "app_name" | "application_name" => config.application_name(&v),
             "instance" => config.instance_name(&v),
             _ => return Err(ConnError::UnknownOption(key)),
         }
     }
-    match (trust, ca) {
+    let trust = match (trust, ca) {
         // tiberius panics when both are set; refuse here instead.
         (true, Some(_)) => return Err(ConnError::TrustConflict),
-        (true, None) => config.trust_cert(),
-        (false, Some(path)) => config.trust_cert_ca(path),
-        (false, None) => {}
+        (true, None) => Trust::Any,
+        (false, Some(path)) => Trust::CaFile(path),
+        (false, None) => Trust::System,
+    };
+    config.encryption(encryption);
+    match &trust {
+        Trust::Any => config.trust_cert(),
+        Trust::CaFile(path) => config.trust_cert_ca(path),
+        Trust::System => {}
+    }
+    if let Some(ro) = read_only {
+        config.readonly(ro);
     }
     let label = format!("{}:{port}/{db}", if host.contains(':') { format!("[{host}]") } else { host });
-    Ok(Parsed { config, label })
+    Ok(Parsed { config, label, tls: Some(Tls { encryption, trust }), read_only })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -296,7 +334,7 @@ struct Outcome {
 impl MssqlEndpoint {
     /// Build an endpoint and its (lazy) pool. Must run inside a tokio runtime (bb8 spawns).
     pub fn new(conn: &Secret, role: Role, pool: &config::Pool, command_timeout: Duration) -> Result<Self, String> {
-        let Parsed { mut config, label } = parse_conn(conn.expose()).map_err(|e| e.to_string())?;
+        let Parsed { mut config, label, .. } = parse_conn(conn.expose()).map_err(|e| e.to_string())?;
         // Replicas are read with ApplicationIntent=ReadOnly: an AG listener routes them to a
         // readable secondary, and a write sent there by mistake fails in the server.
         config.readonly(role == Role::Replica);
@@ -689,10 +727,26 @@ mod tests {
         let p = parse_conn("sqlserver://app:p%40ss%3Aw@db1.example:1444/orders?encrypt=not_supported").unwrap();
         assert_eq!(p.label, "db1.example:1444/orders");
         assert_eq!(p.config.get_addr(), "db1.example:1444");
+        assert_eq!(p.tls, Some(Tls { encryption: EncryptionLevel::NotSupported, trust: Trust::System }));
         let p = parse_conn("mssql://app:pw@[::1]/tx?encrypt=strict&trust_server_certificate=true").unwrap();
         assert_eq!(p.label, "[::1]:1433/tx");
-        let p = parse_conn("sqlserver://u:pw@h/d?ca_file=/etc/ca.pem&encrypt=required&application_intent=ReadOnly");
-        assert!(p.is_ok());
+        assert_eq!(p.tls, Some(Tls { encryption: EncryptionLevel::Strict, trust: Trust::Any }));
+        let p =
+            parse_conn("sqlserver://u:pw@h/d?ca_file=%2Fetc%2Fca.pem&encrypt=on&application_intent=ReadOnly").unwrap();
+        assert_eq!(p.tls, Some(Tls { encryption: EncryptionLevel::On, trust: Trust::CaFile("/etc/ca.pem".into()) }));
+        assert_eq!(p.read_only, Some(true));
+        // Defaults: TLS required, system roots.
+        let p = parse_conn("SQLSERVER://u:pw@h").unwrap();
+        assert_eq!(p.tls, Some(Tls { encryption: EncryptionLevel::Required, trust: Trust::System }));
+        assert_eq!((p.label.as_str(), p.read_only), ("h:1433/", None));
+        for (v, level) in [
+            ("off", EncryptionLevel::Off),
+            ("true", EncryptionLevel::Required),
+            ("danger_plaintext", EncryptionLevel::NotSupported),
+        ] {
+            let p = parse_conn(&format!("sqlserver://u:pw@h/d?encrypt={v}")).unwrap();
+            assert_eq!(p.tls.unwrap().encryption, level, "{v}");
+        }
         assert_eq!(
             parse_conn("sqlserver://u:pw@h/d?ca_file=/x&trust_server_certificate=true").err(),
             Some(ConnError::TrustConflict)
