@@ -531,6 +531,23 @@ async fn replicas_use_read_only_intent_and_primaries_do_not() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_fall_back_to_the_primary_when_the_replica_dies() {
+    let mut p = Peers::start().await;
+    let g = Gate::start(&p).await;
+    let q = json!({"region": madrid(), "sql": "SELECT 1"});
+    assert_eq!(g.query(q.clone()).await.1["shards"][0]["role"], "replica");
+    drop(p.servers.remove(1)); // shard a's replica: listener and connections gone
+    // Every read still answers: retried on the primary until the prober excludes the replica.
+    for _ in 0..10 {
+        let (s, r) = g.query(q.clone()).await;
+        assert_eq!(s, 200, "{r}");
+        assert_eq!(r["shards"][0]["role"], "primary");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    g.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn read_only_routing_redirect_is_followed() {
     let mut p = Peers::start().await;
     // Shard a's replica address is a listener that redirects to the real secondary.

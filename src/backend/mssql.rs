@@ -770,6 +770,9 @@ mod tests {
         let p =
             parse_conn("Server=tcp:h,1433;Initial Catalog=x;User Id=u;Password=p;Encrypt=DANGER_PLAINTEXT").unwrap();
         assert_eq!(p.label, "h:1433/x");
+        assert_eq!(p.tls, None);
+        // Both trust settings: refused (tiberius would otherwise have to choose).
+        assert!(parse_conn("server=tcp:h,1433;TrustServerCertificate=true;TrustServerCertificateCA=/x.pem").is_err());
     }
 
     #[test]
