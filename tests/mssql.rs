@@ -2,6 +2,8 @@
 //! is `kind = "sqlserver"` on two shards, each a primary + a replica played by the TDS test
 //! server (tests/support/tds.rs — a protocol fixture, not SQL Server). Checks what reached the
 //! wire (SQL text, `@Pn` values and types, transactions, ReadOnly intent) and what came back.
+//! Owns only in-process servers on free loopback ports, stopped by each test; must not need a
+//! PostgreSQL cluster or a real SQL Server (except `real_server_round_trip`, opt-in).
 
 mod support;
 #[path = "support/tds.rs"]
