@@ -314,7 +314,32 @@ fn shards_json(state: &AppState) -> Value {
                         "last_error": st.last_error,
                     }]})
                 }
-                DatabaseBackend::Unsupported(kind) => json!({"kind": kind, "served": false}),
+                DatabaseBackend::Sqlserver(ms) => {
+                    let eps: Vec<Value> = ms
+                        .endpoints()
+                        .map(|ep| {
+                            let h = ep.health.view();
+                            let st = ep.pool.state();
+                            json!({
+                                "endpoint": ep.label.to_string(),
+                                "role": ep.role,
+                                "observed_role": h.in_recovery.map(|r| if r { "replica" } else { "primary" }),
+                                "up": h.up,
+                                "probed": h.probed,
+                                "readable": ep.role == crate::backend::Role::Replica && ep.health.readable_by_role(),
+                                "pool": {
+                                    "size": st.connections,
+                                    "idle": st.idle_connections,
+                                    "max": state.config.pool.max_size,
+                                    "waiting": st.statistics.get_started.saturating_sub(
+                                        st.statistics.get_direct + st.statistics.get_waited + st.statistics.get_timed_out),
+                                },
+                                "last_error": h.last_error,
+                            })
+                        })
+                        .collect();
+                    json!({"kind": "sqlserver", "endpoints": eps})
+                }
             };
             dbs.insert(name.clone(), v);
         }

@@ -84,6 +84,24 @@ impl EndpointHealth {
         self.configured
     }
 
+    /// A re-check was requested (see [`request_recheck`](Self::request_recheck)).
+    pub(crate) async fn recheck_requested(&self) {
+        self.recheck.notified().await
+    }
+
+    /// Record a probe of a backend that reports only its role (SQL Server): `Ok(read_only)`.
+    /// No replay position or lag exists for it, so both stay unknown.
+    pub(crate) fn record_role(&self, label: &str, result: Result<bool, String>, h: &config::Health) {
+        self.record(label, result.map(|ro| Probe { in_recovery: ro, lsn: 0, replay_age_ms: None }), h);
+    }
+
+    /// May this replica serve reads, judged by role alone (SQL Server: up and answering as a
+    /// read-only secondary; there is no lag measurement).
+    pub fn readable_by_role(&self) -> bool {
+        let v = self.view.lock().expect("health lock");
+        v.up && v.in_recovery == Some(true)
+    }
+
     fn record(&self, label: &str, result: Result<Probe, String>, h: &config::Health) {
         let mut v = self.view.lock().expect("health lock");
         let was_up = v.up;

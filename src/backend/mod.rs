@@ -2,6 +2,8 @@
 
 pub mod health;
 pub mod mongo;
+pub mod mssql;
+pub mod mssql_types;
 pub mod pg_types;
 pub mod postgres;
 
@@ -12,6 +14,7 @@ use std::time::Duration;
 use crate::config;
 use crate::shardmap::{DatabaseSpec, ShardMap};
 use mongo::MongoDatabase;
+use mssql::{MssqlDatabase, MssqlEndpoint};
 use postgres::{PgDatabase, PgEndpoint};
 
 /// Install aws-lc-rs as the one process-wide rustls provider. tiberius and mongodb pass their
@@ -90,8 +93,7 @@ impl BackendError {
 pub enum DatabaseBackend {
     Postgres(Arc<PgDatabase>),
     Mongo(Arc<MongoDatabase>),
-    /// Declared in the map but served by a backend this build does not run yet.
-    Unsupported(&'static str),
+    Sqlserver(Arc<MssqlDatabase>),
 }
 
 /// All backends of one map: `[shard index][database name]`.
@@ -99,9 +101,14 @@ pub struct Backends {
     pub shards: Vec<BTreeMap<String, DatabaseBackend>>,
     health_tasks: Vec<tokio::task::JoinHandle<()>>,
     /// Endpoints created by this build (not reused from the previous snapshot), with context.
-    fresh: Vec<(String, Arc<PgEndpoint>)>,
-    /// MongoDB databases created by this build, with context.
-    fresh_mongo: Vec<(String, Arc<MongoDatabase>)>,
+    fresh: Vec<(String, Fresh)>,
+}
+
+/// An endpoint (or MongoDB client) created by a build, to be checked before the map is published.
+enum Fresh {
+    Pg(Arc<PgEndpoint>),
+    Mssql(Arc<MssqlEndpoint>),
+    Mongo(Arc<MongoDatabase>),
 }
 
 impl Drop for Backends {
@@ -128,6 +135,7 @@ impl Backends {
     ) -> Result<Backends, Vec<String>> {
         let mut reusable: HashMap<([u8; 32], Role), Arc<PgEndpoint>> = HashMap::new();
         let mut reusable_mongo: HashMap<[u8; 32], Arc<MongoDatabase>> = HashMap::new();
+        let mut reusable_ms: HashMap<([u8; 32], Role), Arc<MssqlEndpoint>> = HashMap::new();
         if let Some(old) = old {
             for db in old.shards.iter().flat_map(|s| s.values()) {
                 match db {
@@ -139,11 +147,28 @@ impl Backends {
                     DatabaseBackend::Mongo(m) => {
                         reusable_mongo.insert(m.key, m.clone());
                     }
-                    DatabaseBackend::Unsupported(_) => {}
+                    DatabaseBackend::Sqlserver(ms) => {
+                        for ep in ms.endpoints() {
+                            reusable_ms.insert((ep.key, ep.role), ep.clone());
+                        }
+                    }
                 }
             }
         }
         let mut fresh_mongo = Vec::new();
+        let mut fresh_ms = Vec::new();
+        let request_timeout = Duration::from_millis(cfg.limits.request_timeout_ms);
+        let mut ms_endpoint =
+            |conn: &crate::shardmap::Secret, role: Role, ctx: String| -> Result<Arc<MssqlEndpoint>, String> {
+                if let Some(ep) = reusable_ms.get(&(MssqlEndpoint::key_of(conn), role)) {
+                    return Ok(ep.clone());
+                }
+                let ep = Arc::new(
+                    MssqlEndpoint::new(conn, role, &cfg.pool, request_timeout).map_err(|e| format!("{ctx}: {e}"))?,
+                );
+                fresh_ms.push((ctx, Fresh::Mssql(ep.clone())));
+                Ok(ep)
+            };
         let mut errors = Vec::new();
         let mut shards = Vec::new();
         let mut tasks = Vec::new();
@@ -157,7 +182,7 @@ impl Backends {
                 }
                 let ep =
                     Arc::new(PgEndpoint::new(conn, role, &cfg.pool, stmt_timeout).map_err(|e| format!("{ctx}: {e}"))?);
-                fresh.push((ctx, ep.clone()));
+                fresh.push((ctx, Fresh::Pg(ep.clone())));
                 Ok(ep)
             };
         for shard in map.shards() {
@@ -181,8 +206,21 @@ impl Backends {
                             (p, rs) => errors.extend(p.err().into_iter().chain(rs.err())),
                         }
                     }
-                    DatabaseSpec::Sqlserver { .. } => {
-                        dbs.insert(name.clone(), DatabaseBackend::Unsupported("sqlserver"));
+                    DatabaseSpec::Sqlserver { primary, replicas } => {
+                        let p = ms_endpoint(primary, Role::Primary, format!("{ctx} primary"));
+                        let rs: Vec<_> = replicas
+                            .iter()
+                            .enumerate()
+                            .map(|(i, r)| ms_endpoint(r, Role::Replica, format!("{ctx} replica {i}")))
+                            .collect();
+                        match (p, rs.into_iter().collect::<Result<Vec<_>, _>>()) {
+                            (Ok(p), Ok(rs)) => {
+                                let db = Arc::new(MssqlDatabase::new(p, rs));
+                                tasks.push(tokio::spawn(mssql::run_health(db.clone(), cfg.health.clone())));
+                                dbs.insert(name.clone(), DatabaseBackend::Sqlserver(db));
+                            }
+                            (p, rs) => errors.extend(p.err().into_iter().chain(rs.err())),
+                        }
                     }
                     DatabaseSpec::Mongodb { uri } => {
                         // Same URI and database as before: keep the client (its pool and
@@ -198,7 +236,7 @@ impl Backends {
                                 // up (or fail) the build.
                                 let w = m.clone();
                                 tasks.push(tokio::spawn(async move { w.warm().await }));
-                                fresh_mongo.push((ctx, m.clone()));
+                                fresh_mongo.push((ctx, Fresh::Mongo(m.clone())));
                                 dbs.insert(name.clone(), DatabaseBackend::Mongo(m));
                             }
                             Err(e) => errors.push(format!("{ctx}: {e}")),
@@ -208,8 +246,10 @@ impl Backends {
             }
             shards.push(dbs);
         }
+        fresh.extend(fresh_ms);
+        fresh.extend(fresh_mongo);
         if errors.is_empty() {
-            Ok(Backends { shards, health_tasks: tasks, fresh, fresh_mongo })
+            Ok(Backends { shards, health_tasks: tasks, fresh })
         } else {
             for t in tasks {
                 t.abort();
@@ -223,22 +263,22 @@ impl Backends {
     pub async fn check_new(&self, cfg: &config::Config) -> Result<(), Vec<String>> {
         let timeout = Duration::from_millis(cfg.pool.connect_timeout_ms.max(cfg.health.probe_timeout_ms));
         let checks = self.fresh.iter().map(|(ctx, ep)| async move {
-            let r = tokio::time::timeout(timeout, ep.check()).await;
+            let (label, r) = match ep {
+                Fresh::Pg(ep) => (&ep.label, tokio::time::timeout(timeout, ep.check()).await),
+                Fresh::Mssql(ep) => (&ep.label, tokio::time::timeout(timeout, ep.check()).await),
+                // ping carries its own deadline.
+                Fresh::Mongo(db) => {
+                    (&db.label, Ok(db.ping(tokio::time::Instant::now() + timeout).await.map_err(|e| e.to_string())))
+                }
+            };
             match r {
                 Ok(Ok(())) => Ok(()),
-                Ok(Err(e)) => Err(format!("{ctx} ({}): {e}", ep.label)),
-                Err(_) => Err(format!("{ctx} ({}): no answer within {timeout:?}", ep.label)),
+                Ok(Err(e)) => Err(format!("{ctx} ({label}): {e}")),
+                Err(_) => Err(format!("{ctx} ({label}): no answer within {timeout:?}")),
             }
         });
-        let mongo_checks = self.fresh_mongo.iter().map(|(ctx, db)| async move {
-            db.ping(tokio::time::Instant::now() + timeout).await.map_err(|e| format!("{ctx} ({}): {e}", db.label))
-        });
-        let (pg, mongo) = futures_util::future::join(
-            futures_util::future::join_all(checks),
-            futures_util::future::join_all(mongo_checks),
-        )
-        .await;
-        let errors: Vec<String> = pg.into_iter().chain(mongo).filter_map(Result::err).collect();
+        let errors: Vec<String> =
+            futures_util::future::join_all(checks).await.into_iter().filter_map(Result::err).collect();
         if errors.is_empty() { Ok(()) } else { Err(errors) }
     }
 
@@ -248,7 +288,7 @@ impl Backends {
             DatabaseBackend::Postgres(pg) => pg.endpoints().all(|e| e.health.view().probed),
             // The bounded warm-up attempt finished (a down shard counts as probed).
             DatabaseBackend::Mongo(m) => m.warmed(),
-            DatabaseBackend::Unsupported(_) => true,
+            DatabaseBackend::Sqlserver(ms) => ms.endpoints().all(|e| e.health.view().probed),
         })
     }
 }

@@ -12,6 +12,8 @@ use serde_json::Value;
 use tokio::time::Instant;
 
 use super::respond::ApiError;
+use crate::backend::health::EndpointHealth;
+use crate::backend::mssql::MssqlDatabase;
 use crate::backend::postgres::{PgDatabase, PgEndpoint, Rows};
 use crate::backend::{DatabaseBackend, Role};
 use crate::geo::{self, Region};
@@ -159,18 +161,78 @@ pub(super) fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<
     serde_json::from_slice(body).map_err(|e| ApiError::InvalidJson(e.to_string()))
 }
 
-fn pg_db<'a>(snap: &'a Snapshot, shard: ShardIdx, db: &str) -> Result<&'a Arc<PgDatabase>, ApiError> {
+/// A SQL database of one shard, by kind.
+enum SqlDb<'a> {
+    Pg(&'a Arc<PgDatabase>),
+    Mssql(&'a Arc<MssqlDatabase>),
+}
+
+fn sql_db<'a>(snap: &'a Snapshot, shard: ShardIdx, db: &str) -> Result<SqlDb<'a>, ApiError> {
     match snap.backends.shards[shard.get()].get(db) {
-        Some(DatabaseBackend::Postgres(pg)) => Ok(pg),
+        Some(DatabaseBackend::Postgres(pg)) => Ok(SqlDb::Pg(pg)),
+        Some(DatabaseBackend::Sqlserver(ms)) => Ok(SqlDb::Mssql(ms)),
         Some(DatabaseBackend::Mongo(_)) => Err(ApiError::Unsupported(format!(
             "database {db:?} is mongodb: use POST /v1/docs/{db}/{{collection}}/{{op}}"
         ))),
-        Some(DatabaseBackend::Unsupported(kind)) => {
-            Err(ApiError::Unsupported(format!("database {db:?} is {kind}, which this build does not serve yet")))
-        }
         // The map says the database exists but this shard lacks it.
         None => Err(ApiError::UnknownDatabase(format!("{db} (on shard {})", snap.map.shard(shard).id))),
     }
+}
+
+/// Fail fast when the prober has seen the primary down (or read-only) repeatedly.
+fn ensure_writable(health: &EndpointHealth, label: &str, shard: &str) -> Result<(), ApiError> {
+    if health.writable() {
+        return Ok(());
+    }
+    let v = health.view();
+    Err(ApiError::ShardUnavailable {
+        shard: shard.to_string(),
+        reason: format!("primary {label} is down: {}", v.last_error.unwrap_or_else(|| "not writable".into())),
+    })
+}
+
+/// Is this failure worth retrying the read on the primary (the replica is gone or full)?
+fn replica_retryable(e: &crate::backend::BackendError) -> bool {
+    matches!(
+        e.root(),
+        crate::backend::BackendError::Unavailable { .. } | crate::backend::BackendError::Overloaded { .. }
+    )
+}
+
+/// A read on a SQL Server shard. There is no replay position to compare a token with, so a
+/// read after a write (`consistency.after`) goes to the primary (docs/sqlserver.md).
+async fn read_on_mssql(
+    ms: &MssqlDatabase,
+    id: String,
+    sql: &str,
+    params: &[Value],
+    consistency: &Consistency,
+) -> Result<(Rows, ShardInfo), ApiError> {
+    let mut candidates = Vec::with_capacity(2);
+    if *consistency == Consistency::Replica
+        && let Some(r) = ms.pick_replica()
+    {
+        candidates.push(r);
+    }
+    candidates.push(ms.primary.clone());
+    let mut last_err = None;
+    for ep in candidates {
+        match ep.query(sql, params).await {
+            Ok(rows) => return Ok((rows, ShardInfo { id, role: ep.role, endpoint: ep.label.to_string() })),
+            Err(e) if ep.role == Role::Replica && replica_retryable(&e) => {
+                tracing::warn!(shard = %id, endpoint = %ep.label, error = %e, "replica read failed; retrying on the primary");
+                last_err = Some(e);
+            }
+            Err(e) => return Err(ApiError::from_backend(e, &id)),
+        }
+    }
+    Err(ApiError::from_backend(
+        last_err.unwrap_or(crate::backend::BackendError::Unavailable {
+            endpoint: id.clone(),
+            reason: "no endpoint".into(),
+        }),
+        &id,
+    ))
 }
 
 /// What the request span and metrics learn about a request.
@@ -195,8 +257,11 @@ async fn read_on_shard(
     consistency: &Consistency,
     deadline: Instant,
 ) -> Result<(Rows, ShardInfo), ApiError> {
-    let pg = pg_db(snap, shard, db)?;
     let id = snap.map.shard(shard).id.to_string();
+    let pg = match sql_db(snap, shard, db)? {
+        SqlDb::Pg(pg) => pg,
+        SqlDb::Mssql(ms) => return read_on_mssql(ms, id, sql, params, consistency).await,
+    };
     let h = &state.config.health;
     // (endpoint, replay position it must reach and until when)
     type Candidate = (Arc<PgEndpoint>, Option<(u64, Instant)>);
@@ -226,12 +291,7 @@ async fn read_on_shard(
             // The replica had not replayed the token's position in time: go to the primary.
             Ok(None) => continue,
             Err(e) => {
-                let retry = ep.role == Role::Replica
-                    && matches!(
-                        e.root(),
-                        crate::backend::BackendError::Unavailable { .. }
-                            | crate::backend::BackendError::Overloaded { .. }
-                    );
+                let retry = ep.role == Role::Replica && replica_retryable(&e);
                 if !retry {
                     return Err(ApiError::from_backend(e, &id));
                 }
@@ -337,19 +397,19 @@ pub async fn execute(state: &AppState, db: &str, body: &[u8], out: &mut Outcome)
         let id = snap.map.shard(shard).id.to_string();
         out.shard = Some(id.clone());
         out.role = Some(Role::Primary);
-        let pg = pg_db(&snap, shard, db)?;
-        if !pg.primary.health.writable() {
-            // Fail fast: the prober has seen the primary down (or read-only) repeatedly.
-            let v = pg.primary.health.view();
-            return Err(ApiError::ShardUnavailable {
-                shard: id,
-                reason: format!(
-                    "primary {} is down: {}",
-                    pg.primary.label,
-                    v.last_error.unwrap_or_else(|| "not writable".into())
-                ),
-            });
-        }
+        let pg = match sql_db(&snap, shard, db)? {
+            SqlDb::Pg(pg) => pg,
+            SqlDb::Mssql(ms) => {
+                ensure_writable(&ms.primary.health, &ms.primary.label, &id)?;
+                let (rows, affected) = ms.primary.execute(&stmts).await.map_err(|e| ApiError::from_backend(e, &id))?;
+                let info = ShardInfo { id: id.clone(), role: Role::Primary, endpoint: ms.primary.label.to_string() };
+                // No replay position exists: the token names the shard only; reads after it go
+                // to the primary.
+                let token = make_token(&id, 0);
+                return Ok(render(rows, format, vec![info], Some(affected), Some(token), snap.map.version().0));
+            }
+        };
+        ensure_writable(&pg.primary.health, &pg.primary.label, &id)?;
         match pg.primary.execute(&stmts).await {
             Ok(res) => {
                 let info = ShardInfo { id: id.clone(), role: Role::Primary, endpoint: pg.primary.label.to_string() };
@@ -520,7 +580,9 @@ fn merge_rows(parts: Vec<Rows>, merge: Option<&Merge>) -> Result<Rows, ApiError>
         let i = columns.iter().position(|(n, _)| *n == o.column).ok_or_else(|| {
             ApiError::InvalidParams(format!("merge.order_by: column {:?} is not in the result", o.column))
         })?;
-        let numeric = matches!(columns[i].1.as_str(), "numeric" | "int8");
+        // Exact numbers that may arrive as strings: PostgreSQL numeric/int8, SQL Server
+        // decimal/numeric/money/bigint.
+        let numeric = matches!(columns[i].1.as_str(), "numeric" | "int8" | "decimal" | "money" | "bigint");
         keys.push((i, o.desc, numeric));
     }
     let cmp = |a: &Vec<Value>, b: &Vec<Value>| {
@@ -595,6 +657,19 @@ mod tests {
         assert_eq!(names, ["a", "b", "c", "d"]);
         let bad = Merge { order_by: vec![OrderBy { column: "nope".into(), desc: false }], limit: None };
         assert!(merge_rows(vec![rows(&[(1, "a")])], Some(&bad)).is_err());
+    }
+
+    #[test]
+    fn exact_numbers_as_strings_merge_numerically() {
+        // SQL Server decimal columns arrive as strings: "9.25" < "10.5" numerically, not as text.
+        let part = |v: &[&str]| Rows {
+            columns: vec![("price".into(), "decimal".into())],
+            rows: v.iter().map(|p| vec![json!(p)]).collect(),
+        };
+        let m = Merge { order_by: vec![OrderBy { column: "price".into(), desc: false }], limit: None };
+        let out = merge_rows(vec![part(&["9.25", "10.5"]), part(&["9.5", "100"])], Some(&m)).unwrap();
+        let got: Vec<_> = out.rows.iter().map(|r| r[0].as_str().unwrap().to_string()).collect();
+        assert_eq!(got, ["9.25", "9.5", "10.5", "100"]);
     }
 
     #[test]
