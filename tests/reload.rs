@@ -140,7 +140,8 @@ async fn hot_swaps_under_load_fail_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn if_match_json_file_watch_and_pool_reuse() {
-    let st = Stack::start(1, 1, |_| {}).await;
+    // One shared read connection per endpoint, so two reads on a kept endpoint see the same backend.
+    let st = Stack::start(1, 1, |c| *c = c.replace("[pool]\n", "[pool]\npipeline_connections = 1\n")).await;
     let base = map_toml(&st.cluster, None);
     // Warm a pooled connection and remember its backend pid: reuse keeps it.
     let pid_sql = json!({"region": {"lat": MADRID.0, "lng": MADRID.1}, "sql": "SELECT pg_backend_pid() AS pid", "consistency": "primary"});
