@@ -115,14 +115,15 @@ if [ "$MONGO" = 1 ]; then
   # comes from its GeoJSON `location` (the [tables.profiles.profiles] geo_field), so the batch is
   # split over the three shards. The 300 largest cities of the data file, one profile each.
   echo "== loading 300 musician profiles into MongoDB through cellgate (one batch, split by location)"
-  tail -n +2 tests/data/cities15000.csv | grep -v '"' | sort -t, -k6,6nr | head -n 300 | \
+  tail -n +2 tests/data/cities15000.csv | grep -v '"' | sort -t, -k6,6nr | awk 'NR <= 300' | \
     jq -R -s -c '[split("\n")[] | select(length > 0) | split(",") | {name: ("Profile of a musician in " + .[1]),
       city: .[1], country: .[2], instruments: ["guitar", "voice"], rating: {"$numberDecimal": "4.5"},
       location: {type: "Point", coordinates: [(.[4] | tonumber), (.[3] | tonumber)]}}] | {documents: .}' \
     > "$WORK/profiles.json"
-  curl -fsS "$D/v1/docs/profiles/profiles/insert" -H "authorization: Bearer $TOKEN" \
-    -H 'content-type: application/json' --data-binary @"$WORK/profiles.json" | \
-    jq -r '"   inserted \(.inserted_count): " + ([.shards[] | "\(.id) \(.inserted_ids | length)"] | join(", "))'
+  resp=$(curl -sS "$D/v1/docs/profiles/profiles/insert" -H "authorization: Bearer $TOKEN" \
+    -H 'content-type: application/json' --data-binary @"$WORK/profiles.json")
+  printf '%s' "$resp" | jq -e -r '"   inserted \(.inserted_count): " + ([.shards[] | "\(.id) \(.inserted_ids | length)"] | join(", "))' \
+    || { echo "profile insert failed: $resp" >&2; exit 1; }
 fi
 TOKYO_H3=$(printf '%d' "0x$(./target/release/cellgate locate --map shard-maps/demo.toml --lat 35.6895 --lng 139.6917 --json | jq -r .point_cell)")
 A="http://127.0.0.1:$ADMIN_PORT"
@@ -149,9 +150,10 @@ if [ "$MONGO" = 1 ]; then cat <<TXT
 curl -s $D/v1/docs/profiles/profiles/find -H 'authorization: Bearer $TOKEN' -H 'content-type: application/json' \\
   -d '{"region": {"lat": 40.4168, "lng": -3.7038}, "filter": {"city": "Madrid"}, "projection": {"_id": 0, "name": 1, "rating": 1}}'
 
-# profiles within 1,000 km of Paris, over the owning shards, merged on city name, first 5
+# French musicians' profiles: the region (1,000 km around Paris) picks the owning shards, the
+# filter picks the documents; merged on city name, first 5
 curl -s $D/v1/docs/profiles/profiles/find -H 'authorization: Bearer $TOKEN' -H 'content-type: application/json' \\
-  -d '{"region": {"lat": 48.8566, "lng": 2.3522, "radius_km": 1000}, "sort": {"city": 1}, "limit": 5, "projection": {"_id": 0, "city": 1}}'
+  -d '{"region": {"lat": 48.8566, "lng": 2.3522, "radius_km": 1000}, "filter": {"country": "FR"}, "sort": {"city": 1}, "limit": 5, "projection": {"_id": 0, "city": 1}}'
 
 TXT
 fi
