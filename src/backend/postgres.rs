@@ -293,6 +293,17 @@ impl PgEndpoint {
         {
             return self.query_pipelined(p, sql, params).await.map(Some);
         }
+        // Boxed: the exclusive path (checkout, replay wait) is the rare one when pipelining is
+        // on; inline it would size every parked read's future.
+        Box::pin(self.query_exclusive(sql, params, min_lsn)).await
+    }
+
+    async fn query_exclusive(
+        &self,
+        sql: &str,
+        params: &[Value],
+        min_lsn: Option<(u64, Instant)>,
+    ) -> Result<Option<Rows>, BackendError> {
         let mut conn = self.checkout().await?;
         if let Some((lsn, until)) = min_lsn
             && !self.wait_replay(&mut conn, lsn, until).await?
@@ -330,7 +341,9 @@ impl PgEndpoint {
         {
             return Ok(c.clone());
         }
-        let connect = self.pg_config.connect(NoTls);
+        // Boxed: a connect (startup, SCRAM) is rare and its state is large; inline it would
+        // size every pipelined read's future.
+        let connect = Box::pin(self.pg_config.connect(NoTls));
         let (client, connection) = match tokio::time::timeout(self.checkout_timeout, connect).await {
             Ok(Ok(pair)) => pair,
             Ok(Err(e)) => return Err(self.classify(e)),

@@ -260,7 +260,8 @@ async fn read_on_shard(
     let id = snap.map.shard(shard).id.to_string();
     let pg = match sql_db(snap, shard, db)? {
         SqlDb::Pg(pg) => pg,
-        SqlDb::Mssql(ms) => return read_on_mssql(ms, id, sql, params, consistency).await,
+        // Boxed: keeps the (larger) tiberius read state out of every PostgreSQL read's future.
+        SqlDb::Mssql(ms) => return Box::pin(read_on_mssql(ms, id, sql, params, consistency)).await,
     };
     let h = &state.config.health;
     // (endpoint, replay position it must reach and until when)

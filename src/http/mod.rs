@@ -287,16 +287,19 @@ async fn data(state: &AppState, req: Request<Incoming>) -> Response<Body> {
         let mut out = api::Outcome::default();
         let work = async {
             let body = read_body(body, &parts.headers, state.config.limits.max_body_bytes).await?;
+            // Each handler's future is boxed: an async fn's state is as large as its largest
+            // branch, and a parked request (100k of them at the load target) would otherwise
+            // carry the biggest handler's state (the MongoDB driver's) whatever it runs.
             match &op {
                 DataOp::Query => {
-                    api::query(state, &db, &body, &mut out).await.map(|a| (StatusCode::OK, Answer::Sql(a)))
+                    Box::pin(api::query(state, &db, &body, &mut out)).await.map(|a| (StatusCode::OK, Answer::Sql(a)))
                 }
                 DataOp::Execute => {
-                    api::execute(state, &db, &body, &mut out).await.map(|a| (StatusCode::OK, Answer::Sql(a)))
+                    Box::pin(api::execute(state, &db, &body, &mut out)).await.map(|a| (StatusCode::OK, Answer::Sql(a)))
                 }
-                DataOp::Docs(coll, o) => {
-                    docs::handle(state, &db, coll, *o, &body, &mut out).await.map(|(s, a)| (s, Answer::Docs(a)))
-                }
+                DataOp::Docs(coll, o) => Box::pin(docs::handle(state, &db, coll, *o, &body, &mut out))
+                    .await
+                    .map(|(s, a)| (s, Answer::Docs(a))),
             }
         };
         let r = match tokio::time::timeout(state.config.request_timeout(), work).await {

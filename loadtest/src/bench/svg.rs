@@ -32,7 +32,9 @@ pub fn chart(title: &str, subtitle: &str, series: &[Series], groups: &[Group]) -
     let plot_h = h - top - bottom;
     let vals: Vec<f64> =
         groups.iter().flat_map(|g| g.values.iter().copied()).filter(|v| v.is_finite() && *v > 0.0).collect();
-    let lo = vals.iter().copied().fold(f64::INFINITY, f64::min).max(1.0);
+    // No values (a partial run, e.g. `--only streams`): an empty 1 µs–10 µs frame. Without this
+    // guard lo is infinite and the decade loop below never ends (it filled 24 GB once).
+    let lo = if vals.is_empty() { 1.0 } else { vals.iter().copied().fold(f64::INFINITY, f64::min).max(1.0) };
     let hi = vals.iter().copied().fold(0.0, f64::max).max(10.0);
     let (d0, d1) = (lo.log10().floor(), (hi * 2.5).log10().ceil().max(lo.log10().floor() + 1.0));
     let y = |v: f64| top + plot_h - (v.max(10f64.powf(d0)).log10() - d0) / (d1 - d0) * plot_h;
@@ -151,5 +153,14 @@ mod tests {
         assert!(s.starts_with("<svg") && s.ends_with("</svg>\n"));
         assert_eq!(s.matches("<rect x=").count(), 3 + 2);
         assert!(s.contains("x&lt;1") && s.contains("2.5 ms"));
+    }
+
+    #[test]
+    fn no_values_gives_an_empty_frame() {
+        let series = [Series { name: "a", color: "#000" }];
+        let s = chart("t", "s", &series, &[Group { label: "x".into(), values: vec![f64::NAN] }]);
+        assert!(s.starts_with("<svg") && s.ends_with("</svg>\n") && s.len() < 10_000);
+        let s = chart("t", "s", &series, &[]);
+        assert!(s.ends_with("</svg>\n"));
     }
 }
