@@ -13,4 +13,13 @@ ensure_peer_tools
 bash tests/peers/mongo/install.sh
 
 echo "== cargo test --workspace (benches are built by clippy --all-targets; run them with cargo bench)"
-cargo test --workspace "$@"
+if [ $# -gt 0 ]; then
+  cargo test --workspace "$@"
+  exit
+fi
+cargo test --workspace -- --skip real_server_round_trip
+
+# Real-server tests run separately with their output shown, so each says by name that it was
+# skipped (CELLGATE_TEST_MONGO_URL / CELLGATE_TEST_MSSQL_URL unset) or runs against that server.
+echo "== real-server tests (MongoDB: CELLGATE_TEST_MONGO_URL, SQL Server: CELLGATE_TEST_MSSQL_URL)"
+cargo test --test mongo --test mssql real_server_round_trip -- --nocapture
