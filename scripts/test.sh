@@ -22,4 +22,5 @@ cargo test --workspace -- --skip real_server_round_trip
 # Real-server tests run separately with their output shown, so each says by name that it was
 # skipped (CELLGATE_TEST_MONGO_URL / CELLGATE_TEST_MSSQL_URL unset) or runs against that server.
 echo "== real-server tests (MongoDB: CELLGATE_TEST_MONGO_URL, SQL Server: CELLGATE_TEST_MSSQL_URL)"
-cargo test --test mongo --test mssql real_server_round_trip -- --nocapture
+# --workspace: the same feature set as the run above, so nothing is rebuilt.
+cargo test --workspace --test mongo --test mssql real_server_round_trip -- --nocapture
