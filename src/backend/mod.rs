@@ -5,6 +5,7 @@ pub mod mongo;
 pub mod mssql;
 pub mod mssql_types;
 pub mod pg_types;
+pub mod pool;
 pub mod postgres;
 
 use std::collections::{BTreeMap, HashMap};
@@ -12,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::config;
-use crate::shardmap::{DatabaseSpec, ShardMap};
+use crate::shardmap::{DatabaseSpec, Secret, ShardMap};
 use mongo::MongoDatabase;
 use mssql::{MssqlDatabase, MssqlEndpoint};
 use postgres::{PgDatabase, PgEndpoint};
@@ -96,6 +97,23 @@ pub enum DatabaseBackend {
     Sqlserver(Arc<MssqlDatabase>),
 }
 
+/// The primary and replica endpoints of one SQL database, each reused or new (`endpoint`);
+/// every failure is reported, with `ctx` naming the database.
+fn replica_set<E>(
+    primary: &Secret,
+    replicas: &[Secret],
+    ctx: &str,
+    endpoint: &mut impl FnMut(&Secret, Role, String) -> Result<Arc<E>, String>,
+) -> Result<pool::ReplicaSet<E>, Vec<String>> {
+    let p = endpoint(primary, Role::Primary, format!("{ctx} primary"));
+    let rs: Vec<_> =
+        replicas.iter().enumerate().map(|(i, r)| endpoint(r, Role::Replica, format!("{ctx} replica {i}"))).collect();
+    match (p, rs.into_iter().collect::<Result<Vec<_>, _>>()) {
+        (Ok(p), Ok(rs)) => Ok(pool::ReplicaSet::new(p, rs)),
+        (p, rs) => Err(p.err().into_iter().chain(rs.err()).collect()),
+    }
+}
+
 /// All backends of one map: `[shard index][database name]`.
 pub struct Backends {
     pub shards: Vec<BTreeMap<String, DatabaseBackend>>,
@@ -157,69 +175,55 @@ impl Backends {
         }
         let mut fresh_mongo = Vec::new();
         let mut fresh_ms = Vec::new();
+        // Every backend's own deadline (PostgreSQL statement_timeout, tiberius command timeout)
+        // matches the request deadline.
         let request_timeout = Duration::from_millis(cfg.limits.request_timeout_ms);
-        let mut ms_endpoint =
-            |conn: &crate::shardmap::Secret, role: Role, ctx: String| -> Result<Arc<MssqlEndpoint>, String> {
-                if let Some(ep) = reusable_ms.get(&(MssqlEndpoint::key_of(conn), role)) {
-                    return Ok(ep.clone());
-                }
-                let ep = Arc::new(
-                    MssqlEndpoint::new(conn, role, &cfg.pool, request_timeout).map_err(|e| format!("{ctx}: {e}"))?,
-                );
-                fresh_ms.push((ctx, Fresh::Mssql(ep.clone())));
-                Ok(ep)
-            };
+        let mut ms_endpoint = |conn: &Secret, role: Role, ctx: String| -> Result<Arc<MssqlEndpoint>, String> {
+            if let Some(ep) = reusable_ms.get(&(pool::conn_key(conn), role)) {
+                return Ok(ep.clone());
+            }
+            let ep = Arc::new(
+                MssqlEndpoint::new(conn, role, &cfg.pool, request_timeout).map_err(|e| format!("{ctx}: {e}"))?,
+            );
+            fresh_ms.push((ctx, Fresh::Mssql(ep.clone())));
+            Ok(ep)
+        };
         let mut errors = Vec::new();
         let mut shards = Vec::new();
         let mut tasks = Vec::new();
         let mut fresh = Vec::new();
-        // The server-side statement_timeout matches the request deadline.
-        let stmt_timeout = Duration::from_millis(cfg.limits.request_timeout_ms);
-        let mut endpoint =
-            |conn: &crate::shardmap::Secret, role: Role, ctx: String| -> Result<Arc<PgEndpoint>, String> {
-                if let Some(ep) = reusable.get(&(PgEndpoint::key_of(conn), role)) {
-                    return Ok(ep.clone());
-                }
-                let ep =
-                    Arc::new(PgEndpoint::new(conn, role, &cfg.pool, stmt_timeout).map_err(|e| format!("{ctx}: {e}"))?);
-                fresh.push((ctx, Fresh::Pg(ep.clone())));
-                Ok(ep)
-            };
+        let mut endpoint = |conn: &Secret, role: Role, ctx: String| -> Result<Arc<PgEndpoint>, String> {
+            if let Some(ep) = reusable.get(&(pool::conn_key(conn), role)) {
+                return Ok(ep.clone());
+            }
+            let ep =
+                Arc::new(PgEndpoint::new(conn, role, &cfg.pool, request_timeout).map_err(|e| format!("{ctx}: {e}"))?);
+            fresh.push((ctx, Fresh::Pg(ep.clone())));
+            Ok(ep)
+        };
         for shard in map.shards() {
             let mut dbs = BTreeMap::new();
             for (name, spec) in &shard.databases {
                 let ctx = format!("shard {} database {name}", shard.id);
                 match spec {
                     DatabaseSpec::Postgres { primary, replicas, .. } => {
-                        let p = endpoint(primary, Role::Primary, format!("{ctx} primary"));
-                        let rs: Vec<_> = replicas
-                            .iter()
-                            .enumerate()
-                            .map(|(i, r)| endpoint(r, Role::Replica, format!("{ctx} replica {i}")))
-                            .collect();
-                        match (p, rs.into_iter().collect::<Result<Vec<_>, _>>()) {
-                            (Ok(p), Ok(rs)) => {
-                                let db = Arc::new(PgDatabase::new(p, rs));
+                        match replica_set(primary, replicas, &ctx, &mut endpoint) {
+                            Ok(set) => {
+                                let db = Arc::new(set);
                                 tasks.push(tokio::spawn(health::run(db.clone(), cfg.health.clone())));
                                 dbs.insert(name.clone(), DatabaseBackend::Postgres(db));
                             }
-                            (p, rs) => errors.extend(p.err().into_iter().chain(rs.err())),
+                            Err(e) => errors.extend(e),
                         }
                     }
                     DatabaseSpec::Sqlserver { primary, replicas } => {
-                        let p = ms_endpoint(primary, Role::Primary, format!("{ctx} primary"));
-                        let rs: Vec<_> = replicas
-                            .iter()
-                            .enumerate()
-                            .map(|(i, r)| ms_endpoint(r, Role::Replica, format!("{ctx} replica {i}")))
-                            .collect();
-                        match (p, rs.into_iter().collect::<Result<Vec<_>, _>>()) {
-                            (Ok(p), Ok(rs)) => {
-                                let db = Arc::new(MssqlDatabase::new(p, rs));
+                        match replica_set(primary, replicas, &ctx, &mut ms_endpoint) {
+                            Ok(set) => {
+                                let db = Arc::new(set);
                                 tasks.push(tokio::spawn(mssql::run_health(db.clone(), cfg.health.clone())));
                                 dbs.insert(name.clone(), DatabaseBackend::Sqlserver(db));
                             }
-                            (p, rs) => errors.extend(p.err().into_iter().chain(rs.err())),
+                            Err(e) => errors.extend(e),
                         }
                     }
                     DatabaseSpec::Mongodb { uri } => {

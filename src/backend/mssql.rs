@@ -5,7 +5,6 @@
 
 use std::borrow::Cow;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -275,24 +274,6 @@ impl bb8::ManageConnection for MsManager {
     }
 }
 
-/// Logs the real reason behind a failed pool connect (bb8 otherwise reports only a timeout).
-/// tiberius errors never contain the connection string.
-#[derive(Debug, Clone)]
-struct Sink {
-    endpoint: Arc<str>,
-    health: Arc<EndpointHealth>,
-}
-
-impl bb8::ErrorSink<TdsError> for Sink {
-    fn sink(&self, e: TdsError) {
-        tracing::warn!(endpoint = %self.endpoint, error = %e, "pool connect failed");
-        self.health.note_error(&e.to_string());
-    }
-    fn boxed_clone(&self) -> Box<dyn bb8::ErrorSink<TdsError>> {
-        Box::new(self.clone())
-    }
-}
-
 /// Parameter types described by the server, per SQL text; `None`: it could not describe them.
 type Described = Option<Arc<HashMap<usize, SqlType>>>;
 
@@ -342,34 +323,21 @@ impl MssqlEndpoint {
         config.handshake_timeout(Some(Duration::from_millis(pool.connect_timeout_ms)));
         let label: Arc<str> = Arc::from(label);
         let health = Arc::new(EndpointHealth::new(role));
-        let pool_obj = bb8::Pool::builder()
-            .max_size(pool.max_size)
-            .min_idle(Some(pool.min_idle))
-            // Never bb8's 30 s default (crates.md P5): a dead shard must answer fast.
-            .connection_timeout(Duration::from_millis(pool.checkout_timeout_ms))
-            .max_lifetime(Some(Duration::from_secs(pool.max_lifetime_s)))
-            .idle_timeout(Some(Duration::from_secs(pool.idle_timeout_s)))
-            // has_broken (poison flag) covers broken and abandoned connections; a SELECT 1 per
-            // checkout would double the round trips of every read.
-            .test_on_check_out(false)
-            .error_sink(Box::new(Sink { endpoint: label.clone(), health: health.clone() }))
-            .build_unchecked(MsManager { config: config.clone() });
+        // has_broken is the poison flag: raised while a request is on the wire, so broken and
+        // abandoned connections are dropped without a test query per checkout.
+        let pool_obj =
+            super::pool::builder(pool, &label, &health).build_unchecked(MsManager { config: config.clone() });
         Ok(Self {
             label,
             role,
             pool: pool_obj,
             health,
-            key: Self::key_of(conn),
+            key: super::pool::conn_key(conn),
             config,
             checkout_timeout: Duration::from_millis(pool.checkout_timeout_ms),
             described: Mutex::new(HashMap::new()),
             probe_client: tokio::sync::Mutex::new(None),
         })
-    }
-
-    pub fn key_of(conn: &Secret) -> [u8; 32] {
-        use sha2::Digest;
-        sha2::Sha256::digest(conn.expose().as_bytes()).into()
     }
 
     /// Open a fresh connection and run a trivial query (reload pre-check).
@@ -389,14 +357,7 @@ impl MssqlEndpoint {
             }
             Err(bb8::RunError::User(e)) => Err(self.classify(e)),
             Err(bb8::RunError::TimedOut) => {
-                if self.health.is_up() {
-                    Err(BackendError::Overloaded { endpoint: self.label.to_string() })
-                } else {
-                    Err(BackendError::Unavailable {
-                        endpoint: self.label.to_string(),
-                        reason: format!("no connection within {:?}", self.checkout_timeout),
-                    })
-                }
+                Err(super::pool::checkout_timed_out(&self.label, &self.health, self.checkout_timeout))
             }
         }
     }
@@ -666,30 +627,13 @@ impl MssqlEndpoint {
 pub const PROBE_SQL: &str = "SELECT CAST(DATABASEPROPERTYEX(DB_NAME(), 'Updateability') AS nvarchar(20))";
 
 /// A logical SQL Server database on one shard: its primary and readable secondaries.
-pub struct MssqlDatabase {
-    pub primary: Arc<MssqlEndpoint>,
-    pub replicas: Vec<Arc<MssqlEndpoint>>,
-    next: AtomicUsize,
-}
+pub type MssqlDatabase = super::pool::ReplicaSet<MssqlEndpoint>;
 
 impl MssqlDatabase {
-    pub fn new(primary: Arc<MssqlEndpoint>, replicas: Vec<Arc<MssqlEndpoint>>) -> Self {
-        Self { primary, replicas, next: AtomicUsize::new(0) }
-    }
-
     /// A replica that is up and answers as read-only, in rotation; `None` sends the read to
     /// the primary. There is no lag measurement for SQL Server (see docs/sqlserver.md).
     pub fn pick_replica(&self) -> Option<Arc<MssqlEndpoint>> {
-        let n = self.replicas.len();
-        if n == 0 {
-            return None;
-        }
-        let start = self.next.fetch_add(1, Ordering::Relaxed);
-        (0..n).map(|i| &self.replicas[(start + i) % n]).find(|r| r.health.readable_by_role()).cloned()
-    }
-
-    pub fn endpoints(&self) -> impl Iterator<Item = &Arc<MssqlEndpoint>> {
-        std::iter::once(&self.primary).chain(self.replicas.iter())
+        self.pick_replica_where(|r| r.health.readable_by_role())
     }
 }
 

@@ -24,23 +24,37 @@ use crate::shardmap::Secret;
 /// abandoned mid-flight (then the connection must not be reused: bb8 #246, crates.md P4).
 pub struct PgConn {
     pub client: tokio_postgres::Client,
-    stmts: HashMap<String, Statement>,
+    stmts: StmtCache,
     busy: bool,
 }
 
-/// Statements kept per connection; beyond this the cache is cleared (bounded memory).
-const STMT_CACHE: usize = 256;
+/// Prepared statements of one connection, by SQL text.
+#[derive(Default)]
+struct StmtCache(HashMap<String, Statement>);
+
+impl StmtCache {
+    /// Statements kept per connection; beyond this the cache is cleared (bounded memory).
+    const MAX: usize = 256;
+
+    fn get(&self, sql: &str) -> Option<Statement> {
+        self.0.get(sql).cloned()
+    }
+
+    fn insert(&mut self, sql: &str, s: &Statement) {
+        if self.0.len() >= Self::MAX {
+            self.0.clear();
+        }
+        self.0.insert(sql.to_string(), s.clone());
+    }
+}
 
 impl PgConn {
     async fn prepare(&mut self, sql: &str) -> Result<Statement, tokio_postgres::Error> {
         if let Some(s) = self.stmts.get(sql) {
-            return Ok(s.clone());
+            return Ok(s);
         }
         let s = self.client.prepare(sql).await?;
-        if self.stmts.len() >= STMT_CACHE {
-            self.stmts.clear();
-        }
-        self.stmts.insert(sql.to_string(), s.clone());
+        self.stmts.insert(sql, &s);
         Ok(s)
     }
 }
@@ -55,7 +69,7 @@ impl bb8::ManageConnection for PgManager {
 
     async fn connect(&self) -> Result<PgConn, Self::Error> {
         let client = self.inner.connect().await?;
-        Ok(PgConn { client, stmts: HashMap::new(), busy: false })
+        Ok(PgConn { client, stmts: StmtCache::default(), busy: false })
     }
 
     async fn is_valid(&self, conn: &mut PgConn) -> Result<(), Self::Error> {
@@ -64,24 +78,6 @@ impl bb8::ManageConnection for PgManager {
 
     fn has_broken(&self, conn: &mut PgConn) -> bool {
         conn.busy || conn.client.is_closed()
-    }
-}
-
-/// Logs the real reason behind a failed pool connect (bb8 otherwise reports only a timeout).
-/// tokio_postgres errors never contain the connection string.
-#[derive(Debug, Clone)]
-struct Sink {
-    endpoint: Arc<str>,
-    health: Arc<EndpointHealth>,
-}
-
-impl bb8::ErrorSink<tokio_postgres::Error> for Sink {
-    fn sink(&self, e: tokio_postgres::Error) {
-        tracing::warn!(endpoint = %self.endpoint, error = %e, "pool connect failed");
-        self.health.note_error(&e.to_string());
-    }
-    fn boxed_clone(&self) -> Box<dyn bb8::ErrorSink<tokio_postgres::Error>> {
-        Box::new(self.clone())
     }
 }
 
@@ -124,21 +120,17 @@ struct Pipeline {
 
 struct SharedConn {
     client: tokio_postgres::Client,
-    stmts: std::sync::Mutex<HashMap<String, Statement>>,
+    stmts: std::sync::Mutex<StmtCache>,
 }
 
 impl SharedConn {
     async fn prepare(&self, sql: &str) -> Result<Statement, tokio_postgres::Error> {
         if let Some(s) = self.stmts.lock().unwrap_or_else(|p| p.into_inner()).get(sql) {
-            return Ok(s.clone());
+            return Ok(s);
         }
         // Two concurrent misses may both prepare; the second insert wins, both are valid.
         let s = self.client.prepare(sql).await?;
-        let mut m = self.stmts.lock().unwrap_or_else(|p| p.into_inner());
-        if m.len() >= STMT_CACHE {
-            m.clear();
-        }
-        m.insert(sql.to_string(), s.clone());
+        self.stmts.lock().unwrap_or_else(|p| p.into_inner()).insert(sql, &s);
         Ok(s)
     }
 }
@@ -180,17 +172,7 @@ impl PgEndpoint {
         cfg.options(&opts);
         let health = Arc::new(EndpointHealth::new(role));
         let manager = PgManager { inner: PostgresConnectionManager::new(cfg.clone(), NoTls) };
-        let pool_obj = bb8::Pool::builder()
-            .max_size(pool.max_size)
-            .min_idle(Some(pool.min_idle))
-            .connection_timeout(Duration::from_millis(pool.checkout_timeout_ms))
-            .max_lifetime(Some(Duration::from_secs(pool.max_lifetime_s)))
-            .idle_timeout(Some(Duration::from_secs(pool.idle_timeout_s)))
-            // has_broken covers closed and abandoned connections; a SELECT 1 per checkout would
-            // double the round trips of every read.
-            .test_on_check_out(false)
-            .error_sink(Box::new(Sink { endpoint: label.clone(), health: health.clone() }))
-            .build_unchecked(manager);
+        let pool_obj = super::pool::builder(pool, &label, &health).build_unchecked(manager);
         let pipeline = (pool.pipeline_connections > 0).then(|| Pipeline {
             slots: (0..pool.pipeline_connections).map(|_| tokio::sync::Mutex::new(None)).collect(),
             next: AtomicUsize::new(0),
@@ -203,7 +185,7 @@ impl PgEndpoint {
         Ok(Self {
             pipeline,
             probe_client: tokio::sync::Mutex::new(None),
-            key: Self::key_of(conn),
+            key: super::pool::conn_key(conn),
             label,
             role,
             pool: pool_obj,
@@ -211,11 +193,6 @@ impl PgEndpoint {
             pg_config: cfg,
             checkout_timeout: Duration::from_millis(pool.checkout_timeout_ms),
         })
-    }
-
-    pub fn key_of(conn: &Secret) -> [u8; 32] {
-        use sha2::Digest;
-        sha2::Sha256::digest(conn.expose().as_bytes()).into()
     }
 
     /// Open a fresh connection and run a trivial query (reload pre-check).
@@ -233,14 +210,7 @@ impl PgEndpoint {
             Ok(c) => Ok(c),
             Err(bb8::RunError::User(e)) => Err(self.classify(e)),
             Err(bb8::RunError::TimedOut) => {
-                if self.health.is_up() {
-                    Err(BackendError::Overloaded { endpoint: self.label.to_string() })
-                } else {
-                    Err(BackendError::Unavailable {
-                        endpoint: self.label.to_string(),
-                        reason: format!("no connection within {:?}", self.checkout_timeout),
-                    })
-                }
+                Err(super::pool::checkout_timed_out(&self.label, &self.health, self.checkout_timeout))
             }
         }
     }
@@ -360,7 +330,7 @@ impl PgEndpoint {
                 tracing::debug!(endpoint = %label, error = %e, "shared read connection closed");
             }
         });
-        let c = Arc::new(SharedConn { client, stmts: std::sync::Mutex::new(HashMap::new()) });
+        let c = Arc::new(SharedConn { client, stmts: std::sync::Mutex::default() });
         *slot = Some(c.clone());
         Ok(c)
     }
@@ -494,31 +464,13 @@ pub fn format_lsn(v: u64) -> String {
     format!("{:X}/{:X}", v >> 32, v & 0xffff_ffff)
 }
 
-/// A logical database on one shard: its primary and replicas.
-pub struct PgDatabase {
-    pub primary: Arc<PgEndpoint>,
-    pub replicas: Vec<Arc<PgEndpoint>>,
-    next: AtomicUsize,
-}
+/// A logical PostgreSQL database on one shard: its primary and replicas.
+pub type PgDatabase = super::pool::ReplicaSet<PgEndpoint>;
 
 impl PgDatabase {
-    pub fn new(primary: Arc<PgEndpoint>, replicas: Vec<Arc<PgEndpoint>>) -> Self {
-        Self { primary, replicas, next: AtomicUsize::new(0) }
-    }
-
-    /// A replica fit for reads now (healthy, in recovery, within the lag bounds), taken in
-    /// rotation so load spreads. Never "unban all": `None` sends the read to the primary.
+    /// A replica fit for reads now (healthy, in recovery, within the lag bounds), in rotation.
     pub fn pick_replica(&self, max_lag_ms: u64, max_lag_bytes: u64) -> Option<Arc<PgEndpoint>> {
-        let n = self.replicas.len();
-        if n == 0 {
-            return None;
-        }
-        let start = self.next.fetch_add(1, Ordering::Relaxed);
-        (0..n).map(|i| &self.replicas[(start + i) % n]).find(|r| r.health.readable(max_lag_ms, max_lag_bytes)).cloned()
-    }
-
-    pub fn endpoints(&self) -> impl Iterator<Item = &Arc<PgEndpoint>> {
-        std::iter::once(&self.primary).chain(self.replicas.iter())
+        self.pick_replica_where(|r| r.health.readable(max_lag_ms, max_lag_bytes))
     }
 }
 
