@@ -8,7 +8,8 @@ use http::{Method, Request, Response, StatusCode, header};
 use hyper::body::Incoming;
 use serde_json::{Value, json};
 
-use crate::backend::DatabaseBackend;
+use crate::backend::health::HealthView;
+use crate::backend::{DatabaseBackend, Role};
 use crate::config::Scope;
 use crate::geo;
 use crate::http::respond::{ApiError, Body, json_response, text_response};
@@ -264,6 +265,35 @@ fn map_json(state: &AppState) -> Value {
     })
 }
 
+/// The fields every pooled SQL endpoint (PostgreSQL, SQL Server) shows in `/admin/shards`;
+/// callers add their kind's own (PostgreSQL: lag and LSN).
+fn sql_endpoint_json(
+    state: &AppState,
+    label: &str,
+    role: Role,
+    h: &HealthView,
+    readable: bool,
+    st: bb8::State,
+) -> Value {
+    json!({
+        "endpoint": label,
+        "role": role,
+        "observed_role": h.in_recovery.map(|r| if r { "replica" } else { "primary" }),
+        "up": h.up,
+        "probed": h.probed,
+        "readable": readable,
+        "pool": {
+            "size": st.connections,
+            "idle": st.idle_connections,
+            "max": state.config.pool.max_size,
+            // Gets started but not finished = requests parked waiting for a connection.
+            "waiting": st.statistics.get_started.saturating_sub(
+                st.statistics.get_direct + st.statistics.get_waited + st.statistics.get_timed_out),
+        },
+        "last_error": h.last_error,
+    })
+}
+
 fn shards_json(state: &AppState) -> Value {
     let snap = state.pin();
     let mut shards = Vec::new();
@@ -276,28 +306,15 @@ fn shards_json(state: &AppState) -> Value {
                         .endpoints()
                         .map(|ep| {
                             let h = ep.health.view();
-                            let st = ep.pool.state();
-                            json!({
-                                "endpoint": ep.label.to_string(),
-                                "role": ep.role,
-                                "observed_role": h.in_recovery.map(|r| if r { "replica" } else { "primary" }),
-                                "up": h.up,
-                                "probed": h.probed,
-                                "readable": ep.role == crate::backend::Role::Replica
-                                    && ep.health.readable(state.config.health.max_lag_ms, state.config.health.max_lag_bytes),
-                                "lag_ms": h.lag_ms,
-                                "lag_bytes": h.lag_bytes,
-                                "lsn": h.lsn.map(crate::backend::postgres::format_lsn),
-                                "pool": {
-                                    "size": st.connections,
-                                    "idle": st.idle_connections,
-                                    "max": state.config.pool.max_size,
-                                    // Gets started but not finished = requests parked waiting for a connection.
-                                    "waiting": st.statistics.get_started.saturating_sub(
-                                        st.statistics.get_direct + st.statistics.get_waited + st.statistics.get_timed_out),
-                                },
-                                "last_error": h.last_error,
-                            })
+                            let readable = ep.role == Role::Replica
+                                && ep
+                                    .health
+                                    .readable(state.config.health.max_lag_ms, state.config.health.max_lag_bytes);
+                            let mut v = sql_endpoint_json(state, &ep.label, ep.role, &h, readable, ep.pool.state());
+                            v["lag_ms"] = json!(h.lag_ms);
+                            v["lag_bytes"] = json!(h.lag_bytes);
+                            v["lsn"] = json!(h.lsn.map(crate::backend::postgres::format_lsn));
+                            v
                         })
                         .collect();
                     json!({"kind": "postgres", "endpoints": eps})
@@ -319,23 +336,8 @@ fn shards_json(state: &AppState) -> Value {
                         .endpoints()
                         .map(|ep| {
                             let h = ep.health.view();
-                            let st = ep.pool.state();
-                            json!({
-                                "endpoint": ep.label.to_string(),
-                                "role": ep.role,
-                                "observed_role": h.in_recovery.map(|r| if r { "replica" } else { "primary" }),
-                                "up": h.up,
-                                "probed": h.probed,
-                                "readable": ep.role == crate::backend::Role::Replica && ep.health.readable_by_role(),
-                                "pool": {
-                                    "size": st.connections,
-                                    "idle": st.idle_connections,
-                                    "max": state.config.pool.max_size,
-                                    "waiting": st.statistics.get_started.saturating_sub(
-                                        st.statistics.get_direct + st.statistics.get_waited + st.statistics.get_timed_out),
-                                },
-                                "last_error": h.last_error,
-                            })
+                            let readable = ep.role == Role::Replica && ep.health.readable_by_role();
+                            sql_endpoint_json(state, &ep.label, ep.role, &h, readable, ep.pool.state())
                         })
                         .collect();
                     json!({"kind": "sqlserver", "endpoints": eps})
