@@ -11,6 +11,7 @@ pub mod fleet;
 pub mod geo;
 pub mod http;
 pub mod ids;
+pub mod kmerge;
 pub mod migrate;
 pub mod reload;
 pub mod routing;

@@ -2,7 +2,6 @@
 //! snapshot → run on the chosen endpoint(s) → JSON. Errors are returned, never rendered here.
 
 use std::cmp::Ordering;
-use std::collections::BinaryHeap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -596,44 +595,8 @@ fn merge_rows(parts: Vec<Rows>, merge: Option<&Merge>) -> Result<Rows, ApiError>
         }
         Ordering::Equal
     };
-    struct Head<'a, F: Fn(&Vec<Value>, &Vec<Value>) -> Ordering> {
-        row: Vec<Value>,
-        part: usize,
-        cmp: &'a F,
-    }
-    impl<F: Fn(&Vec<Value>, &Vec<Value>) -> Ordering> PartialEq for Head<'_, F> {
-        fn eq(&self, o: &Self) -> bool {
-            self.cmp(o) == Ordering::Equal
-        }
-    }
-    impl<F: Fn(&Vec<Value>, &Vec<Value>) -> Ordering> Eq for Head<'_, F> {}
-    impl<F: Fn(&Vec<Value>, &Vec<Value>) -> Ordering> PartialOrd for Head<'_, F> {
-        fn partial_cmp(&self, o: &Self) -> Option<Ordering> {
-            Some(self.cmp(o))
-        }
-    }
-    impl<F: Fn(&Vec<Value>, &Vec<Value>) -> Ordering> Ord for Head<'_, F> {
-        // BinaryHeap is a max-heap: reverse so the smallest row (then lowest part) pops first.
-        fn cmp(&self, o: &Self) -> Ordering {
-            (self.cmp)(&o.row, &self.row).then(o.part.cmp(&self.part))
-        }
-    }
-    let limit = m.limit.unwrap_or(usize::MAX);
-    let mut iters: Vec<std::vec::IntoIter<Vec<Value>>> = parts.into_iter().map(|p| p.rows.into_iter()).collect();
-    let mut heap = BinaryHeap::new();
-    for (i, it) in iters.iter_mut().enumerate() {
-        if let Some(row) = it.next() {
-            heap.push(Head { row, part: i, cmp: &cmp });
-        }
-    }
-    let mut rows = Vec::new();
-    while rows.len() < limit {
-        let Some(Head { row, part, .. }) = heap.pop() else { break };
-        rows.push(row);
-        if let Some(next) = iters[part].next() {
-            heap.push(Head { row: next, part, cmp: &cmp });
-        }
-    }
+    let parts = parts.into_iter().map(|p| p.rows).collect();
+    let rows = crate::kmerge::merge_sorted(parts, m.limit.unwrap_or(usize::MAX), cmp);
     Ok(Rows { columns, rows })
 }
 

@@ -3,8 +3,7 @@
 //! relaxed Extended JSON. Errors are returned, never rendered here (`respond` does that); the
 //! SQL handlers (`api`) are reused for regions, consistency and tokens, not changed.
 
-use std::cmp::Ordering;
-use std::collections::{BTreeMap, BinaryHeap};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use bson::{Bson, Document};
@@ -367,46 +366,9 @@ async fn find(
     Ok(ReadAnswer { documents: Docs(documents), shards: infos, map_version: snap.map.version().0 })
 }
 
-/// k-way merge of per-shard results, each already sorted by `keys` (ties: lower shard first).
+/// Per-shard results, each sorted by `keys`, merged in BSON order (ties: lower shard first).
 fn merge_sorted(parts: Vec<Vec<Document>>, keys: &[(String, bool)]) -> Vec<Document> {
-    struct Head<'k> {
-        doc: Document,
-        part: usize,
-        keys: &'k [(String, bool)],
-    }
-    impl PartialEq for Head<'_> {
-        fn eq(&self, o: &Self) -> bool {
-            self.cmp(o) == Ordering::Equal
-        }
-    }
-    impl Eq for Head<'_> {}
-    impl PartialOrd for Head<'_> {
-        fn partial_cmp(&self, o: &Self) -> Option<Ordering> {
-            Some(self.cmp(o))
-        }
-    }
-    impl Ord for Head<'_> {
-        // BinaryHeap is a max-heap: reversed so the smallest document (then lowest part) pops first.
-        fn cmp(&self, o: &Self) -> Ordering {
-            ejson::compare_on(self.keys, &o.doc, &self.doc).then(o.part.cmp(&self.part))
-        }
-    }
-    let total = parts.iter().map(Vec::len).sum();
-    let mut iters: Vec<_> = parts.into_iter().map(Vec::into_iter).collect();
-    let mut heap = BinaryHeap::new();
-    for (part, it) in iters.iter_mut().enumerate() {
-        if let Some(doc) = it.next() {
-            heap.push(Head { doc, part, keys });
-        }
-    }
-    let mut out = Vec::with_capacity(total);
-    while let Some(Head { doc, part, .. }) = heap.pop() {
-        out.push(doc);
-        if let Some(next) = iters[part].next() {
-            heap.push(Head { doc: next, part, keys });
-        }
-    }
-    out
+    crate::kmerge::merge_sorted(parts, usize::MAX, |a, b| ejson::compare_on(keys, a, b))
 }
 
 async fn aggregate(
