@@ -308,7 +308,7 @@ impl MongoDatabase {
             o.limit = limit;
             o.selection_criteria = Some(self.criteria(r.mode));
             o.max_time = Some(Self::max_time(r.deadline));
-            let mut cur = c
+            let cur = c
                 .database(&self.db_name)
                 .collection::<Document>(coll)
                 .find(q.filter)
@@ -316,13 +316,22 @@ impl MongoDatabase {
                 .session(&mut s)
                 .await
                 .map_err(|e| self.classify(e))?;
-            let mut out = Vec::new();
-            while let Some(d) = cur.next(&mut s).await {
-                out.push(d.map_err(|e| self.classify(e))?);
-            }
-            Ok(out)
+            self.drain(cur, &mut s).await
         })
         .await
+    }
+
+    /// Every document of a session cursor (getMore batches included), in order.
+    async fn drain(
+        &self,
+        mut cur: mongodb::SessionCursor<Document>,
+        s: &mut ClientSession,
+    ) -> Result<Vec<Document>, BackendError> {
+        let mut out = Vec::new();
+        while let Some(d) = cur.next(s).await {
+            out.push(d.map_err(|e| self.classify(e))?);
+        }
+        Ok(out)
     }
 
     pub async fn aggregate(
@@ -334,7 +343,7 @@ impl MongoDatabase {
         self.run(r.deadline, async {
             let c = self.client().await?;
             let mut s = self.session(c, r.after).await?;
-            let mut cur = c
+            let cur = c
                 .database(&self.db_name)
                 .collection::<Document>(coll)
                 .aggregate(pipeline)
@@ -343,11 +352,7 @@ impl MongoDatabase {
                 .session(&mut s)
                 .await
                 .map_err(|e| self.classify(e))?;
-            let mut out = Vec::new();
-            while let Some(d) = cur.next(&mut s).await {
-                out.push(d.map_err(|e| self.classify(e))?);
-            }
-            Ok(out)
+            self.drain(cur, &mut s).await
         })
         .await
     }
