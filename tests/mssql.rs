@@ -221,15 +221,7 @@ impl Gate {
         let config = Config::parse(&support::config_text(&dir)).expect("test config");
         let server = server::start(config, false).await.expect("cellgate starts");
         let g = Gate { server: Some(server), http: reqwest::Client::new(), dir };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let r = g.http.get(format!("{}/readyz", g.admin())).send().await;
-            if r.is_ok_and(|r| r.status() == 200) {
-                break;
-            }
-            assert!(Instant::now() < deadline, "cellgate not ready");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        support::wait_ready(&g.http, &g.admin(), Duration::from_secs(20)).await;
         g
     }
 

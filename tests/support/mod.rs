@@ -150,6 +150,20 @@ impl Stack {
 }
 
 /// The process config every test instance uses (tweaks edit the text).
+/// Poll an instance's `/readyz` (admin base URL) until it answers 200; fail the test after `within`.
+pub async fn wait_ready(http: &reqwest::Client, admin: &str, within: Duration) {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Ok(r) = http.get(format!("{admin}/readyz")).send().await
+            && r.status() == 200
+        {
+            return;
+        }
+        assert!(Instant::now() < deadline, "cellgate not ready in {within:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 pub fn config_text(dir: &std::path::Path) -> String {
     format!(
         r#"
@@ -203,16 +217,7 @@ impl Stack {
     }
 
     pub async fn wait_ready(&self) {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Ok(r) = self.http.get(format!("{}/readyz", self.admin())).send().await
-                && r.status() == 200
-            {
-                return;
-            }
-            assert!(Instant::now() < deadline, "cellgate not ready in 30 s");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        wait_ready(&self.http, &self.admin(), Duration::from_secs(30)).await;
     }
 
     /// POST to the data plane; returns (status, body JSON, Retry-After).

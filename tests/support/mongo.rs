@@ -203,7 +203,7 @@ impl DocStack {
         let config = Config::parse(&config_text(&dir)).expect("test config");
         let server = server::start(config, false).await.expect("cellgate starts");
         let st = DocStack { server: Some(server), http: reqwest::Client::new(), dir };
-        st.wait_ready().await;
+        super::wait_ready(&st.http, &st.admin(), Duration::from_secs(30)).await;
         st
     }
 
@@ -213,19 +213,6 @@ impl DocStack {
 
     pub fn admin(&self) -> String {
         format!("http://{}", self.server.as_ref().unwrap().admin_addr)
-    }
-
-    async fn wait_ready(&self) {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Ok(r) = self.http.get(format!("{}/readyz", self.admin())).send().await
-                && r.status() == 200
-            {
-                return;
-            }
-            assert!(Instant::now() < deadline, "cellgate not ready in 30 s");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
     }
 
     /// POST `body` (raw text, so Extended JSON key order is the test's) to `/v1/docs/profiles/{path}`.
