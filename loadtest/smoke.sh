@@ -18,14 +18,9 @@ if [ -z "${LOADTEST_BIN:-}" ]; then
   LOADTEST_BIN=$TARGET_DIR/debug/cellgate-loadtest
 fi
 
-# A loopback port nobody listens on (bash /dev/tcp probe), starting at $1.
-free_port() {
-  local port=$1
-  while (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; do port=$((port + 1)); done
-  echo "$port"
-}
-DATA_PORT=$(free_port 18080)
-ADMIN_PORT=$(free_port $((DATA_PORT + 1000)))
+source scripts/lib/deps.sh   # free_port
+DATA_PORT=$(free_port)
+ADMIN_PORT=$(free_port)
 
 LOG=$(mktemp /tmp/cellgate-smoke.XXXXXX)
 DEMO_PID=""
