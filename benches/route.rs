@@ -25,7 +25,7 @@ fn million() -> ShardMap {
 fn route_point(map: &ShardMap, lat: f64, lng: f64) -> Option<usize> {
     let region = geo::region(Some(lat), Some(lng), None, None, map.resolution()).unwrap();
     match routing::route_region(map, &region).unwrap() {
-        routing::RegionRoute::One(r) => r.shard.map(|s| s.get()),
+        routing::RegionRoute::One(r) => Some(r.shard.get()),
         routing::RegionRoute::Many(_) => None,
     }
 }

@@ -489,7 +489,7 @@ pub struct Partition {
 
 fn owner(map: &ShardMap, h3: i64) -> Option<usize> {
     let cell = h3o::CellIndex::try_from(u64::try_from(h3).ok()?).ok()?;
-    routing::route(map, cell).ok()?.shard.map(|s| s.get())
+    routing::route(map, cell).ok().map(|r| r.shard.get())
 }
 
 /// Group rows by the shard that owns them: `routing::route(map, h3)` of each row's
@@ -807,7 +807,7 @@ mod tests {
             assert!(rows.musicians.len() > 1_000 && rows.venues.len() > 100, "{}: {rows:?}", shard.id);
             for &i in &rows.musicians {
                 let p = geo::point(demo.musicians[i].lat, demo.musicians[i].lng).unwrap();
-                let s = routing::route(&map, geo::owning_cell(p, map.resolution())).unwrap().shard.unwrap();
+                let s = routing::route(&map, geo::owning_cell(p, map.resolution())).unwrap().shard;
                 assert_eq!(map.shard(s).id, shard.id);
             }
         }

@@ -1,12 +1,14 @@
 //! cellgate library root: declares the modules; owns no logic of its own.
 #![forbid(unsafe_code)]
 
-pub mod admin;
+pub mod app;
 pub mod auth;
 pub mod backend;
 pub mod cli;
 pub mod config;
+pub mod dataplane;
 pub mod demo;
+pub mod error;
 pub mod fleet;
 pub mod geo;
 pub mod http;

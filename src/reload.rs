@@ -6,12 +6,12 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use sha2::{Digest, Sha256};
 use tokio::sync::{mpsc, oneshot};
 
+use crate::app::AppState;
 use crate::backend::Backends;
 use crate::shardmap;
-use crate::state::{AppState, Snapshot};
+use crate::state::{Snapshot, text_sha256};
 
 /// Where a candidate map comes from.
 #[derive(Debug)]
@@ -86,7 +86,7 @@ fn outcome(
         trigger: trigger.to_string(),
         at: SystemTime::now(),
     };
-    metrics::counter!("cellgate_map_reloads_total", "result" => result).increment(1);
+    metrics::counter!(crate::telemetry::names::MAP_RELOADS, "result" => result).increment(1);
     match result {
         "published" | "unchanged" => tracing::info!(version, trigger, result, "map reload"),
         _ => tracing::warn!(version, trigger, result, errors = ?o.errors, "map reload refused; old map kept"),
@@ -146,8 +146,7 @@ async fn apply(state: &Arc<AppState>, source: Source) -> Outcome {
         return outcome(state, 409, "conflict", v, vec![msg], &trigger);
     }
     // 2. Same bytes as what is serving: nothing to do (the watcher sees our own pushes).
-    let sha = hex::encode(Sha256::digest(text.as_bytes()));
-    if sha == current.sha256 {
+    if text_sha256(&text) == current.sha256 {
         return outcome(state, 200, "unchanged", current.map.version().0, vec![], &trigger);
     }
     // 3. Compile, collecting every error.
@@ -185,15 +184,8 @@ async fn apply(state: &Arc<AppState>, source: Source) -> Outcome {
         );
     }
     // 7. Publish. Requests that pinned the old snapshot finish on it; new ones see this one.
-    state.snapshot.store(Arc::new(Snapshot {
-        map,
-        backends,
-        sha256: sha,
-        text,
-        source: path.display().to_string(),
-        loaded_at: SystemTime::now(),
-    }));
-    metrics::gauge!("cellgate_map_version").set(version as f64);
+    state.snapshot.store(Arc::new(Snapshot::new(map, backends, text, path.display().to_string())));
+    metrics::gauge!(crate::telemetry::names::MAP_VERSION).set(version as f64);
     outcome(state, 200, "published", version, vec![], &trigger)
 }
 

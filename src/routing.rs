@@ -72,12 +72,21 @@ pub fn locate(map: &ShardMap, cell: CellIndex) -> Result<Route, RouteError> {
     })
 }
 
+/// A route whose shard is known: what [`route`] returns, so callers need no `expect`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Owned {
+    /// The owning cell at the map resolution R.
+    pub cell: CellIndex,
+    pub shard: ShardIdx,
+    pub rule: Rule,
+}
+
 /// Route a location cell to its shard, or `NoShard`.
-pub fn route(map: &ShardMap, cell: CellIndex) -> Result<Route, RouteError> {
-    let route = locate(map, cell)?;
-    match route.shard {
-        Some(_) => Ok(route),
-        None => Err(RouteError::NoShard(route.cell)),
+pub fn route(map: &ShardMap, cell: CellIndex) -> Result<Owned, RouteError> {
+    let r = locate(map, cell)?;
+    match r.shard {
+        Some(shard) => Ok(Owned { cell: r.cell, shard, rule: r.rule }),
+        None => Err(RouteError::NoShard(r.cell)),
     }
 }
 
@@ -177,7 +186,7 @@ fn fallback_owners(map: &ShardMap, c: CellIndex, out: &mut Vec<ShardIdx>) {
 /// Route any region: points and cells give one shard, areas a set.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RegionRoute {
-    One(Route),
+    One(Owned),
     Many(AreaRoute),
 }
 

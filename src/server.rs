@@ -5,17 +5,17 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 
+use crate::app::AppState;
 use crate::backend::Backends;
 use crate::config::Config;
 use crate::http::{self, Plane};
 use crate::shardmap;
-use crate::state::{AppState, Snapshot};
+use crate::state::Snapshot;
 
 /// A running server: its bound addresses and a handle to stop it (tests use this directly).
 pub struct Running {
@@ -66,14 +66,7 @@ pub fn load_snapshot(path: &Path, cfg: &Config) -> Result<Snapshot, StartError> 
     let map = shardmap::compile_str(&text)
         .map_err(|e| StartError::Map { path: path.display().to_string(), errors: e.to_string() })?;
     let backends = Backends::build(&map, cfg).map_err(|e| StartError::Backends(e.join("; ")))?;
-    Ok(Snapshot {
-        map,
-        backends,
-        sha256: hex::encode(Sha256::digest(text.as_bytes())),
-        text,
-        source: path.display().to_string(),
-        loaded_at: SystemTime::now(),
-    })
+    Ok(Snapshot::new(map, backends, text, path.display().to_string()))
 }
 
 /// Start serving. Must run inside a tokio runtime.
@@ -86,7 +79,7 @@ pub async fn start(cfg: Config, insecure_no_auth: bool) -> Result<Running, Start
         }
     }
     let snapshot = load_snapshot(&cfg.map.path, &cfg)?;
-    metrics::gauge!("cellgate_map_version").set(snapshot.map.version().0 as f64);
+    metrics::gauge!(crate::telemetry::names::MAP_VERSION).set(snapshot.map.version().0 as f64);
     let data =
         http::bind(cfg.listen.data).await.map_err(|source| StartError::Bind { addr: cfg.listen.data, source })?;
     let admin =

@@ -1,14 +1,12 @@
-//! The published state: one `ArcSwap<Snapshot>` holding map + backends + version. A request
-//! pins one snapshot (`load_full`) from start to finish; only the loader stores new ones.
+//! The published state: one [`Snapshot`] (map + backends + version) that requests pin from start
+//! to finish. Built in one place ([`Snapshot::new`]); stored only by the reload writer. Imports
+//! nothing above the backends.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize};
 use std::time::SystemTime;
 
-use arc_swap::ArcSwap;
+use sha2::{Digest, Sha256};
 
 use crate::backend::Backends;
-use crate::config::Config;
 use crate::shardmap::ShardMap;
 
 pub struct Snapshot {
@@ -24,23 +22,14 @@ pub struct Snapshot {
     pub loaded_at: SystemTime,
 }
 
-pub struct AppState {
-    pub snapshot: ArcSwap<Snapshot>,
-    pub config: Config,
-    pub auth: crate::auth::Auth,
-    pub in_flight: AtomicUsize,
-    /// False once shutdown starts (readiness turns false first, then listeners stop).
-    pub accepting: AtomicBool,
-    /// The reload channel: the only way to change `snapshot`.
-    pub reload_tx: crate::reload::Sender,
-    pub reload_status: crate::reload::Status,
-    /// Cells whose writes are held (live-migration cutover). `None` = nothing frozen.
-    pub freeze: tokio::sync::watch::Sender<Option<Arc<crate::migrate::Freeze>>>,
-    pub migrations: crate::migrate::Registry,
+impl Snapshot {
+    /// The one constructor: a compiled map, its backends, and the text it was compiled from.
+    pub fn new(map: ShardMap, backends: Backends, text: String, source: String) -> Self {
+        Self { map, backends, sha256: text_sha256(&text), text, source, loaded_at: SystemTime::now() }
+    }
 }
 
-impl AppState {
-    pub fn pin(&self) -> Arc<Snapshot> {
-        self.snapshot.load_full()
-    }
+/// SHA-256 (hex) of a map's source text: how a reload recognises the map already serving.
+pub fn text_sha256(text: &str) -> String {
+    hex::encode(Sha256::digest(text.as_bytes()))
 }

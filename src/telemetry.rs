@@ -7,12 +7,29 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
+/// Every metric name cellgate records, defined once (docs/http-api.md lists them). Labels come
+/// from bounded sets only: route, shard id, role, status, result — never cells.
+pub mod names {
+    pub const REQUESTS: &str = "cellgate_requests_total";
+    pub const REQUEST_DURATION: &str = "cellgate_request_duration_seconds";
+    pub const FENCE_HITS: &str = "cellgate_fence_hits_total";
+    pub const MAP_RELOADS: &str = "cellgate_map_reloads_total";
+    pub const MAP_VERSION: &str = "cellgate_map_version";
+    pub const ENDPOINT_UP: &str = "cellgate_endpoint_up";
+    pub const POOL_CONNECTIONS: &str = "cellgate_pool_connections";
+    pub const POOL_IDLE: &str = "cellgate_pool_idle";
+    pub const REPLICA_LAG_BYTES: &str = "cellgate_replica_lag_bytes";
+    pub const REPLICA_LAG_SECONDS: &str = "cellgate_replica_lag_seconds";
+    pub const MIGRATION_ACTIVE: &str = "cellgate_migration_active";
+    pub const MIGRATION_HOLD: &str = "cellgate_migration_hold_seconds";
+}
+
 /// Install the metrics recorder (idempotent: tests start several servers in one process).
 pub fn init_metrics() {
     HANDLE.get_or_init(|| {
         let builder = PrometheusBuilder::new()
             .set_buckets_for_metric(
-                Matcher::Full("cellgate_request_duration_seconds".into()),
+                Matcher::Full(names::REQUEST_DURATION.into()),
                 &[0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0],
             )
             .expect("buckets are non-empty");

@@ -300,7 +300,7 @@ async fn graceful_shutdown_drains_in_flight() {
     let t = Instant::now();
     let stopping = tokio::spawn(server.shutdown());
     tokio::time::sleep(Duration::from_millis(100)).await;
-    assert!(!cellgate::admin::ready(&state), "readiness false once shutdown starts");
+    assert!(!cellgate::http::admin::ready(&state), "readiness false once shutdown starts");
     assert!(tokio::net::TcpStream::connect(data_addr).await.is_err(), "no new connections");
     assert_eq!(slow.await.unwrap().unwrap(), 200, "in-flight request completed");
     stopping.await.unwrap();

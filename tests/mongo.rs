@@ -133,7 +133,7 @@ async fn crud_and_extended_json() {
     assert_eq!(v["deleted"], 1);
     assert_eq!(direct(&a, "people").await.len(), 1);
     // A token of another shard is ignored; a garbage token is a 400.
-    let other = cellgate::http::api::make_token("b", 42);
+    let other = cellgate::dataplane::make_token("b", 42);
     let (s, v) = st.read("people/find", json!({"region": madrid, "consistency": {"after": other}})).await;
     assert_eq!((s, names(&v)), (200, vec!["ana".to_string()]), "{v}");
     let (s, v) = st.read("people/find", json!({"region": madrid, "consistency": {"after": "nope"}})).await;
@@ -473,7 +473,7 @@ async fn replica_routing_against_mockupdb() {
     let (s, v) = st.write("people/insert", json!({"documents": [{"name": "x", "loc": geo(MADRID)}]})).await;
     assert_eq!(s, 200, "{v}");
     // MockupDB stamps operationTime Timestamp(1700000000, 7) on every reply.
-    let token = cellgate::http::api::make_token("a", (1_700_000_000u64 << 32) | 7);
+    let token = cellgate::dataplane::make_token("a", (1_700_000_000u64 << 32) | 7);
     assert_eq!(v["token"], json!(token), "{v}");
     assert_eq!(v["shards"][0]["token"], json!(token));
     let (s, v) = st

@@ -287,16 +287,16 @@ fn set_lag_bytes(ep: &PgEndpoint, v: Option<u64>) {
 fn publish_metrics(ep: &PgEndpoint) {
     let v = ep.health.view();
     let labels = [("endpoint", ep.label.to_string()), ("role", ep.role.as_str().to_string())];
-    metrics::gauge!("cellgate_endpoint_up", &labels).set(if v.up { 1.0 } else { 0.0 });
+    metrics::gauge!(crate::telemetry::names::ENDPOINT_UP, &labels).set(if v.up { 1.0 } else { 0.0 });
     if let Some(l) = v.lag_bytes {
-        metrics::gauge!("cellgate_replica_lag_bytes", &labels).set(l as f64);
+        metrics::gauge!(crate::telemetry::names::REPLICA_LAG_BYTES, &labels).set(l as f64);
     }
     if let Some(l) = v.lag_ms {
-        metrics::gauge!("cellgate_replica_lag_seconds", &labels).set(l as f64 / 1000.0);
+        metrics::gauge!(crate::telemetry::names::REPLICA_LAG_SECONDS, &labels).set(l as f64 / 1000.0);
     }
     let st = ep.pool.state();
-    metrics::gauge!("cellgate_pool_connections", &labels).set(st.connections as f64);
-    metrics::gauge!("cellgate_pool_idle", &labels).set(st.idle_connections as f64);
+    metrics::gauge!(crate::telemetry::names::POOL_CONNECTIONS, &labels).set(st.connections as f64);
+    metrics::gauge!(crate::telemetry::names::POOL_IDLE, &labels).set(st.idle_connections as f64);
 }
 
 #[cfg(test)]

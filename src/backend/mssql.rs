@@ -649,10 +649,10 @@ pub async fn run_health(db: Arc<MssqlDatabase>, h: config::Health) {
             ep.health.record_role(&ep.label, r, &h);
             let v = ep.health.view();
             let labels = [("endpoint", ep.label.to_string()), ("role", ep.role.as_str().to_string())];
-            metrics::gauge!("cellgate_endpoint_up", &labels).set(if v.up { 1.0 } else { 0.0 });
+            metrics::gauge!(crate::telemetry::names::ENDPOINT_UP, &labels).set(if v.up { 1.0 } else { 0.0 });
             let st = ep.pool.state();
-            metrics::gauge!("cellgate_pool_connections", &labels).set(st.connections as f64);
-            metrics::gauge!("cellgate_pool_idle", &labels).set(st.idle_connections as f64);
+            metrics::gauge!(crate::telemetry::names::POOL_CONNECTIONS, &labels).set(st.connections as f64);
+            metrics::gauge!(crate::telemetry::names::POOL_IDLE, &labels).set(st.idle_connections as f64);
         }
         let rechecks = futures_util::future::select_all(eps.iter().map(|ep| Box::pin(ep.health.recheck_requested())));
         tokio::select! {

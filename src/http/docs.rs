@@ -1,27 +1,17 @@
 //! Document-API handlers (design §3, MongoDB): `POST /v1/docs/{db}/{collection}/{op}`. Parse
-//! (relaxed Extended JSON) → route on one pinned snapshot → run on the owning shards' MongoDB →
-//! relaxed Extended JSON. Errors are returned, never rendered here (`respond` does that); the
-//! SQL handlers (`api`) are reused for regions, consistency and tokens, not changed.
-
-use std::collections::BTreeMap;
-use std::sync::Arc;
+//! relaxed Extended JSON into a data-plane plan, run it (`dataplane::docs`), render relaxed
+//! Extended JSON. No policy here: routing, holds, the insert split and merges are the data plane's.
 
 use bson::{Bson, Document};
 use http::StatusCode;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use tokio::time::Instant;
 
-use super::api::{self, Consistency, Outcome, ShardInfo, make_token, parse_consistency, parse_region, route_err};
-use super::respond::{self, ApiError};
+use super::{parse, respond};
+use crate::app::AppState;
 use crate::backend::mongo::ejson::{self, ExtJson, RelaxedDocs};
-use crate::backend::mongo::{self, FindQuery, MongoDatabase, ReadMode, ReadOpts};
-use crate::backend::{DatabaseBackend, Role};
-use crate::geo::{self, Region};
-use crate::ids::ShardIdx;
-use crate::routing::{self, RegionRoute};
-use crate::shardmap::DbKind;
-use crate::state::{AppState, Snapshot};
+use crate::dataplane::docs::{self as plane, InsertPlan, ReadOp, ReadPlan, ReadValue, WriteOp, WritePlan};
+use crate::dataplane::{ApiError, Outcome, ShardInfo};
 
 /// The operations of the document API.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -203,102 +193,8 @@ fn invalid(m: impl Into<String>) -> ApiError {
     ApiError::InvalidParams(m.into())
 }
 
-fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
-    api::parse_json(body)
-}
-
-/// Collection names come verbatim from the path (no percent-decoding).
-fn check_collection(c: &str) -> Result<(), ApiError> {
-    if c.is_empty() || c.len() > 255 || c.contains(['$', '\0']) || c.starts_with("system.") {
-        return Err(invalid(format!("invalid collection name {c:?}")));
-    }
-    Ok(())
-}
-
 fn opt_doc(v: Option<ExtJson>, what: &str) -> Result<Option<Document>, ApiError> {
     v.map(|v| v.into_document(what)).transpose().map_err(invalid)
-}
-
-fn mongo_db<'a>(snap: &'a Snapshot, shard: ShardIdx, db: &str) -> Result<&'a Arc<MongoDatabase>, ApiError> {
-    match snap.backends.shards[shard.get()].get(db) {
-        Some(DatabaseBackend::Mongo(m)) => Ok(m),
-        Some(_) => Err(ApiError::Unsupported(format!("database {db:?} is not mongodb"))),
-        None => Err(ApiError::UnknownDatabase(format!("{db} (on shard {})", snap.map.shard(shard).id))),
-    }
-}
-
-fn check_db(snap: &Snapshot, db: &str, collection: &str) -> Result<(), ApiError> {
-    match snap.map.databases().get(db) {
-        None => Err(ApiError::UnknownDatabase(db.to_string())),
-        Some(DbKind::Mongodb) => check_collection(collection),
-        Some(kind) => Err(ApiError::Unsupported(format!(
-            "database {db:?} is {}: use POST /v1/sql/{db}/query|execute",
-            kind.as_str()
-        ))),
-    }
-}
-
-fn shard_info(snap: &Snapshot, shard: ShardIdx, m: &MongoDatabase, role: Role) -> ShardInfo {
-    ShardInfo { id: snap.map.shard(shard).id.to_string(), role, endpoint: m.label.to_string() }
-}
-
-/// Read options for one shard: a token for another shard is ignored (it says nothing about
-/// this one).
-fn read_opts(c: &Consistency, shard_id: &str, deadline: Instant) -> (ReadOpts, Role) {
-    match c {
-        Consistency::Primary => (ReadOpts { mode: ReadMode::Primary, after: None, deadline }, Role::Primary),
-        Consistency::Replica => (ReadOpts { mode: ReadMode::Replica, after: None, deadline }, Role::Replica),
-        Consistency::After { shard, lsn, .. } => {
-            let after = (shard == shard_id).then(|| mongo::op_time_from_u64(*lsn));
-            (ReadOpts { mode: ReadMode::Replica, after, deadline }, Role::Replica)
-        }
-    }
-}
-
-/// The shards a read region covers, in map order.
-fn read_shards(snap: &Snapshot, region: &Region, out: &mut Outcome) -> Result<Vec<ShardIdx>, ApiError> {
-    match routing::route_region(&snap.map, region).map_err(route_err)? {
-        RegionRoute::One(r) => {
-            out.cell = Some(r.cell.to_string());
-            Ok(vec![r.shard.expect("route() returns owned cells only")])
-        }
-        RegionRoute::Many(area) => {
-            if area.shards.is_empty() {
-                return Err(ApiError::NoShardForRegion("(area: no shard owns any of it)".into()));
-            }
-            Ok(area.shards.iter().map(|(s, _)| *s).collect())
-        }
-    }
-}
-
-/// Run `f` on every shard in parallel; the first failure fails the read (as SQL area reads do).
-async fn fan_out<'a, T, F, Fut>(
-    snap: &'a Snapshot,
-    db: &str,
-    shards: &[ShardIdx],
-    consistency: &Consistency,
-    deadline: Instant,
-    f: F,
-) -> Result<Vec<(T, ShardInfo)>, ApiError>
-where
-    F: Fn(&'a Arc<MongoDatabase>, ReadOpts) -> Fut,
-    Fut: Future<Output = Result<T, crate::backend::BackendError>>,
-{
-    let mut futs = Vec::with_capacity(shards.len());
-    for s in shards {
-        let m = mongo_db(snap, *s, db)?;
-        let id = snap.map.shard(*s).id.to_string();
-        let (opts, role) = read_opts(consistency, &id, deadline);
-        let info = shard_info(snap, *s, m, role);
-        let fut = f(m, opts);
-        futs.push(async move { fut.await.map(|v| (v, info)).map_err(|e| ApiError::from_backend(e, &id)) });
-    }
-    futures_util::future::join_all(futs).await.into_iter().collect()
-}
-
-fn note_shards(out: &mut Outcome, infos: &[ShardInfo]) {
-    out.shard = Some(if infos.len() == 1 { infos[0].id.clone() } else { "multi".into() });
-    out.role = infos.first().map(|i| i.role);
 }
 
 pub async fn handle(
@@ -309,160 +205,65 @@ pub async fn handle(
     body: &[u8],
     out: &mut Outcome,
 ) -> Result<(StatusCode, Answer), ApiError> {
-    match op {
-        Op::Find => find(state, db, collection, body, out).await.map(|a| (StatusCode::OK, Answer::Read(a))),
-        Op::Aggregate => aggregate(state, db, collection, body, out).await.map(|a| (StatusCode::OK, Answer::Read(a))),
-        Op::Count => count(state, db, collection, body, out).await.map(|a| (StatusCode::OK, Answer::Count(a))),
-        Op::Insert => insert(state, db, collection, body, out).await.map(|(s, a)| (s, Answer::Insert(a))),
+    let max_wait = state.config.limits.max_wait_ms;
+    let read = |region, consistency, op| -> Result<ReadPlan, ApiError> {
+        Ok(ReadPlan {
+            db: db.to_string(),
+            collection: collection.to_string(),
+            region: parse::region(region)?,
+            consistency: parse::consistency(consistency, max_wait)?,
+            op,
+        })
+    };
+    let plan = match op {
+        Op::Find => {
+            let req: FindRequest = parse::json(body)?;
+            let find = ReadOp::Find {
+                filter: opt_doc(req.filter, "filter")?.unwrap_or_default(),
+                projection: opt_doc(req.projection, "projection")?,
+                sort: opt_doc(req.sort, "sort")?,
+                skip: req.skip,
+                limit: req.limit,
+            };
+            read(req.region, req.consistency, find)?
+        }
+        Op::Aggregate => {
+            let req: AggregateRequest = parse::json(body)?;
+            let mut pipeline = Vec::with_capacity(req.pipeline.len());
+            for (i, stage) in req.pipeline.into_iter().enumerate() {
+                pipeline.push(stage.into_document(&format!("pipeline[{i}]")).map_err(invalid)?);
+            }
+            read(req.region, req.consistency, ReadOp::Aggregate { pipeline })?
+        }
+        Op::Count => {
+            let req: CountRequest = parse::json(body)?;
+            let filter = opt_doc(req.filter, "filter")?.unwrap_or_default();
+            read(req.region, req.consistency, ReadOp::Count { filter })?
+        }
+        Op::Insert => return insert(state, db, collection, body, out).await,
         Op::Update | Op::Delete => {
-            write(state, db, collection, op, body, out).await.map(|a| (StatusCode::OK, Answer::Write(a)))
+            let plan = write_plan(db, collection, op, body)?;
+            let r = plane::write(state, &plan, out).await?;
+            let answer = WriteAnswer {
+                matched: r.matched,
+                modified: r.modified,
+                upserted_id: r.upserted_id.map(Ext),
+                deleted: r.deleted,
+                token: r.token,
+                shards: r.shards,
+                map_version: r.map_version,
+            };
+            return Ok((StatusCode::OK, Answer::Write(answer)));
         }
-    }
-}
-
-async fn find(
-    state: &AppState,
-    db: &str,
-    collection: &str,
-    body: &[u8],
-    out: &mut Outcome,
-) -> Result<ReadAnswer, ApiError> {
-    let snap = state.pin();
-    out.map_version = Some(snap.map.version().0);
-    let req: FindRequest = parse(body)?;
-    check_db(&snap, db, collection)?;
-    let region = parse_region(req.region, &snap)?;
-    let consistency = parse_consistency(req.consistency, state.config.limits.max_wait_ms)?;
-    let filter = opt_doc(req.filter, "filter")?.unwrap_or_default();
-    let projection = opt_doc(req.projection, "projection")?;
-    let sort = opt_doc(req.sort, "sort")?;
-    let sort_keys = sort.as_ref().map(ejson::sort_keys).transpose().map_err(invalid)?;
-    let deadline = Instant::now() + state.config.request_timeout();
-    let shards = read_shards(&snap, &region, out)?;
-    let single = shards.len() == 1;
-    // MongoDB reads `limit: 0` as "no limit"; the merge must too.
-    let req_limit = req.limit.filter(|l| *l > 0);
-    // Across shards, each shard returns its first skip+limit documents and skip applies after
-    // the merge.
-    let (skip, limit) = if single { (req.skip, req_limit) } else { (0, req_limit.map(|l| l.saturating_add(req.skip))) };
-    let parts = fan_out(&snap, db, &shards, &consistency, deadline, |m, opts| {
-        let q = FindQuery { filter: filter.clone(), projection: projection.clone(), sort: sort.clone(), skip, limit };
-        m.find(collection, q, opts)
-    })
-    .await?;
-    let (docs, infos): (Vec<Vec<Document>>, Vec<ShardInfo>) = parts.into_iter().unzip();
-    note_shards(out, &infos);
-    let documents = if single {
-        docs.into_iter().flatten().collect()
-    } else {
-        let merged = match &sort_keys {
-            Some(keys) => merge_sorted(docs, keys),
-            None => docs.into_iter().flatten().collect(),
-        };
-        let skip = usize::try_from(req.skip).unwrap_or(usize::MAX);
-        let limit = req_limit.map_or(usize::MAX, |l| usize::try_from(l).unwrap_or(usize::MAX));
-        merged.into_iter().skip(skip).take(limit).collect()
     };
-    Ok(ReadAnswer { documents: Docs(documents), shards: infos, map_version: snap.map.version().0 })
-}
-
-/// Per-shard results, each sorted by `keys`, merged in BSON order (ties: lower shard first).
-fn merge_sorted(parts: Vec<Vec<Document>>, keys: &[(String, bool)]) -> Vec<Document> {
-    crate::kmerge::merge_sorted(parts, usize::MAX, |a, b| ejson::compare_on(keys, a, b))
-}
-
-async fn aggregate(
-    state: &AppState,
-    db: &str,
-    collection: &str,
-    body: &[u8],
-    out: &mut Outcome,
-) -> Result<ReadAnswer, ApiError> {
-    let snap = state.pin();
-    out.map_version = Some(snap.map.version().0);
-    let req: AggregateRequest = parse(body)?;
-    check_db(&snap, db, collection)?;
-    let region = parse_region(req.region, &snap)?;
-    let consistency = parse_consistency(req.consistency, state.config.limits.max_wait_ms)?;
-    let mut pipeline = Vec::with_capacity(req.pipeline.len());
-    for (i, stage) in req.pipeline.into_iter().enumerate() {
-        let stage = stage.into_document(&format!("pipeline[{i}]")).map_err(invalid)?;
-        // The read endpoint must not write: $out/$merge would write on a member chosen for reading.
-        if stage.keys().any(|k| k == "$out" || k == "$merge") {
-            return Err(invalid(format!("pipeline[{i}]: $out and $merge are not allowed (aggregate is a read)")));
+    let r = plane::read(state, &plan, out).await?;
+    let answer = match r.value {
+        ReadValue::Documents(d) => {
+            Answer::Read(ReadAnswer { documents: Docs(d), shards: r.shards, map_version: r.map_version })
         }
-        pipeline.push(stage);
-    }
-    let deadline = Instant::now() + state.config.request_timeout();
-    let shards = read_shards(&snap, &region, out)?;
-    let parts =
-        fan_out(&snap, db, &shards, &consistency, deadline, |m, opts| m.aggregate(collection, pipeline.clone(), opts))
-            .await?;
-    // Per-shard results are concatenated in shard order: a pipeline's $sort/$group/$limit apply
-    // per shard, not across shards.
-    let (docs, infos): (Vec<Vec<Document>>, Vec<ShardInfo>) = parts.into_iter().unzip();
-    note_shards(out, &infos);
-    Ok(ReadAnswer {
-        documents: Docs(docs.into_iter().flatten().collect()),
-        shards: infos,
-        map_version: snap.map.version().0,
-    })
-}
-
-async fn count(
-    state: &AppState,
-    db: &str,
-    collection: &str,
-    body: &[u8],
-    out: &mut Outcome,
-) -> Result<CountAnswer, ApiError> {
-    let snap = state.pin();
-    out.map_version = Some(snap.map.version().0);
-    let req: CountRequest = parse(body)?;
-    check_db(&snap, db, collection)?;
-    let region = parse_region(req.region, &snap)?;
-    let consistency = parse_consistency(req.consistency, state.config.limits.max_wait_ms)?;
-    let filter = opt_doc(req.filter, "filter")?.unwrap_or_default();
-    let deadline = Instant::now() + state.config.request_timeout();
-    let shards = read_shards(&snap, &region, out)?;
-    let parts =
-        fan_out(&snap, db, &shards, &consistency, deadline, |m, opts| m.count(collection, filter.clone(), opts))
-            .await?;
-    let count = parts.iter().map(|(n, _)| *n).sum();
-    let infos: Vec<ShardInfo> = parts.into_iter().map(|(_, i)| i).collect();
-    note_shards(out, &infos);
-    Ok(CountAnswer { count, shards: infos, map_version: snap.map.version().0 })
-}
-
-/// The owning cell and shard of a write region (point or cell; an area is refused).
-fn write_route(snap: &Snapshot, region: &Region) -> Result<(h3o::CellIndex, ShardIdx), ApiError> {
-    match routing::route_region(&snap.map, region).map_err(route_err)? {
-        RegionRoute::One(r) => Ok((r.cell, r.shard.expect("route() returns owned cells only"))),
-        RegionRoute::Many(_) => Err(ApiError::AreaWrite),
-    }
-}
-
-/// A document's location from its GeoJSON Point field: `Ok(None)` if the field is absent.
-fn geo_point(doc: &Document, field: &str) -> Result<Option<Region>, String> {
-    let Some(v) = ejson::get_path(doc, field) else { return Ok(None) };
-    let Bson::Document(g) = v else { return Err(format!("{field} is not a GeoJSON object")) };
-    if g.get_str("type").ok() != Some("Point") {
-        return Err(format!("{field} is not a GeoJSON Point"));
-    }
-    let coords = match g.get("coordinates") {
-        Some(Bson::Array(a)) if a.len() >= 2 => a,
-        _ => return Err(format!("{field}.coordinates must be [lng, lat]")),
+        ReadValue::Count(count) => Answer::Count(CountAnswer { count, shards: r.shards, map_version: r.map_version }),
     };
-    let num = |b: &Bson| match b {
-        Bson::Double(d) => Some(*d),
-        Bson::Int32(i) => Some(f64::from(*i)),
-        Bson::Int64(i) => Some(*i as f64),
-        _ => None,
-    };
-    let (Some(lng), Some(lat)) = (num(&coords[0]), num(&coords[1])) else {
-        return Err(format!("{field}.coordinates must be numbers [lng, lat]"));
-    };
-    geo::point(lat, lng).map(|p| Some(Region::Point(p))).map_err(|e| format!("{field}: {e}"))
+    Ok((StatusCode::OK, answer))
 }
 
 async fn insert(
@@ -471,8 +272,8 @@ async fn insert(
     collection: &str,
     body: &[u8],
     out: &mut Outcome,
-) -> Result<(StatusCode, InsertAnswer), ApiError> {
-    let req: InsertRequest = parse(body)?;
+) -> Result<(StatusCode, Answer), ApiError> {
+    let req: InsertRequest = parse::json(body)?;
     if req.documents.is_empty() {
         return Err(invalid("documents must be a non-empty list"));
     }
@@ -480,236 +281,72 @@ async fn insert(
     for (i, d) in req.documents.into_iter().enumerate() {
         docs.push(d.into_document(&format!("documents[{i}]")).map_err(invalid)?);
     }
-    loop {
-        let snap = state.pin();
-        out.map_version = Some(snap.map.version().0);
-        check_db(&snap, db, collection)?;
-        let geo_field = snap.map.tables().get(db).and_then(|t| t.get(collection)).and_then(|t| t.geo_field.clone());
-        let given = match &req.region {
-            None | Some(Value::Null) => None,
-            Some(_) => Some(write_route(&snap, &parse_region(req.region.clone(), &snap)?)?),
-        };
-        if given.is_none() && geo_field.is_none() {
-            return Err(ApiError::RegionRequired);
-        }
-        // Route every document: by the body's region, or by its own geo field. With a region,
-        // a document whose geo field lies on another shard is refused rather than written
-        // where it does not belong.
-        let mut routes = Vec::with_capacity(docs.len());
-        for (i, d) in docs.iter().enumerate() {
-            let own = match &geo_field {
-                Some(f) => geo_point(d, f).map_err(|e| ApiError::InvalidRegion(format!("documents[{i}]: {e}")))?,
-                None => None,
-            };
-            let own = match &own {
-                Some(r) => Some(write_route(&snap, r).map_err(|e| match e {
-                    ApiError::NoShardForRegion(c) => ApiError::NoShardForRegion(format!("{c} (documents[{i}])")),
-                    other => other,
-                })?),
-                None => None,
-            };
-            let route = match (given, own) {
-                (Some(g), Some(o)) if g.1 != o.1 => {
-                    return Err(ApiError::InvalidRegion(format!(
-                        "documents[{i}]: its {} lies on shard {}, not on the region's shard {}",
-                        geo_field.as_deref().unwrap_or("geo field"),
-                        snap.map.shard(o.1).id,
-                        snap.map.shard(g.1).id
-                    )));
-                }
-                (Some(g), _) => g,
-                (None, Some(o)) => o,
-                (None, None) => {
-                    return Err(ApiError::InvalidRegion(format!(
-                        "documents[{i}]: no region in the body and no {} field",
-                        geo_field.as_deref().unwrap_or("geo")
-                    )));
-                }
-            };
-            routes.push(route);
-        }
-        let cells: Vec<h3o::CellIndex> = routes.iter().map(|r| r.0).collect();
-        if let Some(f) = api::frozen_for(state, &cells) {
-            let cell = cells.iter().copied().find(|c| f.covers(*c)).unwrap_or(cells[0]);
-            drop(snap);
-            api::hold(state, f, cell).await?;
-            continue;
-        }
-        // Group per shard, keeping the batch order inside each group.
-        let mut groups: BTreeMap<ShardIdx, Vec<Document>> = BTreeMap::new();
-        for (d, (_, s)) in docs.iter().zip(&routes) {
-            groups.entry(*s).or_default().push(d.clone());
-        }
-        if routes.len() == 1 || cells.iter().all(|c| *c == cells[0]) {
-            out.cell = Some(cells[0].to_string());
-        }
-        out.role = Some(Role::Primary);
-        let deadline = Instant::now() + state.config.request_timeout();
-        let mut futs = Vec::with_capacity(groups.len());
-        for (s, ds) in groups {
-            let m = mongo_db(&snap, s, db)?;
-            let info = shard_info(&snap, s, m, Role::Primary);
-            futs.push(async move { (info, m.insert(collection, ds, deadline).await) });
-        }
-        let results = futures_util::future::join_all(futs).await;
-        out.shard = Some(if results.len() == 1 { results[0].0.id.clone() } else { "multi".into() });
-        let shard_count = results.len();
-        // One shard that failed outright: the plain error (422 / 503 / 504), as for other writes.
-        if shard_count == 1 && results[0].1.inserted_ids.is_empty() && results[0].1.error.is_some() {
-            let (info, o) = results.into_iter().next().expect("one result");
-            return Err(ApiError::from_backend(o.error.expect("checked"), &info.id));
-        }
-        let mut inserted_count = 0;
-        let mut failed = false;
-        let mut shards = Vec::with_capacity(shard_count);
-        for (info, o) in results {
-            inserted_count += o.inserted_ids.len();
-            failed |= o.error.is_some();
-            let token = o.op_time.map(|t| make_token(&info.id, mongo::op_time_to_u64(t)));
-            let error = o.error.map(|e| respond::error_json(e, &info.id));
-            shards.push(InsertShard {
-                inserted_ids: o.inserted_ids.into_iter().map(Ext).collect(),
-                token,
-                error,
-                info,
-            });
-        }
-        let token = if shard_count == 1 { shards[0].token.clone() } else { None };
-        // 207: some documents landed and some did not; the body says which, per shard.
-        let status = if failed { StatusCode::MULTI_STATUS } else { StatusCode::OK };
-        return Ok((status, InsertAnswer { inserted_count, shards, token, map_version: snap.map.version().0 }));
-    }
+    let plan =
+        InsertPlan { db: db.to_string(), collection: collection.to_string(), region: parse::region(req.region)?, docs };
+    let r = plane::insert(state, &plan, out).await?;
+    let shards = r
+        .parts
+        .into_iter()
+        .map(|p| InsertShard {
+            inserted_ids: p.inserted_ids.into_iter().map(Ext).collect(),
+            token: p.token,
+            error: p.error.map(|e| respond::error_json(e, &p.info.id)),
+            info: p.info,
+        })
+        .collect();
+    // 207: some documents landed and some did not; the body says which, per shard.
+    let status = if r.partial { StatusCode::MULTI_STATUS } else { StatusCode::OK };
+    let answer = InsertAnswer { inserted_count: r.inserted_count, shards, token: r.token, map_version: r.map_version };
+    Ok((status, Answer::Insert(answer)))
 }
 
-async fn write(
-    state: &AppState,
-    db: &str,
-    collection: &str,
-    op: Op,
-    body: &[u8],
-    out: &mut Outcome,
-) -> Result<WriteAnswer, ApiError> {
-    enum W {
-        Update { filter: Document, update: mongodb::options::UpdateModifications, multi: bool, upsert: bool },
-        Delete { filter: Document, multi: bool },
-    }
-    let (region, w) = if op == Op::Update {
-        let req: UpdateRequest = parse(body)?;
+fn write_plan(db: &str, collection: &str, op: Op, body: &[u8]) -> Result<WritePlan, ApiError> {
+    let (region, op) = if op == Op::Update {
+        let req: UpdateRequest = parse::json(body)?;
         let filter = req.filter.into_document("filter").map_err(invalid)?;
-        let update = match req.update.0 {
-            Bson::Document(d) => mongodb::options::UpdateModifications::Document(d),
-            Bson::Array(stages) => {
-                let mut p = Vec::with_capacity(stages.len());
-                for (i, s) in stages.into_iter().enumerate() {
-                    match s {
-                        Bson::Document(d) => p.push(d),
-                        other => {
-                            return Err(invalid(format!(
-                                "update[{i}] must be an object, got {}",
-                                ejson::type_name(&other)
-                            )));
-                        }
+        let update = update_modifications(req.update.0)?;
+        (req.region, WriteOp::Update { filter, update, multi: req.multi, upsert: req.upsert })
+    } else {
+        let req: DeleteRequest = parse::json(body)?;
+        let filter = req.filter.into_document("filter").map_err(invalid)?;
+        (req.region, WriteOp::Delete { filter, multi: req.multi })
+    };
+    Ok(WritePlan { db: db.to_string(), collection: collection.to_string(), region: parse::region(region)?, op })
+}
+
+/// An update document, or an aggregation pipeline of update stages.
+fn update_modifications(u: Bson) -> Result<mongodb::options::UpdateModifications, ApiError> {
+    match u {
+        Bson::Document(d) => Ok(mongodb::options::UpdateModifications::Document(d)),
+        Bson::Array(stages) => {
+            let mut p = Vec::with_capacity(stages.len());
+            for (i, s) in stages.into_iter().enumerate() {
+                match s {
+                    Bson::Document(d) => p.push(d),
+                    other => {
+                        return Err(invalid(format!(
+                            "update[{i}] must be an object, got {}",
+                            ejson::type_name(&other)
+                        )));
                     }
                 }
-                mongodb::options::UpdateModifications::Pipeline(p)
             }
-            other => {
-                return Err(invalid(format!(
-                    "update must be an object or a pipeline array, got {}",
-                    ejson::type_name(&other)
-                )));
-            }
-        };
-        (req.region, W::Update { filter, update, multi: req.multi, upsert: req.upsert })
-    } else {
-        let req: DeleteRequest = parse(body)?;
-        let filter = req.filter.into_document("filter").map_err(invalid)?;
-        (req.region, W::Delete { filter, multi: req.multi })
-    };
-    loop {
-        let snap = state.pin();
-        out.map_version = Some(snap.map.version().0);
-        check_db(&snap, db, collection)?;
-        let (cell, shard) = write_route(&snap, &parse_region(region.clone(), &snap)?)?;
-        if let Some(f) = api::frozen_for(state, &[cell]) {
-            drop(snap);
-            api::hold(state, f, cell).await?;
-            continue;
+            Ok(mongodb::options::UpdateModifications::Pipeline(p))
         }
-        out.cell = Some(cell.to_string());
-        let m = mongo_db(&snap, shard, db)?;
-        let info = shard_info(&snap, shard, m, Role::Primary);
-        out.shard = Some(info.id.clone());
-        out.role = Some(Role::Primary);
-        let deadline = Instant::now() + state.config.request_timeout();
-        let id = info.id.clone();
-        let mut answer = WriteAnswer {
-            matched: None,
-            modified: None,
-            upserted_id: None,
-            deleted: None,
-            token: None,
-            shards: vec![info],
-            map_version: snap.map.version().0,
-        };
-        let op_time = match &w {
-            W::Update { filter, update, multi, upsert } => {
-                let r = m
-                    .update(collection, filter.clone(), update.clone(), *multi, *upsert, deadline)
-                    .await
-                    .map_err(|e| ApiError::from_backend(e, &id))?;
-                answer.matched = Some(r.matched);
-                answer.modified = Some(r.modified);
-                answer.upserted_id = r.upserted_id.map(Ext);
-                r.op_time
-            }
-            W::Delete { filter, multi } => {
-                let (n, t) = m
-                    .delete(collection, filter.clone(), *multi, deadline)
-                    .await
-                    .map_err(|e| ApiError::from_backend(e, &id))?;
-                answer.deleted = Some(n);
-                t
-            }
-        };
-        answer.token = op_time.map(|t| make_token(&id, mongo::op_time_to_u64(t)));
-        return Ok(answer);
+        other => {
+            Err(invalid(format!("update must be an object or a pipeline array, got {}", ejson::type_name(&other))))
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use bson::doc;
 
     #[test]
-    fn merge_on_sort_keys() {
-        let keys = ejson::sort_keys(&doc! {"score": -1, "name": 1}).unwrap();
-        let a = vec![doc! {"score": 9, "name": "a"}, doc! {"score": 5, "name": "c"}];
-        let b = vec![doc! {"score": 7.5, "name": "b"}, doc! {"score": 5, "name": "b"}, doc! {"name": "z"}];
-        let out = merge_sorted(vec![a, b, vec![]], &keys);
-        let names: Vec<&str> = out.iter().map(|d| d.get_str("name").unwrap()).collect();
-        assert_eq!(names, ["a", "b", "b", "c", "z"]);
-    }
-
-    #[test]
-    fn geo_points() {
-        let d = doc! {"loc": {"type": "Point", "coordinates": [-3.7038, 40.4168]}};
-        assert!(matches!(geo_point(&d, "loc"), Ok(Some(Region::Point(_)))));
-        assert_eq!(geo_point(&doc! {}, "loc"), Ok(None));
-        assert!(geo_point(&doc! {"loc": {"type": "Point", "coordinates": [200.0, 0.0]}}, "loc").is_err());
-        assert!(geo_point(&doc! {"loc": {"type": "Polygon", "coordinates": []}}, "loc").is_err());
-        assert!(geo_point(&doc! {"loc": "x"}, "loc").is_err());
-    }
-
-    #[test]
-    fn ops_and_collections() {
+    fn ops() {
         assert_eq!(Op::parse("find"), Some(Op::Find));
         assert_eq!(Op::parse("drop"), None);
         assert!(Op::Count.is_read() && !Op::Insert.is_read());
-        assert!(check_collection("people").is_ok());
-        assert!(check_collection("").is_err());
-        assert!(check_collection("a$b").is_err());
-        assert!(check_collection("system.users").is_err());
     }
 }

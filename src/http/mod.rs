@@ -2,8 +2,10 @@
 //! deadline and size limit (408 / 431), HTTP/1.1 + h2c via hyper-util, body limits (413), in-flight
 //! limit (429), request deadline (504), auth, the request span and metrics.
 
+pub mod admin;
 pub mod api;
 pub mod docs;
+pub mod parse;
 pub mod respond;
 
 use std::net::SocketAddr;
@@ -25,8 +27,9 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tracing::Instrument;
 
+use crate::app::AppState;
 use crate::config::Scope;
-use crate::state::AppState;
+use crate::dataplane::Outcome;
 use respond::{ApiError, Body};
 
 /// Which listener a connection came in on.
@@ -223,7 +226,7 @@ impl Drop for InFlight<'_> {
 
 async fn handle(state: Arc<AppState>, plane: Plane, req: Request<Incoming>) -> Response<Body> {
     match plane {
-        Plane::Admin => crate::admin::handle(&state, req).await,
+        Plane::Admin => admin::handle(&state, req).await,
         Plane::Data => data(&state, req).await,
     }
 }
@@ -272,19 +275,19 @@ async fn data(state: &AppState, req: Request<Incoming>) -> Response<Body> {
     let result = async {
         match state.auth.check(req.headers().get(header::AUTHORIZATION).map(|v| v.as_bytes()), scope) {
             Ok(_) => {}
-            Err(crate::auth::AuthError::Unauthorized) => return (Err(ApiError::Unauthorized), api::Outcome::default()),
+            Err(crate::auth::AuthError::Unauthorized) => return (Err(ApiError::Unauthorized), Outcome::default()),
             Err(crate::auth::AuthError::Forbidden(_)) => {
-                return (Err(ApiError::Forbidden(if read { "read" } else { "write" })), api::Outcome::default());
+                return (Err(ApiError::Forbidden(if read { "read" } else { "write" })), Outcome::default());
             }
         }
         // In-flight limit: counted before the body is read, so a flood of slow uploads counts too.
         let n = state.in_flight.fetch_add(1, Ordering::Relaxed) + 1;
         let _guard = InFlight(state);
         if n > state.config.limits.max_in_flight {
-            return (Err(ApiError::Overloaded(format!("{n} requests in flight"))), api::Outcome::default());
+            return (Err(ApiError::Overloaded(format!("{n} requests in flight"))), Outcome::default());
         }
         let (parts, body) = req.into_parts();
-        let mut out = api::Outcome::default();
+        let mut out = Outcome::default();
         let work = async {
             let body = read_body(body, &parts.headers, state.config.limits.max_body_bytes).await?;
             // Each handler's future is boxed: an async fn's state is as large as its largest
@@ -336,8 +339,9 @@ async fn data(state: &AppState, req: Request<Incoming>) -> Response<Body> {
     // Labels from bounded sets only: route, shard id, role, status. Never cells.
     let labels =
         [("route", route.to_string()), ("shard", shard), ("role", role.to_string()), ("status", status.to_string())];
-    metrics::counter!("cellgate_requests_total", &labels).increment(1);
-    metrics::histogram!("cellgate_request_duration_seconds", &labels[..3]).record(started.elapsed().as_secs_f64());
+    metrics::counter!(crate::telemetry::names::REQUESTS, &labels).increment(1);
+    metrics::histogram!(crate::telemetry::names::REQUEST_DURATION, &labels[..3])
+        .record(started.elapsed().as_secs_f64());
     resp
 }
 

@@ -7,45 +7,9 @@ use http_body_util::Full;
 use serde_json::json;
 
 use crate::backend::BackendError;
+pub use crate::error::ApiError;
 
 pub type Body = Full<Bytes>;
-
-#[derive(Debug)]
-pub enum ApiError {
-    InvalidJson(String),
-    InvalidRegion(String),
-    RegionRequired,
-    AreaWrite,
-    InvalidParams(String),
-    Unauthorized,
-    Forbidden(&'static str),
-    UnknownDatabase(String),
-    NoShardForRegion(String),
-    BodyTooLarge(usize),
-    HeadersTooLarge,
-    RequestTimeout,
-    NotFound,
-    MethodNotAllowed,
-    Database {
-        sqlstate: Option<String>,
-        /// SQL Server error number or MongoDB error code (`server_code` in the JSON).
-        server_code: Option<i64>,
-        message: String,
-        detail: Option<String>,
-        hint: Option<String>,
-        /// Batch index; u32 keeps `ApiError` under clippy's large-error threshold.
-        statement: Option<u32>,
-    },
-    Overloaded(String),
-    ShardUnavailable {
-        shard: String,
-        reason: String,
-    },
-    CellsFrozen(String),
-    Conflict(String),
-    Timeout,
-    Unsupported(String),
-}
 
 impl ApiError {
     /// (status, code, retryable)
@@ -154,59 +118,6 @@ impl ApiError {
             err["shard"] = json!(shard);
         }
         err
-    }
-
-    /// Map a backend failure on `shard`.
-    pub fn from_backend(e: BackendError, shard: &str) -> ApiError {
-        let statement = match &e {
-            BackendError::InStatement { index, .. } => u32::try_from(*index).ok(),
-            _ => None,
-        };
-        match e.root() {
-            BackendError::Unavailable { reason, .. } => {
-                ApiError::ShardUnavailable { shard: shard.into(), reason: reason.clone() }
-            }
-            BackendError::ReadOnly { endpoint } => ApiError::ShardUnavailable {
-                shard: shard.into(),
-                reason: format!("{endpoint} is not a writable primary"),
-            },
-            BackendError::Overloaded { endpoint } => ApiError::Overloaded(format!("no free connection to {endpoint}")),
-            BackendError::Timeout => ApiError::Timeout,
-            BackendError::Database { sqlstate, message, detail, hint, .. } => ApiError::Database {
-                sqlstate: Some(sqlstate.clone()),
-                server_code: None,
-                message: message.clone(),
-                detail: detail.clone(),
-                hint: hint.clone(),
-                statement,
-            },
-            BackendError::Params(p) => ApiError::InvalidParams(match statement {
-                Some(i) => format!("statement {i}: {p}"),
-                None => p.to_string(),
-            }),
-            BackendError::Server { code, message } => ApiError::Database {
-                sqlstate: None,
-                server_code: Some(*code),
-                message: message.clone(),
-                detail: None,
-                hint: None,
-                statement,
-            },
-            BackendError::BadInput(m) => ApiError::InvalidParams(match statement {
-                Some(i) => format!("statement {i}: {m}"),
-                None => m.clone(),
-            }),
-            BackendError::Column(c) => ApiError::Database {
-                sqlstate: None,
-                server_code: None,
-                message: c.to_string(),
-                detail: None,
-                hint: Some("cast the column to text in the query".into()),
-                statement,
-            },
-            BackendError::Unsupported(m) => ApiError::Unsupported(m.clone()),
-            BackendError::InStatement { .. } => unreachable!("root() strips batch tags"),
-        }
     }
 }
 

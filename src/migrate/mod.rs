@@ -16,11 +16,11 @@ use h3o::{CellIndex, Resolution};
 use serde::{Deserialize, Serialize};
 use tokio_postgres::NoTls;
 
+use crate::app::AppState;
 use crate::geo;
 use crate::http::respond::ApiError;
 use crate::routing;
 use crate::shardmap::{DatabaseSpec, DbKind, ShardMap};
-use crate::state::AppState;
 
 /// Writes held for a set of cells during a cutover.
 #[derive(Debug)]

@@ -8,13 +8,13 @@ use http::{Method, Request, Response, StatusCode, header};
 use hyper::body::Incoming;
 use serde_json::{Value, json};
 
+use crate::app::AppState;
 use crate::backend::health::HealthView;
 use crate::backend::{DatabaseBackend, Role};
 use crate::config::Scope;
 use crate::geo;
 use crate::http::respond::{ApiError, Body, json_response, text_response};
 use crate::shardmap::Fallback;
-use crate::state::AppState;
 
 pub async fn handle(state: &Arc<AppState>, req: Request<Incoming>) -> Response<Body> {
     let path = req.uri().path();

@@ -1,0 +1,32 @@
+//! The application state every listener and task shares: the published snapshot, process
+//! config, auth, the in-flight counter, the reload channel and the migration registry and freeze.
+//! Holds state; owns no behaviour beyond pinning a snapshot.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize};
+
+use arc_swap::ArcSwap;
+
+use crate::config::Config;
+use crate::state::Snapshot;
+
+pub struct AppState {
+    pub snapshot: ArcSwap<Snapshot>,
+    pub config: Config,
+    pub auth: crate::auth::Auth,
+    pub in_flight: AtomicUsize,
+    /// False once shutdown starts (readiness turns false first, then listeners stop).
+    pub accepting: AtomicBool,
+    /// The reload channel: the only way to change `snapshot`.
+    pub reload_tx: crate::reload::Sender,
+    pub reload_status: crate::reload::Status,
+    /// Cells whose writes are held (live-migration cutover). `None` = nothing frozen.
+    pub freeze: tokio::sync::watch::Sender<Option<Arc<crate::migrate::Freeze>>>,
+    pub migrations: crate::migrate::Registry,
+}
+
+impl AppState {
+    pub fn pin(&self) -> Arc<Snapshot> {
+        self.snapshot.load_full()
+    }
+}

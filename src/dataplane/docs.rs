@@ -1,0 +1,472 @@
+//! Document reads and writes (MongoDB shards): read preference per consistency, fan-out with a
+//! sort-key merge for area finds, the per-shard insert split by each document's GeoJSON field,
+//! and updates/deletes on the owning primary under the cutover hold. Works on BSON documents the
+//! HTTP layer already parsed; returns documents and outcomes, never renders them.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use bson::{Bson, Document};
+use mongodb::options::UpdateModifications;
+use tokio::time::Instant;
+
+use super::{ApiError, Consistency, Outcome, RegionSpec, ShardInfo, hold, make_token};
+use crate::app::AppState;
+use crate::backend::mongo::{self, FindQuery, MongoDatabase, ReadMode, ReadOpts, ejson};
+use crate::backend::{BackendError, DatabaseBackend, Role};
+use crate::geo::{self, Region};
+use crate::ids::ShardIdx;
+use crate::routing::Owned;
+use crate::shardmap::DbKind;
+use crate::state::Snapshot;
+
+/// A read of one collection on the shards owning the region.
+pub struct ReadPlan {
+    pub db: String,
+    pub collection: String,
+    pub region: Option<RegionSpec>,
+    pub consistency: Consistency,
+    pub op: ReadOp,
+}
+
+pub enum ReadOp {
+    Find { filter: Document, projection: Option<Document>, sort: Option<Document>, skip: u64, limit: Option<u64> },
+    Aggregate { pipeline: Vec<Document> },
+    Count { filter: Document },
+}
+
+pub enum ReadValue {
+    Documents(Vec<Document>),
+    Count(u64),
+}
+
+pub struct ReadResult {
+    pub value: ReadValue,
+    pub shards: Vec<ShardInfo>,
+    pub map_version: u64,
+}
+
+/// Documents to insert: routed by the body's region or, without one, each by its own geo field.
+pub struct InsertPlan {
+    pub db: String,
+    pub collection: String,
+    pub region: Option<RegionSpec>,
+    pub docs: Vec<Document>,
+}
+
+/// One shard's part of an insert: what landed, and its error if some did not.
+pub struct InsertedPart {
+    pub info: ShardInfo,
+    pub inserted_ids: Vec<Bson>,
+    pub token: Option<String>,
+    pub error: Option<BackendError>,
+}
+
+pub struct InsertResult {
+    pub inserted_count: usize,
+    pub parts: Vec<InsertedPart>,
+    /// Only when exactly one shard was written (tokens are per shard).
+    pub token: Option<String>,
+    pub map_version: u64,
+    /// Some documents landed and some did not (the parts say which).
+    pub partial: bool,
+}
+
+/// An update or delete on the shard owning the region.
+pub struct WritePlan {
+    pub db: String,
+    pub collection: String,
+    pub region: Option<RegionSpec>,
+    pub op: WriteOp,
+}
+
+pub enum WriteOp {
+    Update { filter: Document, update: UpdateModifications, multi: bool, upsert: bool },
+    Delete { filter: Document, multi: bool },
+}
+
+#[derive(Default)]
+pub struct WriteResult {
+    pub matched: Option<u64>,
+    pub modified: Option<u64>,
+    pub upserted_id: Option<Bson>,
+    pub deleted: Option<u64>,
+    /// Absent when the deployment reports no operation time (a standalone server).
+    pub token: Option<String>,
+    pub shards: Vec<ShardInfo>,
+    pub map_version: u64,
+}
+
+fn invalid(m: impl Into<String>) -> ApiError {
+    ApiError::InvalidParams(m.into())
+}
+
+/// Collection names come verbatim from the path (no percent-decoding).
+pub fn check_collection(c: &str) -> Result<(), ApiError> {
+    if c.is_empty() || c.len() > 255 || c.contains(['$', '\0']) || c.starts_with("system.") {
+        return Err(invalid(format!("invalid collection name {c:?}")));
+    }
+    Ok(())
+}
+
+fn check_db(snap: &Snapshot, db: &str, collection: &str) -> Result<(), ApiError> {
+    match snap.map.databases().get(db) {
+        None => Err(ApiError::UnknownDatabase(db.to_string())),
+        Some(DbKind::Mongodb) => check_collection(collection),
+        Some(kind) => Err(ApiError::Unsupported(format!(
+            "database {db:?} is {}: use POST /v1/sql/{db}/query|execute",
+            kind.as_str()
+        ))),
+    }
+}
+
+fn mongo_db<'a>(snap: &'a Snapshot, shard: ShardIdx, db: &str) -> Result<&'a Arc<MongoDatabase>, ApiError> {
+    match snap.backends.shards[shard.get()].get(db) {
+        Some(DatabaseBackend::Mongo(m)) => Ok(m),
+        Some(_) => Err(ApiError::Unsupported(format!("database {db:?} is not mongodb"))),
+        None => Err(ApiError::UnknownDatabase(format!("{db} (on shard {})", snap.map.shard(shard).id))),
+    }
+}
+
+fn shard_info(snap: &Snapshot, shard: ShardIdx, m: &MongoDatabase, role: Role) -> ShardInfo {
+    ShardInfo { id: snap.map.shard(shard).id.to_string(), role, endpoint: m.label.to_string() }
+}
+
+/// Read options for one shard: a token for another shard is ignored (it says nothing about
+/// this one).
+fn read_opts(c: &Consistency, shard_id: &str, deadline: Instant) -> (ReadOpts, Role) {
+    match c {
+        Consistency::Primary => (ReadOpts { mode: ReadMode::Primary, after: None, deadline }, Role::Primary),
+        Consistency::Replica => (ReadOpts { mode: ReadMode::Replica, after: None, deadline }, Role::Replica),
+        Consistency::After { shard, lsn, .. } => {
+            let after = (shard == shard_id).then(|| mongo::op_time_from_u64(*lsn));
+            (ReadOpts { mode: ReadMode::Replica, after, deadline }, Role::Replica)
+        }
+    }
+}
+
+/// Run `f` on every shard in parallel; the first failure fails the read (as SQL area reads do).
+async fn fan_out<'a, T, F, Fut>(
+    snap: &'a Snapshot,
+    db: &str,
+    shards: &[ShardIdx],
+    consistency: &Consistency,
+    deadline: Instant,
+    f: F,
+) -> Result<Vec<(T, ShardInfo)>, ApiError>
+where
+    F: Fn(&'a Arc<MongoDatabase>, ReadOpts) -> Fut,
+    Fut: Future<Output = Result<T, BackendError>>,
+{
+    let mut futs = Vec::with_capacity(shards.len());
+    for s in shards {
+        let m = mongo_db(snap, *s, db)?;
+        let id = snap.map.shard(*s).id.to_string();
+        let (opts, role) = read_opts(consistency, &id, deadline);
+        let info = shard_info(snap, *s, m, role);
+        let fut = f(m, opts);
+        futs.push(async move { fut.await.map(|v| (v, info)).map_err(|e| ApiError::from_backend(e, &id)) });
+    }
+    futures_util::future::join_all(futs).await.into_iter().collect()
+}
+
+/// Run a read plan: find (merged on its sort keys across shards, skip/limit after the merge),
+/// aggregate (per-shard results concatenated) or count (summed).
+pub async fn read(state: &AppState, plan: &ReadPlan, out: &mut Outcome) -> Result<ReadResult, ApiError> {
+    let snap = state.pin();
+    out.map_version = Some(snap.map.version().0);
+    check_db(&snap, &plan.db, &plan.collection)?;
+    let region = super::required(&plan.region)?.resolve(&snap)?;
+    let deadline = Instant::now() + state.config.request_timeout();
+    let shards = super::read_shards(&snap, &region, out)?;
+    let (db, coll, c) = (plan.db.as_str(), plan.collection.as_str(), &plan.consistency);
+    let (value, infos) = match &plan.op {
+        ReadOp::Find { filter, projection, sort, skip, limit } => {
+            let sort_keys = sort.as_ref().map(ejson::sort_keys).transpose().map_err(invalid)?;
+            let single = shards.len() == 1;
+            // MongoDB reads `limit: 0` as "no limit"; the merge must too.
+            let req_limit = limit.filter(|l| *l > 0);
+            // Across shards, each shard returns its first skip+limit documents and skip applies
+            // after the merge.
+            let (q_skip, q_limit) =
+                if single { (*skip, req_limit) } else { (0, req_limit.map(|l| l.saturating_add(*skip))) };
+            let parts = fan_out(&snap, db, &shards, c, deadline, |m, opts| {
+                let q = FindQuery {
+                    filter: filter.clone(),
+                    projection: projection.clone(),
+                    sort: sort.clone(),
+                    skip: q_skip,
+                    limit: q_limit,
+                };
+                m.find(coll, q, opts)
+            })
+            .await?;
+            let (docs, infos): (Vec<Vec<Document>>, Vec<ShardInfo>) = parts.into_iter().unzip();
+            let documents = if single {
+                docs.into_iter().flatten().collect()
+            } else {
+                let merged = match &sort_keys {
+                    Some(keys) => merge_sorted(docs, keys),
+                    None => docs.into_iter().flatten().collect(),
+                };
+                let skip = usize::try_from(*skip).unwrap_or(usize::MAX);
+                let limit = req_limit.map_or(usize::MAX, |l| usize::try_from(l).unwrap_or(usize::MAX));
+                merged.into_iter().skip(skip).take(limit).collect()
+            };
+            (ReadValue::Documents(documents), infos)
+        }
+        ReadOp::Aggregate { pipeline } => {
+            check_pipeline(pipeline)?;
+            let parts =
+                fan_out(&snap, db, &shards, c, deadline, |m, opts| m.aggregate(coll, pipeline.clone(), opts)).await?;
+            // Per-shard results are concatenated in shard order: a pipeline's $sort/$group/$limit
+            // apply per shard, not across shards.
+            let (docs, infos): (Vec<Vec<Document>>, Vec<ShardInfo>) = parts.into_iter().unzip();
+            (ReadValue::Documents(docs.into_iter().flatten().collect()), infos)
+        }
+        ReadOp::Count { filter } => {
+            let parts = fan_out(&snap, db, &shards, c, deadline, |m, opts| m.count(coll, filter.clone(), opts)).await?;
+            let count = parts.iter().map(|(n, _)| *n).sum();
+            (ReadValue::Count(count), parts.into_iter().map(|(_, i)| i).collect())
+        }
+    };
+    out.note_shards(&infos);
+    Ok(ReadResult { value, shards: infos, map_version: snap.map.version().0 })
+}
+
+/// The read endpoint must not write: `$out`/`$merge` would write on a member chosen for reading.
+fn check_pipeline(pipeline: &[Document]) -> Result<(), ApiError> {
+    for (i, stage) in pipeline.iter().enumerate() {
+        if stage.keys().any(|k| k == "$out" || k == "$merge") {
+            return Err(invalid(format!("pipeline[{i}]: $out and $merge are not allowed (aggregate is a read)")));
+        }
+    }
+    Ok(())
+}
+
+/// Per-shard results, each sorted by `keys`, merged in BSON order (ties: lower shard first).
+fn merge_sorted(parts: Vec<Vec<Document>>, keys: &[(String, bool)]) -> Vec<Document> {
+    crate::kmerge::merge_sorted(parts, usize::MAX, |a, b| ejson::compare_on(keys, a, b))
+}
+
+/// A document's location from its GeoJSON Point field: `Ok(None)` if the field is absent.
+pub fn geo_point(doc: &Document, field: &str) -> Result<Option<Region>, String> {
+    let Some(v) = ejson::get_path(doc, field) else { return Ok(None) };
+    let Bson::Document(g) = v else { return Err(format!("{field} is not a GeoJSON object")) };
+    if g.get_str("type").ok() != Some("Point") {
+        return Err(format!("{field} is not a GeoJSON Point"));
+    }
+    let coords = match g.get("coordinates") {
+        Some(Bson::Array(a)) if a.len() >= 2 => a,
+        _ => return Err(format!("{field}.coordinates must be [lng, lat]")),
+    };
+    let num = |b: &Bson| match b {
+        Bson::Double(d) => Some(*d),
+        Bson::Int32(i) => Some(f64::from(*i)),
+        Bson::Int64(i) => Some(*i as f64),
+        _ => None,
+    };
+    let (Some(lng), Some(lat)) = (num(&coords[0]), num(&coords[1])) else {
+        return Err(format!("{field}.coordinates must be numbers [lng, lat]"));
+    };
+    geo::point(lat, lng).map(|p| Some(Region::Point(p))).map_err(|e| format!("{field}: {e}"))
+}
+
+/// Route every document of an insert: by the body's region, or by its own geo field. With a
+/// region, a document whose geo field lies on another shard is refused rather than written
+/// where it does not belong.
+fn route_documents(snap: &Snapshot, plan: &InsertPlan) -> Result<Vec<Owned>, ApiError> {
+    let geo_field =
+        snap.map.tables().get(&plan.db).and_then(|t| t.get(&plan.collection)).and_then(|t| t.geo_field.as_deref());
+    let given = match &plan.region {
+        None => None,
+        Some(spec) => Some(super::write_route(snap, &spec.resolve(snap)?)?),
+    };
+    if given.is_none() && geo_field.is_none() {
+        return Err(ApiError::RegionRequired);
+    }
+    let field_name = geo_field.unwrap_or("geo field");
+    let mut routes = Vec::with_capacity(plan.docs.len());
+    for (i, d) in plan.docs.iter().enumerate() {
+        let own = match geo_field {
+            Some(f) => geo_point(d, f).map_err(|e| ApiError::InvalidRegion(format!("documents[{i}]: {e}")))?,
+            None => None,
+        };
+        let own = match &own {
+            Some(r) => Some(super::write_route(snap, r).map_err(|e| match e {
+                ApiError::NoShardForRegion(c) => ApiError::NoShardForRegion(format!("{c} (documents[{i}])")),
+                other => other,
+            })?),
+            None => None,
+        };
+        routes.push(match (given, own) {
+            (Some(g), Some(o)) if g.shard != o.shard => {
+                return Err(ApiError::InvalidRegion(format!(
+                    "documents[{i}]: its {field_name} lies on shard {}, not on the region's shard {}",
+                    snap.map.shard(o.shard).id,
+                    snap.map.shard(g.shard).id
+                )));
+            }
+            (Some(g), _) => g,
+            (None, Some(o)) => o,
+            (None, None) => {
+                return Err(ApiError::InvalidRegion(format!(
+                    "documents[{i}]: no region in the body and no {} field",
+                    geo_field.unwrap_or("geo")
+                )));
+            }
+        });
+    }
+    Ok(routes)
+}
+
+/// Run an insert: route each document, hold for a cutover, then write each shard's group in
+/// parallel (batch order kept inside a group).
+pub async fn insert(state: &AppState, plan: &InsertPlan, out: &mut Outcome) -> Result<InsertResult, ApiError> {
+    loop {
+        let snap = state.pin();
+        out.map_version = Some(snap.map.version().0);
+        check_db(&snap, &plan.db, &plan.collection)?;
+        let routes = route_documents(&snap, plan)?;
+        let cells: Vec<h3o::CellIndex> = routes.iter().map(|r| r.cell).collect();
+        if let Some(f) = hold::frozen_for(state, &cells) {
+            let cell = cells.iter().copied().find(|c| f.covers(*c)).unwrap_or(cells[0]);
+            drop(snap);
+            hold::hold(state, f, cell).await?;
+            continue;
+        }
+        let mut groups: BTreeMap<ShardIdx, Vec<Document>> = BTreeMap::new();
+        for (d, r) in plan.docs.iter().zip(&routes) {
+            groups.entry(r.shard).or_default().push(d.clone());
+        }
+        if cells.iter().all(|c| *c == cells[0]) {
+            out.cell = Some(cells[0].to_string());
+        }
+        out.role = Some(Role::Primary);
+        return insert_groups(state, &snap, plan, groups, out).await;
+    }
+}
+
+async fn insert_groups(
+    state: &AppState,
+    snap: &Snapshot,
+    plan: &InsertPlan,
+    groups: BTreeMap<ShardIdx, Vec<Document>>,
+    out: &mut Outcome,
+) -> Result<InsertResult, ApiError> {
+    let deadline = Instant::now() + state.config.request_timeout();
+    let mut futs = Vec::with_capacity(groups.len());
+    for (s, ds) in groups {
+        let m = mongo_db(snap, s, &plan.db)?;
+        let info = shard_info(snap, s, m, Role::Primary);
+        let coll = plan.collection.as_str();
+        futs.push(async move { (info, m.insert(coll, ds, deadline).await) });
+    }
+    let results = futures_util::future::join_all(futs).await;
+    out.shard = Some(if results.len() == 1 { results[0].0.id.clone() } else { "multi".into() });
+    // One shard that failed outright: the plain error (422 / 503 / 504), as for other writes.
+    if results.len() == 1 && results[0].1.inserted_ids.is_empty() && results[0].1.error.is_some() {
+        let (info, o) = results.into_iter().next().expect("one result");
+        return Err(ApiError::from_backend(o.error.expect("checked"), &info.id));
+    }
+    let single = results.len() == 1;
+    let mut r = InsertResult {
+        inserted_count: 0,
+        parts: Vec::with_capacity(results.len()),
+        token: None,
+        map_version: snap.map.version().0,
+        partial: false,
+    };
+    for (info, o) in results {
+        r.inserted_count += o.inserted_ids.len();
+        r.partial |= o.error.is_some();
+        let token = o.op_time.map(|t| make_token(&info.id, mongo::op_time_to_u64(t)));
+        r.parts.push(InsertedPart { inserted_ids: o.inserted_ids, token, error: o.error, info });
+    }
+    if single {
+        r.token = r.parts[0].token.clone();
+    }
+    Ok(r)
+}
+
+/// Run an update or delete on the owning shard's primary, after any cutover hold.
+pub async fn write(state: &AppState, plan: &WritePlan, out: &mut Outcome) -> Result<WriteResult, ApiError> {
+    loop {
+        let snap = state.pin();
+        out.map_version = Some(snap.map.version().0);
+        check_db(&snap, &plan.db, &plan.collection)?;
+        let route = super::write_route(&snap, &super::required(&plan.region)?.resolve(&snap)?)?;
+        if let Some(f) = hold::frozen_for(state, &[route.cell]) {
+            drop(snap);
+            hold::hold(state, f, route.cell).await?;
+            continue;
+        }
+        out.cell = Some(route.cell.to_string());
+        let m = mongo_db(&snap, route.shard, &plan.db)?;
+        let info = shard_info(&snap, route.shard, m, Role::Primary);
+        out.shard = Some(info.id.clone());
+        out.role = Some(Role::Primary);
+        let deadline = Instant::now() + state.config.request_timeout();
+        let id = info.id.clone();
+        let coll = plan.collection.as_str();
+        let mut r = WriteResult { shards: vec![info], map_version: snap.map.version().0, ..Default::default() };
+        let op_time = match &plan.op {
+            WriteOp::Update { filter, update, multi, upsert } => {
+                let u = m
+                    .update(coll, filter.clone(), update.clone(), *multi, *upsert, deadline)
+                    .await
+                    .map_err(|e| ApiError::from_backend(e, &id))?;
+                r.matched = Some(u.matched);
+                r.modified = Some(u.modified);
+                r.upserted_id = u.upserted_id;
+                u.op_time
+            }
+            WriteOp::Delete { filter, multi } => {
+                let (n, t) = m
+                    .delete(coll, filter.clone(), *multi, deadline)
+                    .await
+                    .map_err(|e| ApiError::from_backend(e, &id))?;
+                r.deleted = Some(n);
+                t
+            }
+        };
+        r.token = op_time.map(|t| make_token(&id, mongo::op_time_to_u64(t)));
+        return Ok(r);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bson::doc;
+
+    #[test]
+    fn merge_on_sort_keys() {
+        let keys = ejson::sort_keys(&doc! {"score": -1, "name": 1}).unwrap();
+        let a = vec![doc! {"score": 9, "name": "a"}, doc! {"score": 5, "name": "c"}];
+        let b = vec![doc! {"score": 7.5, "name": "b"}, doc! {"score": 5, "name": "b"}, doc! {"name": "z"}];
+        let out = merge_sorted(vec![a, b, vec![]], &keys);
+        let names: Vec<&str> = out.iter().map(|d| d.get_str("name").unwrap()).collect();
+        assert_eq!(names, ["a", "b", "b", "c", "z"]);
+    }
+
+    #[test]
+    fn geo_points() {
+        let d = doc! {"loc": {"type": "Point", "coordinates": [-3.7038, 40.4168]}};
+        assert!(matches!(geo_point(&d, "loc"), Ok(Some(Region::Point(_)))));
+        assert_eq!(geo_point(&doc! {}, "loc"), Ok(None));
+        assert!(geo_point(&doc! {"loc": {"type": "Point", "coordinates": [200.0, 0.0]}}, "loc").is_err());
+        assert!(geo_point(&doc! {"loc": {"type": "Polygon", "coordinates": []}}, "loc").is_err());
+        assert!(geo_point(&doc! {"loc": "x"}, "loc").is_err());
+    }
+
+    #[test]
+    fn collections_and_pipelines() {
+        assert!(check_collection("people").is_ok());
+        assert!(check_collection("").is_err());
+        assert!(check_collection("a$b").is_err());
+        assert!(check_collection("system.users").is_err());
+        assert!(check_pipeline(&[doc! {"$match": {}}]).is_ok());
+        assert!(check_pipeline(&[doc! {"$match": {}}, doc! {"$out": "x"}]).is_err());
+    }
+}

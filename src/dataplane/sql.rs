@@ -1,0 +1,267 @@
+//! SQL reads and writes (PostgreSQL and SQL Server shards): replica choice with fallback to the
+//! primary, replay waits for read-your-writes tokens, area fan-out + merge, and writes on the
+//! primary under the cutover hold with one stale-map retry after a fence. Returns rows; never
+//! renders them.
+
+use std::sync::Arc;
+
+use serde_json::Value;
+use tokio::time::Instant;
+
+use super::merge::{Merge, merge_rows};
+use super::{ApiError, Consistency, Outcome, RegionSpec, ShardInfo, hold, make_token, replica_retryable};
+use crate::app::AppState;
+use crate::backend::mssql::MssqlDatabase;
+use crate::backend::postgres::{PgDatabase, PgEndpoint, Rows};
+use crate::backend::{BackendError, DatabaseBackend, Role};
+use crate::ids::ShardIdx;
+use crate::routing::{self, RegionRoute};
+use crate::state::Snapshot;
+
+/// A read: one statement on the shard(s) owning the region.
+pub struct ReadPlan {
+    pub db: String,
+    pub region: Option<RegionSpec>,
+    pub sql: String,
+    pub params: Vec<Value>,
+    pub consistency: Consistency,
+    pub merge: Option<Merge>,
+}
+
+/// A write: one statement, or a batch run in one transaction, on the owning shard's primary.
+pub struct WritePlan {
+    pub db: String,
+    pub region: Option<RegionSpec>,
+    pub stmts: Vec<(String, Vec<Value>)>,
+}
+
+/// What a SQL request produced.
+pub struct SqlResult {
+    pub rows: Rows,
+    pub shards: Vec<ShardInfo>,
+    pub map_version: u64,
+    pub rows_affected: Option<u64>,
+    pub token: Option<String>,
+}
+
+/// A SQL database of one shard, by kind.
+enum SqlDb<'a> {
+    Pg(&'a Arc<PgDatabase>),
+    Mssql(&'a Arc<MssqlDatabase>),
+}
+
+fn sql_db<'a>(snap: &'a Snapshot, shard: ShardIdx, db: &str) -> Result<SqlDb<'a>, ApiError> {
+    match snap.backends.shards[shard.get()].get(db) {
+        Some(DatabaseBackend::Postgres(pg)) => Ok(SqlDb::Pg(pg)),
+        Some(DatabaseBackend::Sqlserver(ms)) => Ok(SqlDb::Mssql(ms)),
+        Some(DatabaseBackend::Mongo(_)) => Err(ApiError::Unsupported(format!(
+            "database {db:?} is mongodb: use POST /v1/docs/{db}/{{collection}}/{{op}}"
+        ))),
+        // The map says the database exists but this shard lacks it.
+        None => Err(ApiError::UnknownDatabase(format!("{db} (on shard {})", snap.map.shard(shard).id))),
+    }
+}
+
+fn check_db(snap: &Snapshot, db: &str) -> Result<(), ApiError> {
+    if snap.map.databases().contains_key(db) { Ok(()) } else { Err(ApiError::UnknownDatabase(db.to_string())) }
+}
+
+/// Fail fast when the prober has seen the primary down (or read-only) repeatedly.
+fn ensure_writable(health: &crate::backend::health::EndpointHealth, label: &str, shard: &str) -> Result<(), ApiError> {
+    if health.writable() {
+        return Ok(());
+    }
+    let v = health.view();
+    Err(ApiError::ShardUnavailable {
+        shard: shard.to_string(),
+        reason: format!("primary {label} is down: {}", v.last_error.unwrap_or_else(|| "not writable".into())),
+    })
+}
+
+fn no_endpoint(last: Option<BackendError>, id: &str) -> ApiError {
+    let e = last.unwrap_or(BackendError::Unavailable { endpoint: id.to_string(), reason: "no endpoint".into() });
+    ApiError::from_backend(e, id)
+}
+
+/// Run a read plan: one shard for a point or cell, a parallel fan-out and merge for an area.
+pub async fn read(state: &AppState, plan: &ReadPlan, out: &mut Outcome) -> Result<SqlResult, ApiError> {
+    let snap = state.pin();
+    out.map_version = Some(snap.map.version().0);
+    check_db(&snap, &plan.db)?;
+    let region = super::required(&plan.region)?.resolve(&snap)?;
+    let deadline = Instant::now() + state.config.request_timeout();
+    let map_version = snap.map.version().0;
+    match routing::route_region(&snap.map, &region).map_err(super::route_err)? {
+        RegionRoute::One(r) => {
+            out.cell = Some(r.cell.to_string());
+            let (rows, info) = read_on_shard(state, &snap, r.shard, plan, deadline).await?;
+            out.shard = Some(info.id.clone());
+            out.role = Some(info.role);
+            Ok(SqlResult { rows, shards: vec![info], map_version, rows_affected: None, token: None })
+        }
+        RegionRoute::Many(area) => {
+            if area.shards.is_empty() {
+                return Err(ApiError::NoShardForRegion("(area: no shard owns any of it)".into()));
+            }
+            // Fan out in parallel to the owning shards only.
+            let futs = area.shards.iter().map(|(s, _)| read_on_shard(state, &snap, *s, plan, deadline));
+            let results = futures_util::future::join_all(futs).await;
+            let parts = results.into_iter().collect::<Result<Vec<_>, _>>()?;
+            let (rows, infos): (Vec<Rows>, Vec<ShardInfo>) = parts.into_iter().unzip();
+            out.note_shards(&infos);
+            out.role = None;
+            let rows = merge_rows(rows, plan.merge.as_ref())?;
+            Ok(SqlResult { rows, shards: infos, map_version, rows_affected: None, token: None })
+        }
+    }
+}
+
+/// Run a read on one shard with the requested consistency. Reads are idempotent: if a replica
+/// fails mid-read (killed, refused), the read is retried once on the primary.
+async fn read_on_shard(
+    state: &AppState,
+    snap: &Snapshot,
+    shard: ShardIdx,
+    plan: &ReadPlan,
+    deadline: Instant,
+) -> Result<(Rows, ShardInfo), ApiError> {
+    let id = snap.map.shard(shard).id.to_string();
+    let pg = match sql_db(snap, shard, &plan.db)? {
+        SqlDb::Pg(pg) => pg,
+        // Boxed: keeps the (larger) tiberius read state out of every PostgreSQL read's future.
+        SqlDb::Mssql(ms) => return Box::pin(read_on_mssql(ms, id, plan)).await,
+    };
+    let h = &state.config.health;
+    // (endpoint, replay position it must reach and until when)
+    type Candidate = (Arc<PgEndpoint>, Option<(u64, Instant)>);
+    let mut candidates: Vec<Candidate> = Vec::with_capacity(2);
+    match &plan.consistency {
+        Consistency::Primary => {}
+        Consistency::Replica => {
+            if let Some(r) = pg.pick_replica(h.max_lag_ms, h.max_lag_bytes) {
+                candidates.push((r, None));
+            }
+        }
+        Consistency::After { shard: tshard, lsn, wait } => {
+            let until = (Instant::now() + *wait).min(deadline);
+            // A token for another shard says nothing about this one.
+            let min = if *tshard == id { Some((*lsn, until)) } else { None };
+            if let Some(r) = pg.pick_replica(h.max_lag_ms, h.max_lag_bytes) {
+                candidates.push((r, min));
+            }
+        }
+    }
+    candidates.push((pg.primary.clone(), None));
+    let mut last_err = None;
+    for (ep, min_lsn) in candidates {
+        match ep.query(&plan.sql, &plan.params, min_lsn).await {
+            Ok(Some(rows)) => {
+                return Ok((rows, ShardInfo { id, role: ep.role, endpoint: ep.label.to_string() }));
+            }
+            // The replica had not replayed the token's position in time: go to the primary.
+            Ok(None) => continue,
+            Err(e) if ep.role == Role::Replica && replica_retryable(&e) => {
+                tracing::warn!(shard = %id, endpoint = %ep.label, error = %e, "replica read failed; retrying on the primary");
+                last_err = Some(e);
+            }
+            Err(e) => return Err(ApiError::from_backend(e, &id)),
+        }
+    }
+    Err(no_endpoint(last_err, &id))
+}
+
+/// A read on a SQL Server shard. There is no replay position to compare a token with, so a
+/// read after a write (`consistency.after`) goes to the primary (docs/sqlserver.md).
+async fn read_on_mssql(ms: &MssqlDatabase, id: String, plan: &ReadPlan) -> Result<(Rows, ShardInfo), ApiError> {
+    let mut candidates = Vec::with_capacity(2);
+    if plan.consistency == Consistency::Replica
+        && let Some(r) = ms.pick_replica()
+    {
+        candidates.push(r);
+    }
+    candidates.push(ms.primary.clone());
+    let mut last_err = None;
+    for ep in candidates {
+        match ep.query(&plan.sql, &plan.params).await {
+            Ok(rows) => return Ok((rows, ShardInfo { id, role: ep.role, endpoint: ep.label.to_string() })),
+            Err(e) if ep.role == Role::Replica && replica_retryable(&e) => {
+                tracing::warn!(shard = %id, endpoint = %ep.label, error = %e, "replica read failed; retrying on the primary");
+                last_err = Some(e);
+            }
+            Err(e) => return Err(ApiError::from_backend(e, &id)),
+        }
+    }
+    Err(no_endpoint(last_err, &id))
+}
+
+/// Run a write plan on the owning shard's primary.
+///
+/// Order matters: (1) pin the newest map and route; (2) a write to a cell under a cutover hold
+/// waits for the release, then starts over on the map published by then; (3) run on the
+/// primary; (4) a fence refusal from the old owner means this instance's map is stale: refresh
+/// it and start over once (a second fence answers `cells_frozen`).
+pub async fn write(state: &AppState, plan: &WritePlan, out: &mut Outcome) -> Result<SqlResult, ApiError> {
+    check_db(&state.pin(), &plan.db)?;
+    let spec = super::required(&plan.region)?;
+    let mut refreshed = false;
+    loop {
+        // 1.
+        let snap = state.pin();
+        out.map_version = Some(snap.map.version().0);
+        let route = super::write_route(&snap, &spec.resolve(&snap)?)?;
+        // 2.
+        if let Some(f) = hold::frozen_for(state, &[route.cell]) {
+            drop(snap);
+            hold::hold(state, f, route.cell).await?;
+            continue;
+        }
+        out.cell = Some(route.cell.to_string());
+        let id = snap.map.shard(route.shard).id.to_string();
+        out.shard = Some(id.clone());
+        out.role = Some(Role::Primary);
+        let map_version = snap.map.version().0;
+        // 3.
+        let pg = match sql_db(&snap, route.shard, &plan.db)? {
+            SqlDb::Pg(pg) => pg,
+            SqlDb::Mssql(ms) => {
+                ensure_writable(&ms.primary.health, &ms.primary.label, &id)?;
+                let (rows, affected) =
+                    ms.primary.execute(&plan.stmts).await.map_err(|e| ApiError::from_backend(e, &id))?;
+                let info = ShardInfo { id: id.clone(), role: Role::Primary, endpoint: ms.primary.label.to_string() };
+                // No replay position exists: the token names the shard only; reads after it go
+                // to the primary.
+                let token = Some(make_token(&id, 0));
+                return Ok(SqlResult { rows, shards: vec![info], map_version, rows_affected: Some(affected), token });
+            }
+        };
+        ensure_writable(&pg.primary.health, &pg.primary.label, &id)?;
+        match pg.primary.execute(&plan.stmts).await {
+            Ok(res) => {
+                let info = ShardInfo { id: id.clone(), role: Role::Primary, endpoint: pg.primary.label.to_string() };
+                let token = Some(make_token(&id, res.lsn));
+                return Ok(SqlResult {
+                    rows: res.rows,
+                    shards: vec![info],
+                    map_version,
+                    rows_affected: Some(res.rows_affected),
+                    token,
+                });
+            }
+            // 4. Nothing was written: the fence rejected the statement and its transaction.
+            Err(e) if hold::is_fenced(&e) => {
+                if refreshed {
+                    metrics::counter!(crate::telemetry::names::FENCE_HITS, "shard" => id.clone()).increment(1);
+                    return Err(ApiError::CellsFrozen(format!(
+                        "cell {} moved away from shard {id}; retry shortly",
+                        route.cell
+                    )));
+                }
+                refreshed = true;
+                let seen = snap.map.version();
+                drop(snap);
+                hold::refresh_after_fence(state, seen, &id, route.cell).await?;
+            }
+            Err(e) => return Err(ApiError::from_backend(e, &id)),
+        }
+    }
+}
