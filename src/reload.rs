@@ -27,12 +27,35 @@ pub struct Request {
     pub reply: Option<oneshot::Sender<Outcome>>,
 }
 
-/// What a reload did. `status` is the HTTP status the admin API answers with.
+/// What a reload attempt ended as (serialised as these lowercase words).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ReloadResult {
+    /// A new snapshot serves.
+    Published,
+    /// The same bytes as the serving map: nothing to do.
+    Unchanged,
+    /// The candidate is invalid (compile errors, unreachable endpoints, unwritable file).
+    Rejected,
+    /// The candidate does not move the version forward, or If-Match named another version.
+    Conflict,
+}
+
+impl ReloadResult {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReloadResult::Published => "published",
+            ReloadResult::Unchanged => "unchanged",
+            ReloadResult::Rejected => "rejected",
+            ReloadResult::Conflict => "conflict",
+        }
+    }
+}
+
+/// What a reload did (the admin API maps `result` to its HTTP status).
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Outcome {
-    pub status: u16,
-    /// `published`, `unchanged`, `rejected`, `conflict`
-    pub result: &'static str,
+    pub result: ReloadResult,
     pub version: u64,
     pub previous_version: u64,
     pub errors: Vec<String>,
@@ -69,16 +92,8 @@ pub async fn run(state: Arc<AppState>, mut rx: mpsc::Receiver<Request>) {
     }
 }
 
-fn outcome(
-    state: &AppState,
-    status: u16,
-    result: &'static str,
-    version: u64,
-    errors: Vec<String>,
-    trigger: &str,
-) -> Outcome {
+fn outcome(state: &AppState, result: ReloadResult, version: u64, errors: Vec<String>, trigger: &str) -> Outcome {
     let o = Outcome {
-        status,
         result,
         version,
         previous_version: state.pin().map.version().0,
@@ -86,14 +101,15 @@ fn outcome(
         trigger: trigger.to_string(),
         at: SystemTime::now(),
     };
-    metrics::counter!(crate::telemetry::names::MAP_RELOADS, "result" => result).increment(1);
+    metrics::counter!(crate::telemetry::names::MAP_RELOADS, "result" => result.as_str()).increment(1);
+    let r = result.as_str();
     match result {
-        "published" | "unchanged" => tracing::info!(version, trigger, result, "map reload"),
-        _ => tracing::warn!(version, trigger, result, errors = ?o.errors, "map reload refused; old map kept"),
+        ReloadResult::Published | ReloadResult::Unchanged => tracing::info!(version, trigger, result = r, "map reload"),
+        _ => tracing::warn!(version, trigger, result = r, errors = ?o.errors, "map reload refused; old map kept"),
     }
     // A no-op (the watcher seeing our own write, a reload of the same bytes) does not hide
     // the outcome of the last real attempt.
-    if result != "unchanged" {
+    if result != ReloadResult::Unchanged {
         *state.reload_status.0.lock().expect("reload status") = Some(o.clone());
     }
     o
@@ -124,13 +140,15 @@ async fn apply(state: &Arc<AppState>, source: Source) -> Outcome {
     let (trigger, text, if_match, persist) = match source {
         Source::File { trigger } => match tokio::fs::read_to_string(&path).await {
             Ok(t) => (trigger.to_string(), t, None, false),
-            Err(e) => return outcome(state, 422, "rejected", 0, vec![format!("{}: {e}", path.display())], trigger),
+            Err(e) => {
+                return outcome(state, ReloadResult::Rejected, 0, vec![format!("{}: {e}", path.display())], trigger);
+            }
         },
         Source::Push { body, json, if_match } => {
             let text = if json {
                 match json_to_toml(&body) {
                     Ok(t) => t,
-                    Err(e) => return outcome(state, 422, "rejected", 0, vec![e], "push"),
+                    Err(e) => return outcome(state, ReloadResult::Rejected, 0, vec![e], "push"),
                 }
             } else {
                 body
@@ -143,41 +161,40 @@ async fn apply(state: &Arc<AppState>, source: Source) -> Outcome {
         && v != current.map.version().0
     {
         let msg = format!("If-Match version {v} but the current version is {}", current.map.version());
-        return outcome(state, 409, "conflict", v, vec![msg], &trigger);
+        return outcome(state, ReloadResult::Conflict, v, vec![msg], &trigger);
     }
     // 2. Same bytes as what is serving: nothing to do (the watcher sees our own pushes).
     if text_sha256(&text) == current.sha256 {
-        return outcome(state, 200, "unchanged", current.map.version().0, vec![], &trigger);
+        return outcome(state, ReloadResult::Unchanged, current.map.version().0, vec![], &trigger);
     }
     // 3. Compile, collecting every error.
     let map = match shardmap::compile_str(&text) {
         Ok(m) => m,
         Err(errs) => {
             let errors = errs.0.iter().map(ToString::to_string).collect();
-            return outcome(state, 422, "rejected", 0, errors, &trigger);
+            return outcome(state, ReloadResult::Rejected, 0, errors, &trigger);
         }
     };
     let version = map.version().0;
     // 4. Versions only move forward.
     if map.version() <= current.map.version() {
         let msg = format!("version {version} is not greater than the current version {}", current.map.version());
-        return outcome(state, 409, "conflict", version, vec![msg], &trigger);
+        return outcome(state, ReloadResult::Conflict, version, vec![msg], &trigger);
     }
     // 5. Backends: unchanged endpoints keep their pools (and open connections); new ones are
     //    connected and checked before anything is published.
     let backends = match Backends::build_reusing(&map, &state.config, Some(&current.backends)) {
         Ok(b) => b,
-        Err(errors) => return outcome(state, 422, "rejected", version, errors, &trigger),
+        Err(errors) => return outcome(state, ReloadResult::Rejected, version, errors, &trigger),
     };
     if let Err(errors) = backends.check_new(&state.config).await {
-        return outcome(state, 422, "rejected", version, errors, &trigger);
+        return outcome(state, ReloadResult::Rejected, version, errors, &trigger);
     }
     // 6. Persist a pushed map before publishing it: a restart must not go back in time.
     if persist && let Err(e) = write_atomic(&path, &text) {
         return outcome(
             state,
-            422,
-            "rejected",
+            ReloadResult::Rejected,
             version,
             vec![format!("cannot write {}: {e}", path.display())],
             &trigger,
@@ -186,7 +203,7 @@ async fn apply(state: &Arc<AppState>, source: Source) -> Outcome {
     // 7. Publish. Requests that pinned the old snapshot finish on it; new ones see this one.
     state.snapshot.store(Arc::new(Snapshot::new(map, backends, text, path.display().to_string())));
     metrics::gauge!(crate::telemetry::names::MAP_VERSION).set(version as f64);
-    outcome(state, 200, "published", version, vec![], &trigger)
+    outcome(state, ReloadResult::Published, version, vec![], &trigger)
 }
 
 /// Watch the map file's directory (editors and Kubernetes ConfigMaps replace files by rename,

@@ -165,7 +165,9 @@ async fn push_map(state: &Arc<AppState>, req: Request<Incoming>) -> Response<Bod
     // Fleet: a map an operator published here goes to every peer (a push from a peer does not
     // travel on, so there are no loops). Each peer's answer is reported, failures included.
     match outcome {
-        Some(o) if o.result == "published" && !from_peer && !state.config.peers.is_empty() => {
+        Some(o)
+            if o.result == crate::reload::ReloadResult::Published && !from_peer && !state.config.peers.is_empty() =>
+        {
             let ct = if json { "application/json" } else { "application/toml" };
             let peers = crate::fleet::broadcast(
                 &state.config,
@@ -199,11 +201,24 @@ async fn push_map(state: &Arc<AppState>, req: Request<Incoming>) -> Response<Bod
 fn reload_response(outcome: Option<crate::reload::Outcome>) -> Response<Body> {
     match outcome {
         Some(o) => {
-            let status = StatusCode::from_u16(o.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-            json_response(status, &o)
+            let (status, body) = reload_json(&o);
+            json_response(status, &body)
         }
         None => ApiError::ShardUnavailable { shard: "-".into(), reason: "reload loop stopped".into() }.into_response(),
     }
+}
+
+/// A reload outcome as the admin API shows it: its HTTP status, also inside the body.
+fn reload_json(o: &crate::reload::Outcome) -> (StatusCode, Value) {
+    use crate::reload::ReloadResult;
+    let status = match o.result {
+        ReloadResult::Published | ReloadResult::Unchanged => StatusCode::OK,
+        ReloadResult::Rejected => StatusCode::UNPROCESSABLE_ENTITY,
+        ReloadResult::Conflict => StatusCode::CONFLICT,
+    };
+    let mut body = serde_json::to_value(o).unwrap_or_default();
+    body["status"] = json!(status.as_u16());
+    (status, body)
 }
 
 /// Ready once a map is published and every endpoint has been probed once, until shutdown starts.
@@ -226,7 +241,7 @@ fn locate(state: &AppState, q: &HashMap<String, String>) -> Result<Value, ApiErr
         snap.map.resolution(),
     )
     .map_err(|e| ApiError::InvalidRegion(e.to_string()))?;
-    Ok(crate::cli::locate_json(&snap.map, &region))
+    Ok(crate::locate::locate_json(&snap.map, &region))
 }
 
 fn map_json(state: &AppState) -> Value {
@@ -246,7 +261,7 @@ fn map_json(state: &AppState) -> Value {
         Fallback::Reject => json!({"mode": "reject"}),
     };
     let loaded_at = snap.loaded_at.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
-    let last_reload = state.reload_status.0.lock().expect("reload status").clone();
+    let last_reload = state.reload_status.0.lock().expect("reload status").as_ref().map(|o| reload_json(o).1);
     json!({
         "version": m.version().0,
         "last_reload": last_reload,

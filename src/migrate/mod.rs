@@ -640,7 +640,7 @@ async fn run(state: &Arc<AppState>, m: &Arc<Migration>, pairs: &[DbPair]) -> Res
             let src =
                 crate::reload::Source::Push { body: text.clone(), json: false, if_match: Some(snap.map.version().0) };
             match crate::reload::request(&state.reload_tx, src).await {
-                Some(o) if o.result == "published" => {}
+                Some(o) if o.result == crate::reload::ReloadResult::Published => {}
                 Some(o) => return Err(format!("publishing map v{version} failed: {}", o.errors.join("; "))),
                 None => return Err("reload loop stopped".into()),
             }
