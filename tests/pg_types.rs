@@ -7,7 +7,7 @@
 use std::future::Future;
 use std::sync::OnceLock;
 
-use cellgate::backend::pg_types::{
+use cellgate::backend::postgres::types::{
     ColumnError, ParamError, as_sql_refs, bind_params, column_to_json, is_supported, row_to_json, type_name,
 };
 use cellgate_harness::{Cluster, ClusterSpec};

@@ -140,7 +140,7 @@ fn golden_routes_through_locate_json() {
     let m = demo();
     for p in golden() {
         let ll = geo::point(p.lat, p.lng).unwrap();
-        let v = cellgate::cli::locate_json(m, &Region::Point(ll));
+        let v = cellgate::locate::locate_json(m, &Region::Point(ll));
         assert_eq!(v["cell"], p.parents[3].1, "{} {}", p.lat, p.lng);
         assert_eq!(v["point_cell"], p.cell15);
         assert!(v["shard"].is_string(), "demo map has hash fallback: every point has a shard");

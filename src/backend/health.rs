@@ -1,5 +1,7 @@
-//! Endpoint health: probes (role, WAL position, replay lag), consecutive fail/ok thresholds
-//! (hysteresis), and the read-eligibility rule. Owns the probe loop; must not touch pools.
+//! Endpoint health, driver-free: what the last probes said (role, replay position, lag),
+//! consecutive fail/ok thresholds (hysteresis), the read/write eligibility rules, and the one
+//! prober loop every SQL driver plugs its probe into. Must not touch pools or speak a protocol:
+//! each driver's probe lives with its driver (`postgres/prober.rs`, `mssql/prober.rs`).
 
 use std::sync::Arc;
 use std::sync::Mutex;
@@ -7,10 +9,8 @@ use std::time::Duration;
 
 use tokio::sync::Notify;
 use tokio::time::Instant;
-use tokio_postgres::NoTls;
 
 use super::Role;
-use super::postgres::{PgDatabase, PgEndpoint, parse_lsn};
 use crate::config;
 
 /// What the prober last learned about one endpoint.
@@ -36,7 +36,7 @@ pub struct HealthView {
 #[derive(Debug)]
 pub struct EndpointHealth {
     configured: Role,
-    view: Mutex<HealthView>,
+    pub(crate) view: Mutex<HealthView>,
     recheck: Notify,
 }
 
@@ -80,6 +80,11 @@ impl EndpointHealth {
         self.recheck.notify_one();
     }
 
+    /// Bytes behind the primary (replicas), as the driver's prober measured it.
+    pub(crate) fn set_lag_bytes(&self, v: Option<u64>) {
+        self.view.lock().expect("health lock").lag_bytes = v;
+    }
+
     pub fn configured_role(&self) -> Role {
         self.configured
     }
@@ -102,7 +107,7 @@ impl EndpointHealth {
         v.up && v.in_recovery == Some(true)
     }
 
-    fn record(&self, label: &str, result: Result<Probe, String>, h: &config::Health) {
+    pub(crate) fn record(&self, label: &str, result: Result<Probe, String>, h: &config::Health) {
         let mut v = self.view.lock().expect("health lock");
         let was_up = v.up;
         v.probed = true;
@@ -142,178 +147,69 @@ impl EndpointHealth {
     }
 }
 
-struct Probe {
-    in_recovery: bool,
-    lsn: u64,
-    /// Replica only: ms since the last replayed transaction committed on the primary.
-    replay_age_ms: Option<u64>,
+/// One probe's answer, in driver-neutral terms.
+pub struct Probe {
+    pub in_recovery: bool,
+    /// Primary: current position; replica: last replayed position (0 where none exists).
+    pub lsn: u64,
+    /// Replica only: ms behind the primary.
+    pub replay_age_ms: Option<u64>,
 }
 
-const PROBE_SQL: &str = "SELECT pg_is_in_recovery(), \
-     (CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_lsn() END)::text, \
-     (EXTRACT(EPOCH FROM (clock_timestamp() - pg_last_xact_replay_timestamp())) * 1000)::float8";
-
-/// Probes one endpoint over a dedicated connection (never borrowed from the pool, so a full
-/// pool cannot make a healthy endpoint look dead). The connection is kept on the endpoint.
-struct Prober {
-    ep: Arc<PgEndpoint>,
+/// An endpoint the prober loop can probe: its driver's probe plus what the gauges need.
+pub trait Probed: Send + Sync + 'static {
+    type Answer: Send;
+    fn label(&self) -> &str;
+    fn role(&self) -> Role;
+    fn health(&self) -> &EndpointHealth;
+    fn pool_state(&self) -> bb8::State;
+    /// Probe over the endpoint's own connection (never a pooled one, so a full pool cannot
+    /// make a healthy endpoint look dead), within `timeout`.
+    fn probe(&self, timeout: Duration) -> impl Future<Output = Result<Self::Answer, String>> + Send;
 }
 
-impl Prober {
-    async fn probe(&self, timeout: Duration) -> Result<Probe, String> {
-        let mut slot = self.ep.probe_client.lock().await;
-        let fut = async {
-            if slot.as_ref().is_none_or(|c| c.is_closed()) {
-                let (client, conn) = self.ep.pg_config.connect(NoTls).await.map_err(|e| e.to_string())?;
-                tokio::spawn(async move {
-                    let _ = conn.await;
-                });
-                *slot = Some(client);
-            }
-            let client = slot.as_ref().expect("just set");
-            let row = client.query_one(PROBE_SQL, &[]).await.map_err(|e| e.to_string())?;
-            let in_recovery: bool = row.get(0);
-            let lsn = row.get::<_, Option<&str>>(1).and_then(parse_lsn).unwrap_or(0);
-            let age: Option<f64> = row.get(2);
-            Ok(Probe { in_recovery, lsn, replay_age_ms: age.map(|a| a.max(0.0) as u64) })
-        };
-        let r = tokio::time::timeout(timeout, fut).await;
-        match r {
-            Ok(Ok(p)) => Ok(p),
-            Ok(Err(e)) => {
-                *slot = None;
-                Err(e)
-            }
-            Err(_) => {
-                // A black-holed server: drop the connection so the next probe reconnects.
-                *slot = None;
-                Err(format!("probe timed out after {timeout:?}"))
-            }
-        }
-    }
-}
-
-/// Recent primary WAL positions with the time they were observed. A replica's time lag is how
-/// long ago the primary first reached a position the replica has not replayed yet: robust when
-/// the primary is idle (no "last replayed transaction is old" false alarm) and measurable with
-/// the primary down (the last known positions still apply).
-struct PrimaryHistory {
-    samples: std::collections::VecDeque<(u64, Instant)>,
-}
-
-impl PrimaryHistory {
-    const CAP: usize = 1024;
-
-    fn push(&mut self, lsn: u64, at: Instant) {
-        if self.samples.back().is_some_and(|(l, _)| *l == lsn) {
-            return; // unchanged position: the first time it was seen is what matters
-        }
-        if self.samples.len() == Self::CAP {
-            self.samples.pop_front();
-        }
-        self.samples.push_back((lsn, at));
-    }
-
-    fn last_lsn(&self) -> Option<u64> {
-        self.samples.back().map(|(l, _)| *l)
-    }
-
-    /// (bytes behind the last known primary position, ms since the primary first passed `replayed`).
-    fn lag(&self, replayed: u64, now: Instant) -> Option<(u64, u64)> {
-        let last = self.last_lsn()?;
-        let ms = self
-            .samples
-            .iter()
-            .find(|(l, _)| *l > replayed)
-            .map(|(_, t)| now.saturating_duration_since(*t).as_millis() as u64)
-            .unwrap_or(0);
-        Some((last.saturating_sub(replayed), ms))
-    }
-}
-
-/// Probe one shard database forever (until the task is aborted): primary and replicas
-/// concurrently, then replica lag against the primary's recent positions.
-pub async fn run(db: Arc<PgDatabase>, h: config::Health) {
+/// Probe one shard database's endpoints forever (until the task is aborted): (1) probe all
+/// concurrently — one black-holed replica must not delay the others; (2) hand the answers to
+/// the driver's `record` (which updates each endpoint's health); (3) publish the gauges;
+/// (4) sleep until the next tick, or until some endpoint asks for a re-check.
+pub async fn run_loop<E: Probed>(
+    eps: Vec<Arc<E>>,
+    h: config::Health,
+    mut record: impl FnMut(&[Arc<E>], Vec<Result<E::Answer, String>>, Instant) + Send,
+) {
     let timeout = Duration::from_millis(h.probe_timeout_ms);
     let interval = Duration::from_millis(h.interval_ms);
-    let probers: Vec<Prober> = db.endpoints().map(|ep| Prober { ep: ep.clone() }).collect();
-    let mut history = PrimaryHistory { samples: Default::default() };
     loop {
         let started = Instant::now();
-        // Probes run concurrently: one black-holed replica must not delay the others.
-        let results = futures_util::future::join_all(probers.iter().map(|p| p.probe(timeout))).await;
-        let now = Instant::now();
-        if let Some(Ok(p)) = results.first()
-            && !p.in_recovery
-        {
-            history.push(p.lsn, now);
+        // 1.
+        let results = futures_util::future::join_all(eps.iter().map(|ep| ep.probe(timeout))).await;
+        // 2.
+        record(&eps, results, Instant::now());
+        // 3.
+        for ep in &eps {
+            publish_gauges(ep.as_ref());
         }
-        for (prober, result) in probers.iter().zip(results) {
-            let ep = &prober.ep;
-            let result = result.map(|mut p| {
-                if p.in_recovery {
-                    match history.lag(p.lsn, now) {
-                        Some((bytes, ms)) => {
-                            p.replay_age_ms = Some(ms);
-                            set_lag_bytes(ep, Some(bytes));
-                        }
-                        // Never saw the primary: keep the server's replay-timestamp age; bytes unknown.
-                        None => set_lag_bytes(ep, None),
-                    }
-                } else {
-                    p.replay_age_ms = Some(0);
-                    set_lag_bytes(ep, Some(0));
-                }
-                p
-            });
-            ep.health.record(&ep.label, result, &h);
-            publish_metrics(ep);
-        }
-        // Sleep until the next tick, or until some endpoint asks for a re-check.
-        let next = started + interval;
-        let rechecks =
-            futures_util::future::select_all(probers.iter().map(|p| Box::pin(p.ep.health.recheck.notified())));
+        // 4.
+        let rechecks = futures_util::future::select_all(eps.iter().map(|ep| Box::pin(ep.health().recheck_requested())));
         tokio::select! {
-            _ = tokio::time::sleep_until(next) => {}
+            _ = tokio::time::sleep_until(started + interval) => {}
             _ = rechecks => {}
         }
     }
 }
 
-fn set_lag_bytes(ep: &PgEndpoint, v: Option<u64>) {
-    ep.health.view.lock().expect("health lock").lag_bytes = v;
-}
-
-fn publish_metrics(ep: &PgEndpoint) {
-    let v = ep.health.view();
-    let labels = [("endpoint", ep.label.to_string()), ("role", ep.role.as_str().to_string())];
-    metrics::gauge!(crate::telemetry::names::ENDPOINT_UP, &labels).set(if v.up { 1.0 } else { 0.0 });
+fn publish_gauges<E: Probed>(ep: &E) {
+    use crate::telemetry::names;
+    let v = ep.health().view();
+    let labels = [("endpoint", ep.label().to_string()), ("role", ep.role().as_str().to_string())];
+    metrics::gauge!(names::ENDPOINT_UP, &labels).set(if v.up { 1.0 } else { 0.0 });
     if let Some(l) = v.lag_bytes {
-        metrics::gauge!(crate::telemetry::names::REPLICA_LAG_BYTES, &labels).set(l as f64);
+        metrics::gauge!(names::REPLICA_LAG_BYTES, &labels).set(l as f64);
     }
     if let Some(l) = v.lag_ms {
-        metrics::gauge!(crate::telemetry::names::REPLICA_LAG_SECONDS, &labels).set(l as f64 / 1000.0);
+        metrics::gauge!(names::REPLICA_LAG_SECONDS, &labels).set(l as f64 / 1000.0);
     }
-    let st = ep.pool.state();
-    metrics::gauge!(crate::telemetry::names::POOL_CONNECTIONS, &labels).set(st.connections as f64);
-    metrics::gauge!(crate::telemetry::names::POOL_IDLE, &labels).set(st.idle_connections as f64);
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn lag_from_primary_history() {
-        let t0 = Instant::now();
-        let mut h = PrimaryHistory { samples: Default::default() };
-        assert_eq!(h.lag(0, t0), None);
-        h.push(100, t0);
-        h.push(100, t0 + Duration::from_millis(500)); // idle primary: still first seen at t0
-        h.push(200, t0 + Duration::from_millis(1000));
-        let now = t0 + Duration::from_millis(1500);
-        assert_eq!(h.lag(200, now), Some((0, 0)), "caught up");
-        assert_eq!(h.lag(150, now), Some((50, 500)), "behind since the primary reached 200");
-        assert_eq!(h.lag(50, now), Some((150, 1500)));
-    }
+    let st = ep.pool_state();
+    metrics::gauge!(names::POOL_CONNECTIONS, &labels).set(st.connections as f64);
+    metrics::gauge!(names::POOL_IDLE, &labels).set(st.idle_connections as f64);
 }

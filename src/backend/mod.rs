@@ -3,8 +3,6 @@
 pub mod health;
 pub mod mongo;
 pub mod mssql;
-pub mod mssql_types;
-pub mod pg_types;
 pub mod pool;
 pub mod postgres;
 
@@ -63,12 +61,12 @@ pub enum BackendError {
     #[error("{message}")]
     Server { code: i64, message: String },
     #[error("{0}")]
-    Params(pg_types::ParamError),
+    Params(postgres::types::ParamError),
     /// Request values the backend cannot bind (non-PostgreSQL backends; PostgreSQL uses `Params`).
     #[error("{0}")]
     BadInput(String),
     #[error("{0}")]
-    Column(pg_types::ColumnError),
+    Column(postgres::types::ColumnError),
     #[error("statement {index} of {count}: {source}")]
     InStatement { index: usize, count: usize, source: Box<BackendError> },
     #[error("{0}")]
@@ -210,7 +208,7 @@ impl Backends {
                         match replica_set(primary, replicas, &ctx, &mut endpoint) {
                             Ok(set) => {
                                 let db = Arc::new(set);
-                                tasks.push(tokio::spawn(health::run(db.clone(), cfg.health.clone())));
+                                tasks.push(tokio::spawn(postgres::prober::run(db.clone(), cfg.health.clone())));
                                 dbs.insert(name.clone(), DatabaseBackend::Postgres(db));
                             }
                             Err(e) => errors.extend(e),
@@ -220,7 +218,7 @@ impl Backends {
                         match replica_set(primary, replicas, &ctx, &mut ms_endpoint) {
                             Ok(set) => {
                                 let db = Arc::new(set);
-                                tasks.push(tokio::spawn(mssql::run_health(db.clone(), cfg.health.clone())));
+                                tasks.push(tokio::spawn(mssql::prober::run(db.clone(), cfg.health.clone())));
                                 dbs.insert(name.clone(), DatabaseBackend::Sqlserver(db));
                             }
                             Err(e) => errors.extend(e),

@@ -16,11 +16,14 @@ use tokio::net::TcpStream;
 use tokio_util::compat::{Compat, TokioAsyncWriteCompatExt};
 
 use super::health::EndpointHealth;
-use super::mssql_types::{self, SqlType};
+pub mod prober;
+pub mod types;
+
 use super::postgres::Rows;
 use super::{BackendError, Role};
 use crate::config;
 use crate::shardmap::Secret;
+use types::{self as mssql_types, SqlType};
 
 pub type TdsClient = Client<Compat<TcpStream>>;
 
@@ -303,7 +306,7 @@ pub struct MssqlEndpoint {
     checkout_timeout: Duration,
     described: Mutex<HashMap<String, Described>>,
     /// The prober's own connection (never from the pool, so a full pool cannot look dead).
-    probe_client: tokio::sync::Mutex<Option<TdsClient>>,
+    pub(crate) probe_client: tokio::sync::Mutex<Option<TdsClient>>,
 }
 
 /// Result of one `sp_executesql` call: the last result set and the rows affected.
@@ -587,44 +590,7 @@ impl MssqlEndpoint {
         }
         Ok((last, affected))
     }
-
-    /// Is this endpoint read-only? `DATABASEPROPERTYEX(.., 'Updateability')` is `READ_ONLY` on a
-    /// readable secondary (and on a read-only database), `READ_WRITE` on a primary.
-    async fn probe(&self, timeout: Duration) -> Result<bool, String> {
-        let mut slot = self.probe_client.lock().await;
-        let fut = async {
-            if slot.is_none() {
-                *slot = Some(dial(&self.config).await.map_err(|e| e.to_string())?);
-            }
-            let c = slot.as_mut().expect("just set");
-            let rows = c
-                .simple_query(PROBE_SQL)
-                .await
-                .map_err(|e| e.to_string())?
-                .into_first_result()
-                .await
-                .map_err(|e| e.to_string())?;
-            let v: Option<&str> = rows.first().and_then(|r| r.try_get(0).ok().flatten());
-            match v {
-                Some(s) => Ok(s.eq_ignore_ascii_case("READ_ONLY")),
-                None => Err("probe returned no Updateability".to_string()),
-            }
-        };
-        match tokio::time::timeout(timeout, fut).await {
-            Ok(Ok(ro)) => Ok(ro),
-            Ok(Err(e)) => {
-                *slot = None;
-                Err(e)
-            }
-            Err(_) => {
-                *slot = None;
-                Err(format!("probe timed out after {timeout:?}"))
-            }
-        }
-    }
 }
-
-pub const PROBE_SQL: &str = "SELECT CAST(DATABASEPROPERTYEX(DB_NAME(), 'Updateability') AS nvarchar(20))";
 
 /// A logical SQL Server database on one shard: its primary and readable secondaries.
 pub type MssqlDatabase = super::pool::ReplicaSet<MssqlEndpoint>;
@@ -634,31 +600,6 @@ impl MssqlDatabase {
     /// the primary. There is no lag measurement for SQL Server (see docs/sqlserver.md).
     pub fn pick_replica(&self) -> Option<Arc<MssqlEndpoint>> {
         self.pick_replica_where(|r| r.health.readable_by_role())
-    }
-}
-
-/// Probe every endpoint of one database forever (until the task is aborted).
-pub async fn run_health(db: Arc<MssqlDatabase>, h: config::Health) {
-    let timeout = Duration::from_millis(h.probe_timeout_ms);
-    let interval = Duration::from_millis(h.interval_ms);
-    let eps: Vec<Arc<MssqlEndpoint>> = db.endpoints().cloned().collect();
-    loop {
-        let started = tokio::time::Instant::now();
-        let results = futures_util::future::join_all(eps.iter().map(|ep| ep.probe(timeout))).await;
-        for (ep, r) in eps.iter().zip(results) {
-            ep.health.record_role(&ep.label, r, &h);
-            let v = ep.health.view();
-            let labels = [("endpoint", ep.label.to_string()), ("role", ep.role.as_str().to_string())];
-            metrics::gauge!(crate::telemetry::names::ENDPOINT_UP, &labels).set(if v.up { 1.0 } else { 0.0 });
-            let st = ep.pool.state();
-            metrics::gauge!(crate::telemetry::names::POOL_CONNECTIONS, &labels).set(st.connections as f64);
-            metrics::gauge!(crate::telemetry::names::POOL_IDLE, &labels).set(st.idle_connections as f64);
-        }
-        let rechecks = futures_util::future::select_all(eps.iter().map(|ep| Box::pin(ep.health.recheck_requested())));
-        tokio::select! {
-            _ = tokio::time::sleep_until(started + interval) => {}
-            _ = rechecks => {}
-        }
     }
 }
 

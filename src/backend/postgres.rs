@@ -15,10 +15,13 @@ use tokio_postgres::types::Type;
 use tokio_postgres::{NoTls, Statement};
 
 use super::health::EndpointHealth;
-use super::pg_types;
+pub mod prober;
+pub mod types;
+
 use super::{BackendError, Role};
 use crate::config;
 use crate::shardmap::Secret;
+use types as pg_types;
 
 /// One pooled connection: the client, its prepared statements, and whether a statement was
 /// abandoned mid-flight (then the connection must not be reused: bb8 #246, crates.md P4).
