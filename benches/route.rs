@@ -1,6 +1,7 @@
 //! Routing benchmarks (criterion): point routes on the demo map and on a synthetic 1M-cell map
 //! (assignment hit and fallback), and an area of about three cell widths → shard set.
 //! Run: cargo bench --bench route
+#![allow(clippy::unwrap_used)] // tests, benches and examples may unwrap: a panic is the failure report
 
 use std::hint::black_box;
 

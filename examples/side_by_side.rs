@@ -5,6 +5,7 @@
 //! release cellgate process; stops both.
 //!
 //! Run: cargo build --release && cargo run --release --example side_by_side -- [--pairs 3] [--secs 5] [--concurrency 16]
+#![allow(clippy::unwrap_used)] // tests, benches and examples may unwrap: a panic is the failure report
 
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;

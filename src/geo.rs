@@ -205,7 +205,7 @@ mod tests {
         use RegionError::*;
         let nan = f64::NAN;
         type Case<'a> = (Option<f64>, Option<f64>, Option<&'a str>, Option<f64>, Result<&'a str, RegionError>);
-        let cases: Vec<Case> = vec![
+        let cases: Vec<Case<'_>> = vec![
             (Some(40.4168), Some(-3.7038), None, None, Ok("point")),
             (Some(90.0), Some(180.0), None, None, Ok("point")),
             (Some(-90.0), Some(-180.0), None, None, Ok("point")),

@@ -1,4 +1,5 @@
 //! The `cellgate` binary as an operator uses it: map check / diff / locate.
+#![allow(clippy::unwrap_used)] // tests, benches and examples may unwrap: a panic is the failure report
 
 use std::process::Command;
 

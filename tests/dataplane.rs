@@ -1,5 +1,6 @@
 //! The data plane against real PostgreSQL primaries and streaming replicas (harness), cellgate
 //! in-process. Each test starts its own cluster and cleans up.
+#![allow(clippy::unwrap_used)] // tests, benches and examples may unwrap: a panic is the failure report
 
 mod support;
 

@@ -1,5 +1,6 @@
 //! Every row of the error table (design §3) with its status and JSON shape, auth, limits, and
 //! the secrets check (a canary password never leaves the process), against real PostgreSQL.
+#![allow(clippy::unwrap_used)] // tests, benches and examples may unwrap: a panic is the failure report
 
 mod support;
 

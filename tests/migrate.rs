@@ -1,6 +1,7 @@
 //! Live migration between real PostgreSQL shards (logical replication), two cellgate instances,
 //! one of them stale: no acknowledged write lost, none on the old owner after the fence, no
 //! duplicates; ping-pong; abort during copy.
+#![allow(clippy::unwrap_used)] // tests, benches and examples may unwrap: a panic is the failure report
 
 mod support;
 

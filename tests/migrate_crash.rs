@@ -1,6 +1,7 @@
 //! A crash of the orchestrating instance after the fence and before the publish: after a
 //! restart, status is truthful (state, fence, error) and resume completes with every
 //! acknowledged write on the new owner. A second crash is aborted instead.
+#![allow(clippy::unwrap_used)] // tests, benches and examples may unwrap: a panic is the failure report
 
 mod support;
 

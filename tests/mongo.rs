@@ -2,6 +2,7 @@
 //! wire-protocol server, one per shard) for data, a MockupDB replica set per shard for read
 //! routing, and a real server when CELLGATE_TEST_MONGO_URL is set. cellgate runs in-process.
 //! Peers are installed by `bash tests/peers/mongo/install.sh`; without them these tests fail.
+#![allow(clippy::unwrap_used)] // tests, benches and examples may unwrap: a panic is the failure report
 
 mod support;
 

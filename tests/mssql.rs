@@ -4,6 +4,7 @@
 //! wire (SQL text, `@Pn` values and types, transactions, ReadOnly intent) and what came back.
 //! Owns only in-process servers on free loopback ports, stopped by each test; must not need a
 //! PostgreSQL cluster or a real SQL Server (except `real_server_round_trip`, opt-in).
+#![allow(clippy::unwrap_used)] // tests, benches and examples may unwrap: a panic is the failure report
 
 mod support;
 #[path = "support/tds.rs"]

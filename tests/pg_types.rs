@@ -3,6 +3,7 @@
 //! One cluster (1 shard, no replicas) is shared by every test in this file; the harness's
 //! watchdog removes it when the test process exits. Each test uses its own connection and its
 //! own tables. Table-driven tests collect every mismatch and fail once, listing all of them.
+#![allow(clippy::unwrap_used)] // tests, benches and examples may unwrap: a panic is the failure report
 
 use std::future::Future;
 use std::sync::OnceLock;

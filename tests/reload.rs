@@ -1,6 +1,7 @@
 //! Live map changes: ≥ 100 swaps under continuous reads and writes with 0 failed requests;
 //! invalid pushes rejected with every error while the old map keeps serving; versions only move
 //! forward; If-Match; file watch; pools of unchanged endpoints reused.
+#![allow(clippy::unwrap_used)] // tests, benches and examples may unwrap: a panic is the failure report
 
 mod support;
 

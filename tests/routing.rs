@@ -1,4 +1,5 @@
 //! Routing: table tests, the golden fixture (Uber's h3 4.5.0), and properties over the demo map.
+#![allow(clippy::unwrap_used)] // tests, benches and examples may unwrap: a panic is the failure report
 
 use std::collections::HashSet;
 

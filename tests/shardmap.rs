@@ -1,4 +1,5 @@
 //! Shard-map compilation: every validation rule of design §2, each reported with its line.
+#![allow(clippy::unwrap_used)] // tests, benches and examples may unwrap: a panic is the failure report
 
 use cellgate::shardmap::{MapErrorKind, parse_and_compile};
 

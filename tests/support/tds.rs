@@ -525,7 +525,7 @@ fn parse_rpc(b: &[u8]) -> Option<Request> {
     Some(Request::Rpc { proc_name, params })
 }
 
-fn parse_value(c: &mut Cur) -> Option<(String, Val)> {
+fn parse_value(c: &mut Cur<'_>) -> Option<(String, Val)> {
     let t = c.u8()?;
     Some(match t {
         0x1F => ("null".into(), Val::Null),

@@ -70,7 +70,7 @@ fn int(v: i64) -> Bson {
 impl<'de> Visitor<'de> for ExtVisitor {
     type Value = Bson;
 
-    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("an Extended JSON value")
     }
     fn visit_bool<E: de::Error>(self, v: bool) -> Result<Bson, E> {
