@@ -589,7 +589,7 @@ async fn load_shard(
         .map_err(|_| DemoError::BadConnectionString { shard: shard.to_string(), db: db.to_string() })?;
     config.connect_timeout(Duration::from_secs(10)).application_name("cellgate-demo-load");
     let (mut client, connection) = config.connect(NoTls).await.map_err(err("connect to the primary"))?;
-    let conn = tokio::spawn(connection);
+    let conn = crate::tasks::spawn("demo_connection", connection);
 
     client.batch_execute(schema_sql).await.map_err(err("create the schema"))?;
     let tx = client.transaction().await.map_err(err("begin"))?;

@@ -44,7 +44,7 @@ pub async fn call(
         let (mut sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
             .await
             .map_err(|e| e.to_string())?;
-        tokio::spawn(conn);
+        crate::tasks::spawn("fleet_peer_connection", conn);
         let mut req = http::Request::builder()
             .method(method)
             .uri(path)

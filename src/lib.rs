@@ -22,4 +22,5 @@ pub mod server;
 pub mod shardmap;
 pub mod state;
 pub mod synth;
+pub mod tasks;
 pub mod telemetry;

@@ -226,7 +226,7 @@ pub fn watch(path: &Path, tx: Sender) -> notify::Result<(notify::RecommendedWatc
         }
     })?;
     w.watch(&dir, notify::RecursiveMode::NonRecursive)?;
-    let debounce = tokio::spawn(async move {
+    let debounce = crate::tasks::spawn("map_watch_debounce", async move {
         while ev_rx.recv().await.is_some() {
             loop {
                 match tokio::time::timeout(Duration::from_millis(200), ev_rx.recv()).await {

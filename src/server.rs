@@ -101,11 +101,11 @@ pub async fn start(cfg: Config, insecure_no_auth: bool) -> Result<Running, Start
     });
     let (stop, rx) = watch::channel(false);
     let reload_rx = reload_rx;
-    let mut background = vec![tokio::spawn(crate::reload::run(state.clone(), reload_rx))];
+    let mut background = vec![crate::tasks::spawn("reload", crate::reload::run(state.clone(), reload_rx))];
     // SIGHUP re-reads the map file, like the watcher and POST /admin/map/reload.
     if let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
         let tx = state.reload_tx.clone();
-        background.push(tokio::spawn(async move {
+        background.push(crate::tasks::spawn("sighup", async move {
             while hup.recv().await.is_some() {
                 let _ = tx
                     .send(crate::reload::Request {
@@ -134,8 +134,8 @@ pub async fn start(cfg: Config, insecure_no_auth: bool) -> Result<Running, Start
         }
     };
     let tasks = vec![
-        tokio::spawn(http::serve(data, Plane::Data, state.clone(), rx.clone(), grace)),
-        tokio::spawn(http::serve(admin, Plane::Admin, state.clone(), rx, grace)),
+        crate::tasks::spawn("listener_data", http::serve(data, Plane::Data, state.clone(), rx.clone(), grace)),
+        crate::tasks::spawn("listener_admin", http::serve(admin, Plane::Admin, state.clone(), rx, grace)),
     ];
     tracing::info!(%data_addr, %admin_addr, map_version = state.pin().map.version().0, "cellgate serving");
     Ok(Running { data_addr, admin_addr, state, stop, tasks, background, _watcher: watcher })

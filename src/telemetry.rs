@@ -22,6 +22,7 @@ pub mod names {
     pub const REPLICA_LAG_SECONDS: &str = "cellgate_replica_lag_seconds";
     pub const MIGRATION_ACTIVE: &str = "cellgate_migration_active";
     pub const MIGRATION_HOLD: &str = "cellgate_migration_hold_seconds";
+    pub const TASKS: &str = "cellgate_tasks";
 }
 
 /// Install the metrics recorder (idempotent: tests start several servers in one process).

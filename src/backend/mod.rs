@@ -135,6 +135,106 @@ impl Drop for Backends {
     }
 }
 
+/// The endpoints and clients of the map being replaced, by connection-string key: what a reload
+/// can keep (with their pools and open connections) instead of connecting again.
+#[derive(Default)]
+struct Reusable {
+    pg: HashMap<([u8; 32], Role), Arc<PgEndpoint>>,
+    mssql: HashMap<([u8; 32], Role), Arc<MssqlEndpoint>>,
+    mongo: HashMap<[u8; 32], Arc<MongoDatabase>>,
+}
+
+impl From<Option<&Backends>> for Reusable {
+    fn from(old: Option<&Backends>) -> Self {
+        let mut r = Reusable::default();
+        for db in old.iter().flat_map(|o| o.shards.iter()).flat_map(|s| s.values()) {
+            match db {
+                DatabaseBackend::Postgres(pg) => r.pg.extend(pg.endpoints().map(|ep| ((ep.key, ep.role), ep.clone()))),
+                DatabaseBackend::Sqlserver(ms) => {
+                    r.mssql.extend(ms.endpoints().map(|ep| ((ep.key, ep.role), ep.clone())))
+                }
+                DatabaseBackend::Mongo(m) => {
+                    r.mongo.insert(m.key, m.clone());
+                }
+            }
+        }
+        r
+    }
+}
+
+/// One build of a map's backends: reuses what it can, creates the rest, and collects every
+/// error, the probe/warm tasks it started, and the endpoints it created (checked before publish).
+struct Build<'a> {
+    reuse: Reusable,
+    cfg: &'a config::Config,
+    request_timeout: Duration,
+    errors: Vec<String>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    fresh: Vec<(String, Fresh)>,
+}
+
+impl Build<'_> {
+    /// One shard database by kind; `None` (with the errors recorded) if it cannot be built.
+    fn database(&mut self, name: &str, spec: &DatabaseSpec, ctx: String) -> Option<DatabaseBackend> {
+        let (cfg, timeout) = (self.cfg, self.request_timeout);
+        match spec {
+            DatabaseSpec::Postgres { primary, replicas, .. } => {
+                let (reuse, fresh) = (&self.reuse.pg, &mut self.fresh);
+                let mut endpoint = |conn: &Secret, role: Role, ctx: String| -> Result<Arc<PgEndpoint>, String> {
+                    if let Some(ep) = reuse.get(&(pool::conn_key(conn), role)) {
+                        return Ok(ep.clone());
+                    }
+                    let ep = PgEndpoint::new(conn, role, &cfg.pool, timeout).map_err(|e| format!("{ctx}: {e}"))?;
+                    let ep = Arc::new(ep);
+                    fresh.push((ctx, Fresh::Pg(ep.clone())));
+                    Ok(ep)
+                };
+                let db = Arc::new(
+                    replica_set(primary, replicas, &ctx, &mut endpoint).map_err(|e| self.errors.extend(e)).ok()?,
+                );
+                self.tasks
+                    .push(crate::tasks::spawn("pg_prober", postgres::prober::run(db.clone(), cfg.health.clone())));
+                Some(DatabaseBackend::Postgres(db))
+            }
+            DatabaseSpec::Sqlserver { primary, replicas } => {
+                let (reuse, fresh) = (&self.reuse.mssql, &mut self.fresh);
+                let mut endpoint = |conn: &Secret, role: Role, ctx: String| -> Result<Arc<MssqlEndpoint>, String> {
+                    if let Some(ep) = reuse.get(&(pool::conn_key(conn), role)) {
+                        return Ok(ep.clone());
+                    }
+                    let ep = MssqlEndpoint::new(conn, role, &cfg.pool, timeout).map_err(|e| format!("{ctx}: {e}"))?;
+                    let ep = Arc::new(ep);
+                    fresh.push((ctx, Fresh::Mssql(ep.clone())));
+                    Ok(ep)
+                };
+                let db = Arc::new(
+                    replica_set(primary, replicas, &ctx, &mut endpoint).map_err(|e| self.errors.extend(e)).ok()?,
+                );
+                self.tasks
+                    .push(crate::tasks::spawn("mssql_prober", mssql::prober::run(db.clone(), cfg.health.clone())));
+                Some(DatabaseBackend::Sqlserver(db))
+            }
+            DatabaseSpec::Mongodb { uri } => {
+                // Same URI and database as before: keep the client (its pool and topology
+                // monitors) across the reload.
+                if let Some(m) = self.reuse.mongo.get(&MongoDatabase::key_of(uri, name)) {
+                    return Some(DatabaseBackend::Mongo(m.clone()));
+                }
+                let m = Arc::new(
+                    MongoDatabase::new(uri, name, &cfg.pool, &cfg.health)
+                        .map_err(|e| self.errors.push(format!("{ctx}: {e}")))
+                        .ok()?,
+                );
+                // Warm in the background, bounded: a down shard must not hold up (or fail) the build.
+                let w = m.clone();
+                self.tasks.push(crate::tasks::spawn("mongo_warm", async move { w.warm().await }));
+                self.fresh.push((ctx, Fresh::Mongo(m.clone())));
+                Some(DatabaseBackend::Mongo(m))
+            }
+        }
+    }
+}
+
 impl Backends {
     /// Build pools (lazily connecting) and start one health task per shard database.
     /// Must run inside a tokio runtime.
@@ -149,114 +249,34 @@ impl Backends {
         cfg: &config::Config,
         old: Option<&Backends>,
     ) -> Result<Backends, Vec<String>> {
-        let mut reusable: HashMap<([u8; 32], Role), Arc<PgEndpoint>> = HashMap::new();
-        let mut reusable_mongo: HashMap<[u8; 32], Arc<MongoDatabase>> = HashMap::new();
-        let mut reusable_ms: HashMap<([u8; 32], Role), Arc<MssqlEndpoint>> = HashMap::new();
-        if let Some(old) = old {
-            for db in old.shards.iter().flat_map(|s| s.values()) {
-                match db {
-                    DatabaseBackend::Postgres(pg) => {
-                        for ep in pg.endpoints() {
-                            reusable.insert((ep.key, ep.role), ep.clone());
-                        }
-                    }
-                    DatabaseBackend::Mongo(m) => {
-                        reusable_mongo.insert(m.key, m.clone());
-                    }
-                    DatabaseBackend::Sqlserver(ms) => {
-                        for ep in ms.endpoints() {
-                            reusable_ms.insert((ep.key, ep.role), ep.clone());
-                        }
-                    }
-                }
-            }
-        }
-        let mut fresh_mongo = Vec::new();
-        let mut fresh_ms = Vec::new();
-        // Every backend's own deadline (PostgreSQL statement_timeout, tiberius command timeout)
-        // matches the request deadline.
-        let request_timeout = Duration::from_millis(cfg.limits.request_timeout_ms);
-        let mut ms_endpoint = |conn: &Secret, role: Role, ctx: String| -> Result<Arc<MssqlEndpoint>, String> {
-            if let Some(ep) = reusable_ms.get(&(pool::conn_key(conn), role)) {
-                return Ok(ep.clone());
-            }
-            let ep = Arc::new(
-                MssqlEndpoint::new(conn, role, &cfg.pool, request_timeout).map_err(|e| format!("{ctx}: {e}"))?,
-            );
-            fresh_ms.push((ctx, Fresh::Mssql(ep.clone())));
-            Ok(ep)
+        let mut b = Build {
+            reuse: Reusable::from(old),
+            cfg,
+            // Every backend's own deadline (PostgreSQL statement_timeout, tiberius command
+            // timeout) matches the request deadline.
+            request_timeout: Duration::from_millis(cfg.limits.request_timeout_ms),
+            errors: Vec::new(),
+            tasks: Vec::new(),
+            fresh: Vec::new(),
         };
-        let mut errors = Vec::new();
         let mut shards = Vec::new();
-        let mut tasks = Vec::new();
-        let mut fresh = Vec::new();
-        let mut endpoint = |conn: &Secret, role: Role, ctx: String| -> Result<Arc<PgEndpoint>, String> {
-            if let Some(ep) = reusable.get(&(pool::conn_key(conn), role)) {
-                return Ok(ep.clone());
-            }
-            let ep =
-                Arc::new(PgEndpoint::new(conn, role, &cfg.pool, request_timeout).map_err(|e| format!("{ctx}: {e}"))?);
-            fresh.push((ctx, Fresh::Pg(ep.clone())));
-            Ok(ep)
-        };
         for shard in map.shards() {
             let mut dbs = BTreeMap::new();
             for (name, spec) in &shard.databases {
                 let ctx = format!("shard {} database {name}", shard.id);
-                match spec {
-                    DatabaseSpec::Postgres { primary, replicas, .. } => {
-                        match replica_set(primary, replicas, &ctx, &mut endpoint) {
-                            Ok(set) => {
-                                let db = Arc::new(set);
-                                tasks.push(tokio::spawn(postgres::prober::run(db.clone(), cfg.health.clone())));
-                                dbs.insert(name.clone(), DatabaseBackend::Postgres(db));
-                            }
-                            Err(e) => errors.extend(e),
-                        }
-                    }
-                    DatabaseSpec::Sqlserver { primary, replicas } => {
-                        match replica_set(primary, replicas, &ctx, &mut ms_endpoint) {
-                            Ok(set) => {
-                                let db = Arc::new(set);
-                                tasks.push(tokio::spawn(mssql::prober::run(db.clone(), cfg.health.clone())));
-                                dbs.insert(name.clone(), DatabaseBackend::Sqlserver(db));
-                            }
-                            Err(e) => errors.extend(e),
-                        }
-                    }
-                    DatabaseSpec::Mongodb { uri } => {
-                        // Same URI and database as before: keep the client (its pool and
-                        // topology monitors) across the reload.
-                        if let Some(m) = reusable_mongo.get(&MongoDatabase::key_of(uri, name)) {
-                            dbs.insert(name.clone(), DatabaseBackend::Mongo(m.clone()));
-                            continue;
-                        }
-                        match MongoDatabase::new(uri, name, &cfg.pool, &cfg.health) {
-                            Ok(m) => {
-                                let m = Arc::new(m);
-                                // Warm in the background, bounded: a down shard must not hold
-                                // up (or fail) the build.
-                                let w = m.clone();
-                                tasks.push(tokio::spawn(async move { w.warm().await }));
-                                fresh_mongo.push((ctx, Fresh::Mongo(m.clone())));
-                                dbs.insert(name.clone(), DatabaseBackend::Mongo(m));
-                            }
-                            Err(e) => errors.push(format!("{ctx}: {e}")),
-                        }
-                    }
+                if let Some(db) = b.database(name, spec, ctx) {
+                    dbs.insert(name.clone(), db);
                 }
             }
             shards.push(dbs);
         }
-        fresh.extend(fresh_ms);
-        fresh.extend(fresh_mongo);
-        if errors.is_empty() {
-            Ok(Backends { shards, health_tasks: tasks, fresh })
+        if b.errors.is_empty() {
+            Ok(Backends { shards, health_tasks: b.tasks, fresh: b.fresh })
         } else {
-            for t in tasks {
+            for t in b.tasks {
                 t.abort();
             }
-            Err(errors)
+            Err(b.errors)
         }
     }
 

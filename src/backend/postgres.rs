@@ -201,7 +201,7 @@ impl PgEndpoint {
     /// Open a fresh connection and run a trivial query (reload pre-check).
     pub async fn check(&self) -> Result<(), String> {
         let (client, conn) = self.pg_config.connect(NoTls).await.map_err(|e| e.to_string())?;
-        let task = tokio::spawn(conn);
+        let task = crate::tasks::spawn("pg_check_connection", conn);
         let r = client.simple_query("SELECT 1").await.map(|_| ()).map_err(|e| e.to_string());
         drop(client);
         let _ = task.await;
@@ -328,7 +328,7 @@ impl PgEndpoint {
             }
         };
         let label = self.label.clone();
-        tokio::spawn(async move {
+        crate::tasks::spawn("pg_shared_connection", async move {
             if let Err(e) = connection.await {
                 tracing::debug!(endpoint = %label, error = %e, "shared read connection closed");
             }

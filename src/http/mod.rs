@@ -39,6 +39,16 @@ pub enum Plane {
     Admin,
 }
 
+impl Plane {
+    /// The task name of one accepted connection on this plane.
+    fn connection_task(self) -> &'static str {
+        match self {
+            Plane::Data => "connection_data",
+            Plane::Admin => "connection_admin",
+        }
+    }
+}
+
 /// A stream that first replays the bytes we already read (the request head), then the socket.
 struct Rewind {
     prefix: Bytes,
@@ -172,7 +182,7 @@ pub async fn serve(
         let state = state.clone();
         let builder = builder.clone();
         let watcher = graceful.watcher();
-        tokio::spawn(async move {
+        crate::tasks::spawn(plane.connection_task(), async move {
             let prefix = match read_first_head(
                 &mut stream,
                 limits.max_header_bytes,

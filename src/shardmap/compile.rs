@@ -155,12 +155,56 @@ pub fn compile(raw: RawMap, src: &str, env: impl Fn(&str) -> Option<String>) -> 
     // without reporting follow-on errors.
     let r = resolution.unwrap_or(Resolution::Fifteen);
 
-    // 1. Shards and their databases.
-    let mut shards: Vec<Shard> = Vec::with_capacity(raw.shards.len());
+    // 1.–4. Each step reports into the collector and goes on, so one run lists every error.
+    let (shards, by_id, db_kinds) = compile_shards(&mut c, raw.shards, &env);
+    let (assign, assigned_levels) = compile_assignments(&mut c, raw.assign, &shards, &by_id, r);
+    let fallback = compile_fallback(&mut c, raw.fallback, &by_id, r);
+    let tables = compile_tables(&mut c, raw.tables, &db_kinds);
+
+    if !c.errors.is_empty() {
+        c.errors.sort_by_key(|e| e.line.unwrap_or(0));
+        return Err(MapErrors(c.errors));
+    }
+
+    let mut sorted: [Vec<(u64, ShardIdx)>; 16] = Default::default();
+    for (cell, owner) in &assign {
+        let res = CellIndex::try_from(*cell).expect("validated").resolution();
+        sorted[usize::from(u8::from(res))].push((*cell, *owner));
+    }
+    for v in &mut sorted {
+        v.sort_unstable();
+    }
+    Ok(ShardMap {
+        version: MapVersion(version),
+        resolution: r,
+        shards,
+        by_id,
+        assign,
+        assigned_levels,
+        sorted,
+        fallback,
+        databases: db_kinds.into_iter().map(|(k, (kind, _))| (k, kind)).collect(),
+        tables,
+    })
+}
+
+/// Each database's kind and the first shard that declared it.
+type DbKinds = BTreeMap<String, (DbKind, String)>;
+type Assign = HashMap<u64, ShardIdx, rustc_hash::FxBuildHasher>;
+type Tables = BTreeMap<String, BTreeMap<String, TableSpec>>;
+type RawTables = BTreeMap<String, BTreeMap<String, serde_spanned::Spanned<super::raw::RawTable>>>;
+
+/// Step 1: shards and their databases (each database one kind on every shard).
+fn compile_shards(
+    c: &mut Collector,
+    raw_shards: Vec<super::raw::RawShard>,
+    env: &impl Fn(&str) -> Option<String>,
+) -> (Vec<Shard>, HashMap<ShardId, ShardIdx>, DbKinds) {
+    let mut shards: Vec<Shard> = Vec::with_capacity(raw_shards.len());
     let mut by_id: HashMap<ShardId, ShardIdx> = HashMap::new();
     let mut first_line: HashMap<String, usize> = HashMap::new();
     let mut db_kinds: BTreeMap<String, (DbKind, String)> = BTreeMap::new();
-    for rs in raw.shards {
+    for rs in raw_shards {
         let id = rs.id.get_ref().clone();
         if !valid_shard_id(&id) {
             c.at(rs.id.span(), MapErrorKind::BadShardId(id.clone()));
@@ -173,7 +217,7 @@ pub fn compile(raw: RawMap, src: &str, env: impl Fn(&str) -> Option<String>) -> 
         let mut databases = BTreeMap::new();
         for (db, spanned) in rs.databases {
             let span = spanned.span();
-            if let Some(spec) = compile_database(&mut c, &id, &db, spanned, &env) {
+            if let Some(spec) = compile_database(c, &id, &db, spanned, env) {
                 let kind = spec.kind();
                 match db_kinds.get(&db) {
                     Some((k, first_shard)) if *k != kind => c.at(
@@ -200,11 +244,22 @@ pub fn compile(raw: RawMap, src: &str, env: impl Fn(&str) -> Option<String>) -> 
         shards.push(Shard { id: sid, zone: rs.zone, databases });
     }
 
-    // 2. Assignments: valid cells at resolution <= R, each cell once.
+    (shards, by_id, db_kinds)
+}
+
+/// Step 2: assignments — valid cells at resolution <= R, each cell once. Returns the owners
+/// and the bit set of resolutions that have assignments.
+fn compile_assignments(
+    c: &mut Collector,
+    raw_assign: Vec<super::raw::RawAssign>,
+    shards: &[Shard],
+    by_id: &HashMap<ShardId, ShardIdx>,
+    r: Resolution,
+) -> (Assign, u16) {
     let mut assign: HashMap<u64, ShardIdx, rustc_hash::FxBuildHasher> = HashMap::default();
     let mut assign_line: HashMap<u64, usize, rustc_hash::FxBuildHasher> = HashMap::default();
     let mut assigned_levels = 0u16;
-    for ra in raw.assign {
+    for ra in raw_assign {
         let shard_name = ra.shard.get_ref().clone();
         let owner = by_id.get(&ShardId::new(&shard_name)).copied();
         if owner.is_none() {
@@ -257,10 +312,18 @@ pub fn compile(raw: RawMap, src: &str, env: impl Fn(&str) -> Option<String>) -> 
             assigned_levels |= 1 << u8::from(ci.resolution());
         }
     }
-    drop(assign_line);
 
-    // 3. Fallback. No [fallback] section means reject: an unassigned cell has no owner.
-    let fallback = match raw.fallback {
+    (assign, assigned_levels)
+}
+
+/// Step 3: the fallback. No `[fallback]` section means reject: an unassigned cell has no owner.
+fn compile_fallback(
+    c: &mut Collector,
+    raw_fallback: Option<serde_spanned::Spanned<super::raw::RawFallback>>,
+    by_id: &HashMap<ShardId, ShardIdx>,
+    r: Resolution,
+) -> Fallback {
+    match raw_fallback {
         None => Fallback::Reject,
         Some(fb) => {
             let fb_span = fb.span();
@@ -272,18 +335,20 @@ pub fn compile(raw: RawMap, src: &str, env: impl Fn(&str) -> Option<String>) -> 
                     }
                     Fallback::Reject
                 }
-                "hash" => compile_hash_fallback(&mut c, fb, fb_span, &by_id, r).unwrap_or(Fallback::Reject),
+                "hash" => compile_hash_fallback(c, fb, fb_span, by_id, r).unwrap_or(Fallback::Reject),
                 other => {
                     c.at(fb.mode.span(), MapErrorKind::BadFallbackMode(other.to_string()));
                     Fallback::Reject
                 }
             }
         }
-    };
+    }
+}
 
-    // 4. Tables: the database must exist; SQL tables need a cell column.
+/// Step 4: tables — the database must exist; SQL tables need a cell column.
+fn compile_tables(c: &mut Collector, raw_tables: RawTables, db_kinds: &DbKinds) -> Tables {
     let mut tables: BTreeMap<String, BTreeMap<String, TableSpec>> = BTreeMap::new();
-    for (db, ts) in raw.tables {
+    for (db, ts) in raw_tables {
         for (table, spec) in ts {
             let span = spec.span();
             let spec = spec.into_inner();
@@ -343,31 +408,7 @@ pub fn compile(raw: RawMap, src: &str, env: impl Fn(&str) -> Option<String>) -> 
         }
     }
 
-    if !c.errors.is_empty() {
-        c.errors.sort_by_key(|e| e.line.unwrap_or(0));
-        return Err(MapErrors(c.errors));
-    }
-
-    let mut sorted: [Vec<(u64, ShardIdx)>; 16] = Default::default();
-    for (cell, owner) in &assign {
-        let res = CellIndex::try_from(*cell).expect("validated").resolution();
-        sorted[usize::from(u8::from(res))].push((*cell, *owner));
-    }
-    for v in &mut sorted {
-        v.sort_unstable();
-    }
-    Ok(ShardMap {
-        version: MapVersion(version),
-        resolution: r,
-        shards,
-        by_id,
-        assign,
-        assigned_levels,
-        sorted,
-        fallback,
-        databases: db_kinds.into_iter().map(|(k, (kind, _))| (k, kind)).collect(),
-        tables,
-    })
+    tables
 }
 
 /// Identifiers we splice into SQL (migration filters, triggers): lowercase-safe plain names only.

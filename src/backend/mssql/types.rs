@@ -114,11 +114,24 @@ pub fn bad(n: usize, what: &str, got: &Value) -> String {
     format!("parameter @P{n}: expected {what}, got {shown}")
 }
 
-/// Convert the JSON value of `@P{n}` to `ty` (the server's description).
+/// Convert the JSON value of `@P{n}` to `ty` (the server's description), one family of types
+/// per step below.
 pub fn bind_described(n: usize, ty: &SqlType, v: &Value) -> Result<Bound, String> {
+    match ty {
+        SqlType::Other => from_shape(n, v),
+        SqlType::TinyInt | SqlType::SmallInt | SqlType::Int | SqlType::BigInt | SqlType::Bit => bind_integer(n, ty, v),
+        SqlType::Real | SqlType::Float => bind_float(n, v),
+        SqlType::Decimal { .. } | SqlType::Money => bind_decimal(n, ty, v),
+        SqlType::Text => Ok(text(v)),
+        SqlType::DateTime2 | SqlType::DateTimeOffset | SqlType::Date | SqlType::Time => bind_temporal(n, ty, v),
+        SqlType::Uuid | SqlType::Binary => bind_bytes(n, ty, v),
+    }
+}
+
+/// Integer types and `bit`, range-checked against the described type.
+fn bind_integer(n: usize, ty: &SqlType, v: &Value) -> Result<Bound, String> {
     let decl_int = |d: &str| d.to_string();
     Ok(match ty {
-        SqlType::Other => return from_shape(n, v),
         SqlType::TinyInt | SqlType::SmallInt | SqlType::Int => {
             let (min, max, name) = match ty {
                 SqlType::TinyInt => (0i64, 255i64, "tinyint"),
@@ -154,14 +167,23 @@ pub fn bind_described(n: usize, ty: &SqlType, v: &Value) -> Result<Bound, String
             };
             Bound { value: ColumnData::Bit(value), decl: "bit".into() }
         }
-        SqlType::Real | SqlType::Float => {
-            let value = match v {
-                Value::Null => None,
-                Value::Number(x) => x.as_f64(),
-                _ => return Err(bad(n, "a number (float)", v)),
-            };
-            Bound { value: ColumnData::F64(value), decl: "float".into() }
-        }
+        _ => unreachable!("bind_described dispatches only these types here"),
+    })
+}
+
+/// `real` / `float`: any JSON number.
+fn bind_float(n: usize, v: &Value) -> Result<Bound, String> {
+    let value = match v {
+        Value::Null => None,
+        Value::Number(x) => x.as_f64(),
+        _ => return Err(bad(n, "a number (float)", v)),
+    };
+    Ok(Bound { value: ColumnData::F64(value), decl: "float".into() })
+}
+
+/// `decimal(p,s)` and `money` from decimal strings or plain numbers (exact, never via f64).
+fn bind_decimal(n: usize, ty: &SqlType, v: &Value) -> Result<Bound, String> {
+    Ok(match ty {
         SqlType::Decimal { precision, scale } => {
             let value = match v {
                 Value::Null => None,
@@ -189,7 +211,13 @@ pub fn bind_described(n: usize, ty: &SqlType, v: &Value) -> Result<Bound, String
             };
             Bound { value: ColumnData::Numeric(value), decl }
         }
-        SqlType::Text => text(v),
+        _ => unreachable!("bind_described dispatches only these types here"),
+    })
+}
+
+/// Dates and times from RFC 3339 / ISO strings.
+fn bind_temporal(n: usize, ty: &SqlType, v: &Value) -> Result<Bound, String> {
+    Ok(match ty {
         SqlType::DateTime2 => {
             let value = match v {
                 Value::Null => None,
@@ -237,6 +265,13 @@ pub fn bind_described(n: usize, ty: &SqlType, v: &Value) -> Result<Bound, String
             };
             Bound { value: ColumnData::Time(value), decl: "time(7)".into() }
         }
+        _ => unreachable!("bind_described dispatches only these types here"),
+    })
+}
+
+/// `uniqueidentifier` from UUID strings, `varbinary` from base64.
+fn bind_bytes(n: usize, ty: &SqlType, v: &Value) -> Result<Bound, String> {
+    Ok(match ty {
         SqlType::Uuid => {
             let value = match v {
                 Value::Null => None,
@@ -255,6 +290,7 @@ pub fn bind_described(n: usize, ty: &SqlType, v: &Value) -> Result<Bound, String
             };
             Bound { value: ColumnData::Binary(value), decl: "varbinary(max)".into() }
         }
+        _ => unreachable!("bind_described dispatches only these types here"),
     })
 }
 

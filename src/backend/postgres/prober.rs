@@ -42,7 +42,7 @@ impl Probed for PgEndpoint {
         let fut = async {
             if slot.as_ref().is_none_or(|c| c.is_closed()) {
                 let (client, conn) = self.pg_config.connect(NoTls).await.map_err(|e| e.to_string())?;
-                tokio::spawn(async move {
+                crate::tasks::spawn("pg_probe_connection", async move {
                     let _ = conn.await;
                 });
                 *slot = Some(client);
