@@ -30,3 +30,15 @@ impl AppState {
         self.snapshot.load_full()
     }
 }
+
+impl crate::reload::Host for AppState {
+    fn snapshot(&self) -> &ArcSwap<Snapshot> {
+        &self.snapshot
+    }
+    fn config(&self) -> &Config {
+        &self.config
+    }
+    fn reload_status(&self) -> &crate::reload::Status {
+        &self.reload_status
+    }
+}

@@ -8,8 +8,10 @@ use std::time::{Duration, SystemTime};
 
 use tokio::sync::{mpsc, oneshot};
 
-use crate::app::AppState;
+use arc_swap::ArcSwap;
+
 use crate::backend::Backends;
+use crate::config::Config;
 use crate::shardmap;
 use crate::state::{Snapshot, text_sha256};
 
@@ -68,6 +70,16 @@ fn unix_secs<S: serde::Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Err
     s.serialize_u64(t.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0))
 }
 
+/// What the reload writer works on, provided by the application state (the reload floor sits
+/// below it and names only these three things).
+pub trait Host: Send + Sync + 'static {
+    /// The published snapshot: the reload writer is its only writer.
+    fn snapshot(&self) -> &ArcSwap<Snapshot>;
+    fn config(&self) -> &Config;
+    /// Where the last outcome is kept for `GET /admin/map`.
+    fn reload_status(&self) -> &Status;
+}
+
 /// The last outcome, shown by `GET /admin/map`.
 #[derive(Default)]
 pub struct Status(pub Mutex<Option<Outcome>>);
@@ -83,20 +95,20 @@ pub async fn request(tx: &Sender, source: Source) -> Option<Outcome> {
 
 /// The reload loop. Owns no state but the channel; everything it changes goes through
 /// `state.snapshot.store`.
-pub async fn run(state: Arc<AppState>, mut rx: mpsc::Receiver<Request>) {
+pub async fn run<H: Host>(state: Arc<H>, mut rx: mpsc::Receiver<Request>) {
     while let Some(req) = rx.recv().await {
-        let outcome = apply(&state, req.source).await;
+        let outcome = apply(state.as_ref(), req.source).await;
         if let Some(r) = req.reply {
             let _ = r.send(outcome);
         }
     }
 }
 
-fn outcome(state: &AppState, result: ReloadResult, version: u64, errors: Vec<String>, trigger: &str) -> Outcome {
+fn outcome(state: &impl Host, result: ReloadResult, version: u64, errors: Vec<String>, trigger: &str) -> Outcome {
     let o = Outcome {
         result,
         version,
-        previous_version: state.pin().map.version().0,
+        previous_version: state.snapshot().load().map.version().0,
         errors,
         trigger: trigger.to_string(),
         at: SystemTime::now(),
@@ -110,7 +122,7 @@ fn outcome(state: &AppState, result: ReloadResult, version: u64, errors: Vec<Str
     // A no-op (the watcher seeing our own write, a reload of the same bytes) does not hide
     // the outcome of the last real attempt.
     if result != ReloadResult::Unchanged {
-        *state.reload_status.0.lock().expect("reload status") = Some(o.clone());
+        *state.reload_status().0.lock().expect("reload status") = Some(o.clone());
     }
     o
 }
@@ -134,9 +146,9 @@ pub fn write_atomic(path: &Path, text: &str) -> std::io::Result<()> {
     std::fs::rename(&tmp, path)
 }
 
-async fn apply(state: &Arc<AppState>, source: Source) -> Outcome {
-    let path = state.config.map.path.clone();
-    let current = state.pin();
+async fn apply(state: &impl Host, source: Source) -> Outcome {
+    let path = state.config().map.path.clone();
+    let current = state.snapshot().load_full();
     let (trigger, text, if_match, persist) = match source {
         Source::File { trigger } => match tokio::fs::read_to_string(&path).await {
             Ok(t) => (trigger.to_string(), t, None, false),
@@ -183,11 +195,11 @@ async fn apply(state: &Arc<AppState>, source: Source) -> Outcome {
     }
     // 5. Backends: unchanged endpoints keep their pools (and open connections); new ones are
     //    connected and checked before anything is published.
-    let backends = match Backends::build_reusing(&map, &state.config, Some(&current.backends)) {
+    let backends = match Backends::build_reusing(&map, state.config(), Some(&current.backends)) {
         Ok(b) => b,
         Err(errors) => return outcome(state, ReloadResult::Rejected, version, errors, &trigger),
     };
-    if let Err(errors) = backends.check_new(&state.config).await {
+    if let Err(errors) = backends.check_new(state.config()).await {
         return outcome(state, ReloadResult::Rejected, version, errors, &trigger);
     }
     // 6. Persist a pushed map before publishing it: a restart must not go back in time.
@@ -201,7 +213,7 @@ async fn apply(state: &Arc<AppState>, source: Source) -> Outcome {
         );
     }
     // 7. Publish. Requests that pinned the old snapshot finish on it; new ones see this one.
-    state.snapshot.store(Arc::new(Snapshot::new(map, backends, text, path.display().to_string())));
+    state.snapshot().store(Arc::new(Snapshot::new(map, backends, text, path.display().to_string())));
     metrics::gauge!(crate::telemetry::names::MAP_VERSION).set(version as f64);
     outcome(state, ReloadResult::Published, version, vec![], &trigger)
 }
