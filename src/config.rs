@@ -77,6 +77,11 @@ pub struct Limits {
     pub request_timeout_ms: u64,
     /// Longest `wait_ms` a read-your-writes request may ask for, ms. Default 2,000.
     pub max_wait_ms: u64,
+    /// Largest result of one statement, in bytes of JSON values (estimated while the rows
+    /// stream in; 422 `result_too_large` beyond, and the statement is cancelled). Default 16 MiB.
+    pub max_result_bytes: usize,
+    /// Most rows one statement may return (422 `result_too_large` beyond). Default 1,000,000.
+    pub max_result_rows: usize,
 }
 
 impl Default for Limits {
@@ -89,6 +94,8 @@ impl Default for Limits {
             keepalive_timeout_ms: 60_000,
             request_timeout_ms: 5_000,
             max_wait_ms: 2_000,
+            max_result_bytes: 16 << 20,
+            max_result_rows: 1_000_000,
         }
     }
 }
@@ -116,6 +123,10 @@ pub struct Pool {
     /// PostgreSQL: reads in flight per shared connection at most; beyond that a read waits
     /// (up to `checkout_timeout_ms`, then 429 `overloaded`). Default 64.
     pub pipeline_depth: u32,
+    /// PostgreSQL: a shared connection whose oldest read in flight started longer ago than
+    /// this is stalled (a slow statement at its head); new reads go to another shared
+    /// connection or, when all are stalled, to an exclusive pooled one. Default 20 ms.
+    pub pipeline_stall_ms: u64,
 }
 
 impl Default for Pool {
@@ -129,6 +140,7 @@ impl Default for Pool {
             idle_timeout_s: 600,
             pipeline_connections: 4,
             pipeline_depth: 64,
+            pipeline_stall_ms: 20,
         }
     }
 }

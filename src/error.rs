@@ -39,6 +39,8 @@ pub enum ApiError {
     Conflict(String),
     Timeout,
     Unsupported(String),
+    /// A statement's result exceeded `[limits]` (named in the message).
+    ResultTooLarge(String),
 }
 
 impl ApiError {
@@ -91,6 +93,10 @@ impl ApiError {
                 statement,
             },
             BackendError::Unsupported(m) => ApiError::Unsupported(m.clone()),
+            BackendError::ResultTooLarge(m) => ApiError::ResultTooLarge(match statement {
+                Some(i) => format!("statement {i}: {m}"),
+                None => m.clone(),
+            }),
             BackendError::InStatement { .. } => unreachable!("root() strips batch tags"),
         }
     }

@@ -71,6 +71,9 @@ pub enum BackendError {
     InStatement { index: usize, count: usize, source: Box<BackendError> },
     #[error("{0}")]
     Unsupported(String),
+    /// The statement's result is over `[limits]`; the statement was stopped.
+    #[error("result too large: {0}")]
+    ResultTooLarge(String),
 }
 
 impl BackendError {
@@ -184,7 +187,7 @@ impl Build<'_> {
                     if let Some(ep) = reuse.get(&(pool::conn_key(conn), role)) {
                         return Ok(ep.clone());
                     }
-                    let ep = PgEndpoint::new(conn, role, &cfg.pool, timeout).map_err(|e| format!("{ctx}: {e}"))?;
+                    let ep = PgEndpoint::new(conn, role, &cfg.pool, &cfg.limits).map_err(|e| format!("{ctx}: {e}"))?;
                     let ep = Arc::new(ep);
                     fresh.push((ctx, Fresh::Pg(ep.clone())));
                     Ok(ep)

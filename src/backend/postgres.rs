@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::str::FromStr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bb8_postgres::PostgresConnectionManager;
@@ -102,6 +102,16 @@ pub struct PgEndpoint {
     pub(crate) probe_client: tokio::sync::Mutex<Option<tokio_postgres::Client>>,
     /// Shared connections for plain reads (None when `pipeline_connections = 0`).
     pipeline: Option<Pipeline>,
+    /// `pg_config` plus a read-only session: what shared read connections connect with.
+    read_config: tokio_postgres::Config,
+    limits: ResultLimits,
+}
+
+/// How large one statement's result may grow (`[limits]`), checked while rows stream in.
+#[derive(Debug, Clone, Copy)]
+pub struct ResultLimits {
+    pub max_rows: usize,
+    pub max_bytes: usize,
 }
 
 /// Plain reads (autocommit, no replay wait) pipelined over a few shared connections.
@@ -110,20 +120,57 @@ pub struct PgEndpoint {
 /// the backend socket and a wake-up of its own connection task. tokio-postgres multiplexes
 /// concurrent requests on one `Client`: the connection task writes every queued request with one
 /// send and reads many responses with one recv, so under load the per-read syscall and
-/// scheduling cost falls with the queue depth. A single autocommit statement has no session
-/// state to isolate, so sharing is safe; transactions, batches and replay waits keep using the
-/// exclusive pool. A dropped (cancelled) read is harmless here: the connection task discards
-/// its response, and the next read simply queues behind it (bounded by statement_timeout).
+/// scheduling cost falls with the queue depth.
+///
+/// Sharing is safe only because nothing can change a shared session: the connections are
+/// read-only at the session level (`default_transaction_read_only`, set at connect), and the
+/// data plane refuses session statements and session-changing functions before any backend is
+/// touched (`sqlclass`). Responses come back in order, so one slow statement delays every read
+/// queued behind it: each connection keeps its reads in flight in order, a connection whose
+/// oldest read is older than `pipeline_stall_ms` gets no new reads, and when every connection is
+/// stalled a read takes an exclusive pooled connection instead.
 struct Pipeline {
     slots: Vec<tokio::sync::Mutex<Option<Arc<SharedConn>>>>,
-    next: AtomicUsize,
     /// Bounds reads in flight over all slots (connections × depth).
     permits: tokio::sync::Semaphore,
+    stall: Duration,
 }
 
 struct SharedConn {
     client: tokio_postgres::Client,
     stmts: std::sync::Mutex<StmtCache>,
+    /// Reads in flight, oldest first (responses arrive in this order): (sequence, started).
+    queue: std::sync::Mutex<std::collections::VecDeque<(u64, Instant)>>,
+    seq: std::sync::atomic::AtomicU64,
+}
+
+impl SharedConn {
+    /// (reads in flight, when the oldest started).
+    fn load(&self) -> (usize, Option<Instant>) {
+        let q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+        (q.len(), q.front().map(|(_, t)| *t))
+    }
+
+    fn enter(&self) -> Queued<'_> {
+        let seq = self.seq.fetch_add(1, Ordering::Relaxed);
+        self.queue.lock().unwrap_or_else(|p| p.into_inner()).push_back((seq, Instant::now()));
+        Queued { conn: self, seq }
+    }
+}
+
+/// One read's place in a shared connection's queue; leaves it however the read ends.
+struct Queued<'a> {
+    conn: &'a SharedConn,
+    seq: u64,
+}
+
+impl Drop for Queued<'_> {
+    fn drop(&mut self) {
+        let mut q = self.conn.queue.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(i) = q.iter().position(|(s, _)| *s == self.seq) {
+            q.remove(i);
+        }
+    }
 }
 
 impl SharedConn {
@@ -159,26 +206,31 @@ pub fn endpoint_label(cfg: &tokio_postgres::Config) -> String {
 
 impl PgEndpoint {
     /// Build an endpoint and its (lazy) pool. Must run inside a tokio runtime (bb8 spawns).
-    pub fn new(conn: &Secret, role: Role, pool: &config::Pool, statement_timeout: Duration) -> Result<Self, String> {
+    pub fn new(conn: &Secret, role: Role, pool: &config::Pool, limits: &config::Limits) -> Result<Self, String> {
+        // The server enforces the request deadline too, so an abandoned statement cannot run on.
+        let statement_timeout = Duration::from_millis(limits.request_timeout_ms);
         // The parse error of tokio_postgres does not echo the input; still, report it generically.
         let mut cfg = tokio_postgres::Config::from_str(conn.expose())
             .map_err(|e| format!("invalid PostgreSQL connection string: {e}"))?;
         let label: Arc<str> = Arc::from(endpoint_label(&cfg));
         cfg.connect_timeout(Duration::from_millis(pool.connect_timeout_ms));
         cfg.application_name("cellgate");
-        // The server enforces the deadline too, so an abandoned statement cannot run on.
         let mut opts = format!("-c statement_timeout={}", statement_timeout.as_millis());
         if role == Role::Replica {
             // Replicas serve reads only: a write sent there by mistake fails in the server.
             opts.push_str(" -c default_transaction_read_only=on");
         }
         cfg.options(&opts);
+        let mut read_config = cfg.clone();
+        if role == Role::Primary {
+            read_config.options(&format!("{opts} -c default_transaction_read_only=on"));
+        }
         let health = Arc::new(EndpointHealth::new(role));
         let manager = PgManager { inner: PostgresConnectionManager::new(cfg.clone(), NoTls) };
         let pool_obj = super::pool::builder(pool, &label, &health).build_unchecked(manager);
         let pipeline = (pool.pipeline_connections > 0).then(|| Pipeline {
             slots: (0..pool.pipeline_connections).map(|_| tokio::sync::Mutex::new(None)).collect(),
-            next: AtomicUsize::new(0),
+            stall: Duration::from_millis(pool.pipeline_stall_ms),
             permits: tokio::sync::Semaphore::new(
                 (pool.pipeline_connections as usize)
                     .saturating_mul(pool.pipeline_depth.max(1) as usize)
@@ -187,6 +239,8 @@ impl PgEndpoint {
         });
         Ok(Self {
             pipeline,
+            read_config,
+            limits: ResultLimits { max_rows: limits.max_result_rows, max_bytes: limits.max_result_bytes },
             probe_client: tokio::sync::Mutex::new(None),
             key: super::pool::conn_key(conn),
             label,
@@ -264,13 +318,19 @@ impl PgEndpoint {
         if min_lsn.is_none()
             && let Some(p) = &self.pipeline
         {
-            return self.query_pipelined(p, sql, params).await.map(Some);
+            match self.query_pipelined(p, sql, params).await {
+                Err(Stalled) => {}
+                Ok(r) => return r.map(Some),
+            }
         }
         // Boxed: the exclusive path (checkout, replay wait) is the rare one when pipelining is
         // on; inline it would size every parked read's future.
         Box::pin(self.query_exclusive(sql, params, min_lsn)).await
     }
 
+    /// A read on a pooled connection of its own, inside `BEGIN READ ONLY` (the pool also serves
+    /// writes, so the session itself cannot be read-only). If the read is abandoned (deadline),
+    /// the statement is cancelled at the server and the connection is not reused.
     async fn query_exclusive(
         &self,
         sql: &str,
@@ -286,28 +346,112 @@ impl PgEndpoint {
         let stmt = conn.prepare(sql).await.map_err(|e| self.classify(e))?;
         let bound = pg_types::bind_params(stmt.params(), params).map_err(BackendError::Params)?;
         conn.busy = true;
-        let rows = conn.client.query(&stmt, &pg_types::as_sql_refs(&bound)).await.map_err(|e| self.classify(e))?;
+        let cancel = CancelOnDrop::new(&conn.client);
+        // Pipelined: BEGIN, the statement and COMMIT leave in one write. If the statement
+        // fails, the COMMIT of the aborted transaction rolls back without an error.
+        let begin = conn.client.batch_execute("BEGIN READ ONLY");
+        let rows = async {
+            let r = collect(&conn.client, &stmt, &bound, self.limits).await;
+            // Over the limits: stop the statement now, before COMMIT's answer (which queues
+            // behind the rest of the rows) is awaited.
+            if matches!(r, Err(Collect::Limit(_))) {
+                cancel_query(conn.client.cancel_token());
+            }
+            r
+        };
+        let commit = conn.client.batch_execute("COMMIT");
+        let (b, rows, c) = futures_util::join!(begin, rows, commit);
+        b.map_err(|e| self.classify(e))?;
+        let rows = match rows {
+            Ok((rows, _)) => rows,
+            Err(Collect::Db(e)) => {
+                // The statement ended (with an error): nothing to cancel.
+                cancel.disarm();
+                return Err(self.classify(e));
+            }
+            Err(Collect::Limit(e)) => {
+                cancel.disarm();
+                return Err(e);
+            }
+        };
+        c.map_err(|e| self.classify(e))?;
+        cancel.disarm();
         conn.busy = false;
-        Rows::from_pg(&stmt, &rows).map(Some)
+        Ok(Some(rows))
     }
 
-    async fn query_pipelined(&self, p: &Pipeline, sql: &str, params: &[Value]) -> Result<Rows, BackendError> {
+    /// A read on the least-loaded shared connection that is not stalled; `Err(Stalled)` when
+    /// every shared connection is (the caller takes an exclusive one).
+    async fn query_pipelined(
+        &self,
+        p: &Pipeline,
+        sql: &str,
+        params: &[Value],
+    ) -> Result<Result<Rows, BackendError>, Stalled> {
         let _permit = match tokio::time::timeout(self.checkout_timeout, p.permits.acquire()).await {
             Ok(Ok(permit)) => permit,
             // Closed never happens (the semaphore is never closed); treat it like a full queue.
-            Ok(Err(_)) | Err(_) => return Err(BackendError::Overloaded { endpoint: self.label.to_string() }),
+            Ok(Err(_)) | Err(_) => return Ok(Err(BackendError::Overloaded { endpoint: self.label.to_string() })),
         };
-        let conn = self.shared_conn(p).await?;
-        let stmt = conn.prepare(sql).await.map_err(|e| self.classify(e))?;
-        let bound = pg_types::bind_params(stmt.params(), params).map_err(BackendError::Params)?;
-        let rows = conn.client.query(&stmt, &pg_types::as_sql_refs(&bound)).await.map_err(|e| self.classify(e))?;
-        Rows::from_pg(&stmt, &rows)
+        let conn = match self.pick_shared(p).await {
+            Ok(Some(c)) => c,
+            Ok(None) => return Err(Stalled),
+            Err(e) => return Ok(Err(e)),
+        };
+        Ok(self.run_shared(&conn, sql, params).await)
     }
 
-    /// The next shared connection (round robin), opened or re-opened if needed. The slot lock
-    /// is held across the connect so concurrent reads wait for one connect instead of racing.
-    async fn shared_conn(&self, p: &Pipeline) -> Result<Arc<SharedConn>, BackendError> {
-        let i = p.next.fetch_add(1, Ordering::Relaxed) % p.slots.len();
+    async fn run_shared(&self, conn: &SharedConn, sql: &str, params: &[Value]) -> Result<Rows, BackendError> {
+        let stmt = conn.prepare(sql).await.map_err(|e| self.classify(e))?;
+        let bound = pg_types::bind_params(stmt.params(), params).map_err(BackendError::Params)?;
+        let _queued = conn.enter();
+        match collect(&conn.client, &stmt, &bound, self.limits).await {
+            Ok((rows, _)) => Ok(rows),
+            Err(Collect::Db(e)) => Err(self.classify(e)),
+            Err(Collect::Limit(e)) => {
+                // This statement is the one streaming rows (at the head of the connection), so
+                // the cancel stops it; the rows already sent are discarded by the connection task.
+                cancel_query(conn.client.cancel_token());
+                Err(e)
+            }
+        }
+    }
+
+    /// The shared connection a new read should queue on: the least loaded one whose oldest read
+    /// is younger than the stall bound; a new connection while every open one is busy and a slot
+    /// is free; `None` when all are stalled.
+    async fn pick_shared(&self, p: &Pipeline) -> Result<Option<Arc<SharedConn>>, BackendError> {
+        let now = Instant::now();
+        let mut best: Option<(usize, Arc<SharedConn>)> = None;
+        let mut free_slot = None;
+        for (i, slot) in p.slots.iter().enumerate() {
+            // A slot being connected is skipped, not waited for.
+            let Ok(guard) = slot.try_lock() else { continue };
+            match guard.as_ref() {
+                Some(c) if !c.client.is_closed() => {
+                    let (queued, oldest) = c.load();
+                    if oldest.is_some_and(|t| now.saturating_duration_since(t) > p.stall) {
+                        continue;
+                    }
+                    if best.as_ref().is_none_or(|(n, _)| queued < *n) {
+                        best = Some((queued, c.clone()));
+                    }
+                }
+                _ => {
+                    free_slot.get_or_insert(i);
+                }
+            }
+        }
+        match (best, free_slot) {
+            (Some((0, c)), _) | (Some((_, c)), None) => Ok(Some(c)),
+            (_, Some(i)) => self.shared_conn(p, i).await.map(Some),
+            (None, None) => Ok(None),
+        }
+    }
+
+    /// Slot `i`'s shared connection, opened or re-opened if needed. The slot lock is held
+    /// across the connect so concurrent reads wait for one connect instead of racing.
+    async fn shared_conn(&self, p: &Pipeline, i: usize) -> Result<Arc<SharedConn>, BackendError> {
         let mut slot = p.slots[i].lock().await;
         if let Some(c) = slot.as_ref()
             && !c.client.is_closed()
@@ -316,7 +460,7 @@ impl PgEndpoint {
         }
         // Boxed: a connect (startup, SCRAM) is rare and its state is large; inline it would
         // size every pipelined read's future.
-        let connect = Box::pin(self.pg_config.connect(NoTls));
+        let connect = Box::pin(self.read_config.connect(NoTls));
         let (client, connection) = match tokio::time::timeout(self.checkout_timeout, connect).await {
             Ok(Ok(pair)) => pair,
             Ok(Err(e)) => return Err(self.classify(e)),
@@ -333,7 +477,12 @@ impl PgEndpoint {
                 tracing::debug!(endpoint = %label, error = %e, "shared read connection closed");
             }
         });
-        let c = Arc::new(SharedConn { client, stmts: std::sync::Mutex::default() });
+        let c = Arc::new(SharedConn {
+            client,
+            stmts: std::sync::Mutex::default(),
+            queue: std::sync::Mutex::default(),
+            seq: std::sync::atomic::AtomicU64::new(0),
+        });
         *slot = Some(c.clone());
         Ok(c)
     }
@@ -379,10 +528,13 @@ impl PgEndpoint {
         let mut affected = 0u64;
         let mut last = None;
         for (i, (stmt, bound)) in prepared.iter().enumerate() {
-            match run_counting(&conn.client, stmt, bound).await {
+            // A result over the limits fails the batch; outside a transaction nothing could be
+            // undone, so a lone autocommit statement returns whatever it returns.
+            let limits = if tx { self.limits } else { ResultLimits::NONE };
+            match collect(&conn.client, stmt, bound, limits).await {
                 Ok((rows, n)) => {
                     affected += n;
-                    last = Some((stmt.clone(), rows));
+                    last = Some(rows);
                 }
                 Err(e) => {
                     if tx {
@@ -394,7 +546,11 @@ impl PgEndpoint {
                     } else {
                         conn.busy = false;
                     }
-                    return Err(self.classify(e).in_statement(i, stmts.len()));
+                    let e = match e {
+                        Collect::Db(e) => self.classify(e),
+                        Collect::Limit(e) => e,
+                    };
+                    return Err(e.in_statement(i, stmts.len()));
                 }
             }
         }
@@ -405,25 +561,108 @@ impl PgEndpoint {
         let lsn_row = conn.client.query_one(&lsn_stmt, &[]).await.map_err(|e| self.classify(e))?;
         conn.busy = false;
         let lsn = parse_lsn(lsn_row.get::<_, &str>(0)).unwrap_or(0);
-        let (stmt, rows) = last.expect("at least one statement");
-        Ok(WriteResult { rows: Rows::from_pg(&stmt, &rows)?, rows_affected: affected, lsn })
+        let rows = last.expect("at least one statement");
+        Ok(WriteResult { rows, rows_affected: affected, lsn })
     }
 }
 
-async fn run_counting(
+/// Every shared connection is stalled: take an exclusive one.
+struct Stalled;
+
+/// Why collecting a result stopped.
+enum Collect {
+    Db(tokio_postgres::Error),
+    /// Over `ResultLimits` (or a column that cannot be converted): the statement should stop.
+    Limit(BackendError),
+}
+
+impl ResultLimits {
+    pub const NONE: ResultLimits = ResultLimits { max_rows: usize::MAX, max_bytes: usize::MAX };
+}
+
+/// Run a prepared statement and convert its rows to JSON as they stream in, stopping at the
+/// first row over `limits` (the result is never buffered past them). Returns the rows and the
+/// rows affected.
+async fn collect(
     client: &tokio_postgres::Client,
     stmt: &Statement,
     bound: &[pg_types::PgParam],
-) -> Result<(Vec<tokio_postgres::Row>, u64), tokio_postgres::Error> {
+    limits: ResultLimits,
+) -> Result<(Rows, u64), Collect> {
     use futures_util::TryStreamExt;
-    let stream = client.query_raw(stmt, pg_types::as_sql_refs(bound)).await?;
+    let stream = client.query_raw(stmt, pg_types::as_sql_refs(bound)).await.map_err(Collect::Db)?;
     futures_util::pin_mut!(stream);
-    let mut rows = Vec::new();
-    while let Some(r) = stream.try_next().await? {
-        rows.push(r);
+    let columns =
+        stmt.columns().iter().map(|c| (c.name().to_string(), pg_types::type_name(c.type_()).to_string())).collect();
+    let mut out = Vec::new();
+    let mut bytes = 0usize;
+    while let Some(row) = stream.try_next().await.map_err(Collect::Db)? {
+        if out.len() >= limits.max_rows {
+            return Err(Collect::Limit(BackendError::ResultTooLarge(format!(
+                "more than {} rows (limits.max_result_rows)",
+                limits.max_rows
+            ))));
+        }
+        let mut vals = Vec::with_capacity(row.len());
+        for i in 0..row.len() {
+            let v = pg_types::column_to_json(&row, i).map_err(|e| Collect::Limit(BackendError::Column(e)))?;
+            bytes = bytes.saturating_add(json_size(&v));
+            vals.push(v);
+        }
+        if bytes > limits.max_bytes {
+            return Err(Collect::Limit(BackendError::ResultTooLarge(format!(
+                "more than {} bytes (limits.max_result_bytes)",
+                limits.max_bytes
+            ))));
+        }
+        out.push(vals);
     }
-    let n = stream.rows_affected().unwrap_or(rows.len() as u64);
-    Ok((rows, n))
+    let n = stream.rows_affected().unwrap_or(out.len() as u64);
+    Ok((Rows { columns, rows: out }, n))
+}
+
+/// Roughly the bytes a JSON value takes in the answer (and in memory): what the result limit
+/// counts. Cheap: lengths, no formatting.
+fn json_size(v: &Value) -> usize {
+    match v {
+        Value::Null | Value::Bool(_) => 5,
+        Value::Number(_) => 12,
+        Value::String(s) => s.len() + 2,
+        Value::Array(a) => 2 + a.iter().map(|x| json_size(x) + 1).sum::<usize>(),
+        Value::Object(o) => 2 + o.iter().map(|(k, x)| k.len() + 4 + json_size(x)).sum::<usize>(),
+    }
+}
+
+/// Cancels the statement running on a connection at the server unless disarmed: an abandoned
+/// exclusive read (the request's deadline dropped its future) must not keep running there.
+struct CancelOnDrop {
+    token: Option<tokio_postgres::CancelToken>,
+}
+
+impl CancelOnDrop {
+    fn new(client: &tokio_postgres::Client) -> Self {
+        Self { token: Some(client.cancel_token()) }
+    }
+
+    fn disarm(mut self) {
+        self.token = None;
+    }
+}
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        if let Some(token) = self.token.take() {
+            cancel_query(token);
+        }
+    }
+}
+
+/// Ask the server to cancel what the token's connection is running (a new connection of its
+/// own; nothing waits for it).
+fn cancel_query(token: tokio_postgres::CancelToken) {
+    crate::tasks::spawn("pg_cancel", async move {
+        let _ = token.cancel_query(NoTls).await;
+    });
 }
 
 /// Result rows, column-major metadata plus row-major values (arrays; object form is rendered
@@ -432,22 +671,6 @@ async fn run_counting(
 pub struct Rows {
     pub columns: Vec<(String, String)>,
     pub rows: Vec<Vec<Value>>,
-}
-
-impl Rows {
-    fn from_pg(stmt: &Statement, rows: &[tokio_postgres::Row]) -> Result<Rows, BackendError> {
-        let columns =
-            stmt.columns().iter().map(|c| (c.name().to_string(), pg_types::type_name(c.type_()).to_string())).collect();
-        let mut out = Vec::with_capacity(rows.len());
-        for row in rows {
-            let mut vals = Vec::with_capacity(row.len());
-            for i in 0..row.len() {
-                vals.push(pg_types::column_to_json(row, i).map_err(BackendError::Column)?);
-            }
-            out.push(vals);
-        }
-        Ok(Rows { columns, rows: out })
-    }
 }
 
 #[derive(Debug)]
