@@ -55,7 +55,7 @@ pub async fn handle(state: &Arc<AppState>, req: Request<Incoming>) -> Response<B
         (&Method::POST, "/admin/migrations") => match read_json::<crate::migrate::StartRequest>(req).await {
             Ok(r) => match crate::migrate::start(state, r).await {
                 Ok(doc) => json_response(StatusCode::ACCEPTED, &doc),
-                Err(e) => e.into_response(),
+                Err(e) => ApiError::from(e).into_response(),
             },
             Err(e) => e.into_response(),
         },
@@ -84,8 +84,8 @@ pub async fn handle(state: &Arc<AppState>, req: Request<Incoming>) -> Response<B
             let (id, action) = rest.split_once('/').unwrap_or((rest, ""));
             let r = match (m, action) {
                 (&Method::GET, "") => state.migrations.get(id).map(|m| m.doc()).ok_or(ApiError::NotFound),
-                (&Method::POST, "abort") => crate::migrate::abort(state, id).await,
-                (&Method::POST, "resume") => crate::migrate::resume(state, id).await,
+                (&Method::POST, "abort") => crate::migrate::abort(state, id).await.map_err(ApiError::from),
+                (&Method::POST, "resume") => crate::migrate::resume(state, id).await.map_err(ApiError::from),
                 _ => Err(ApiError::NotFound),
             };
             match r {

@@ -354,10 +354,17 @@ impl PgEndpoint {
         }
     }
 
-    /// Run writes on this (primary) endpoint: one statement in autocommit, or several in one
-    /// transaction. Returns the last statement's rows, the total rows affected and the WAL
-    /// position after commit (the read-your-writes token).
-    pub async fn execute(&self, stmts: &[(String, Vec<Value>)]) -> Result<WriteResult, BackendError> {
+    /// Run writes on this (primary) endpoint in one transaction. With `route` = (routed cell,
+    /// map version) the transaction first sets `cellgate.route` (transaction-local), which the
+    /// migration fence's statement trigger checks: a write routed by a map older than the fence
+    /// fails even when it matches no row. Without a route a single statement runs in autocommit.
+    /// Returns the last statement's rows, the total rows affected and the WAL position after
+    /// commit (the read-your-writes token).
+    pub async fn execute(
+        &self,
+        stmts: &[(String, Vec<Value>)],
+        route: Option<(u64, u64)>,
+    ) -> Result<WriteResult, BackendError> {
         let mut conn = self.checkout().await?;
         // Prepare and bind everything first: a bad parameter fails before anything runs.
         let mut prepared = Vec::with_capacity(stmts.len());
@@ -369,14 +376,29 @@ impl PgEndpoint {
         }
         let lsn_stmt = conn.prepare("SELECT pg_current_wal_lsn()::text").await.map_err(|e| self.classify(e))?;
         conn.busy = true;
-        let tx = stmts.len() > 1;
-        if tx {
-            conn.client.batch_execute("BEGIN").await.map_err(|e| self.classify(e))?;
-        }
+        let tx = route.is_some() || stmts.len() > 1;
+        // Integers only: nothing to quote. Sent in the same round trip as the first statement.
+        let begin = match route {
+            Some((cell, version)) => {
+                format!("BEGIN; SELECT set_config('cellgate.route', '{}:{version}', true)", cell as i64)
+            }
+            None => "BEGIN".to_string(),
+        };
         let mut affected = 0u64;
         let mut last = None;
         for (i, (stmt, bound)) in prepared.iter().enumerate() {
-            match run_counting(&conn.client, stmt, bound).await {
+            let ran = if tx && i == 0 {
+                // Pipelined: both requests are sent on the first poll, in this order.
+                let (began, ran) = futures_util::future::join(
+                    conn.client.batch_execute(&begin),
+                    run_counting(&conn.client, stmt, bound),
+                )
+                .await;
+                began.and(ran)
+            } else {
+                run_counting(&conn.client, stmt, bound).await
+            };
+            match ran {
                 Ok((rows, n)) => {
                     affected += n;
                     last = Some((stmt.clone(), rows));
@@ -395,11 +417,18 @@ impl PgEndpoint {
                 }
             }
         }
-        if tx {
-            conn.client.batch_execute("COMMIT").await.map_err(|e| self.classify(e))?;
+        // After commit: the primary's current WAL position is at or past our commit record
+        // (pipelined behind the COMMIT: the server runs them in order).
+        let lsn_row = if tx {
+            let (committed, lsn) =
+                futures_util::future::join(conn.client.batch_execute("COMMIT"), conn.client.query_one(&lsn_stmt, &[]))
+                    .await;
+            committed.map_err(|e| self.classify(e))?;
+            lsn
+        } else {
+            conn.client.query_one(&lsn_stmt, &[]).await
         }
-        // After commit: the primary's current WAL position is at or past our commit record.
-        let lsn_row = conn.client.query_one(&lsn_stmt, &[]).await.map_err(|e| self.classify(e))?;
+        .map_err(|e| self.classify(e))?;
         conn.busy = false;
         let lsn = parse_lsn(lsn_row.get::<_, &str>(0)).unwrap_or(0);
         let (stmt, rows) = last.expect("at least one statement");

@@ -410,7 +410,8 @@ pub async fn execute(state: &AppState, db: &str, body: &[u8], out: &mut Outcome)
             }
         };
         ensure_writable(&pg.primary.health, &pg.primary.label, &id)?;
-        match pg.primary.execute(&stmts).await {
+        // The route lets the old owner's migration fence refuse a write this map routed stale.
+        match pg.primary.execute(&stmts, Some((u64::from(route.cell), snap.map.version().0))).await {
             Ok(res) => {
                 let info = ShardInfo { id: id.clone(), role: Role::Primary, endpoint: pg.primary.label.to_string() };
                 let token = make_token(&id, res.lsn);

@@ -210,6 +210,34 @@ impl ApiError {
     }
 }
 
+/// The migration control plane's errors. Its own classification (`MigrateError::class`)
+/// decides for the variants that have no HTTP twin.
+impl From<crate::migrate::MigrateError> for ApiError {
+    fn from(e: crate::migrate::MigrateError) -> Self {
+        use crate::migrate::{Fault, MigrateError as M};
+        let (fault, _) = e.class();
+        match e {
+            M::InvalidRequest(m) => ApiError::InvalidParams(m),
+            M::Unsupported(m) => ApiError::Unsupported(m),
+            M::Conflict(m) => ApiError::Conflict(m),
+            M::NotFound => ApiError::NotFound,
+            M::ShardUnavailable { shard, reason } => ApiError::ShardUnavailable { shard, reason },
+            M::Database { step, sqlstate, message } => ApiError::Database {
+                sqlstate,
+                server_code: None,
+                message: format!("{step}: {message}"),
+                detail: None,
+                hint: None,
+                statement: None,
+            },
+            other => match fault {
+                Fault::Caller => ApiError::Conflict(other.to_string()),
+                Fault::Shard | Fault::Server => ApiError::Unsupported(other.to_string()),
+            },
+        }
+    }
+}
+
 /// A backend failure on `shard` as the error object of a partial success (e.g. one shard's part
 /// of a split insert), shaped exactly like the `error` of an error response.
 pub fn error_json(e: BackendError, shard: &str) -> serde_json::Value {
