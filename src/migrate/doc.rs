@@ -76,6 +76,10 @@ pub struct Doc {
     /// `abort` retries it.
     #[serde(default)]
     pub cleanup_pending: bool,
+    /// An orchestrator task of the answering process works on it now (reported, never read
+    /// back from a persisted record).
+    #[serde(default, skip_deserializing)]
+    pub running: bool,
 }
 
 impl Doc {
@@ -89,9 +93,9 @@ impl Doc {
         !self.terminal()
     }
 
-    /// What the operator does next, for `cellgate migrate status`. `running`: an orchestrator
-    /// task is working on it in this process.
-    pub fn next_step(&self, running: bool) -> String {
+    /// What the operator does next, for `cellgate migrate status`.
+    pub fn next_step(&self) -> String {
+        let running = self.running;
         let id = &self.id;
         match self.state {
             State::Done => "nothing: the target owns the cells. Optionally delete the moved rows from the source (docs/migrations.md step 6).".into(),
@@ -153,13 +157,15 @@ mod tests {
         }))
         .unwrap();
         assert!(!d.active());
-        assert!(d.next_step(false).contains("start a new migration"));
+        assert!(d.next_step().contains("start a new migration"));
         d.cleanup_pending = true;
         assert!(!d.active());
-        assert!(d.next_step(false).contains("migrate abort m1"));
+        assert!(d.next_step().contains("migrate abort m1"));
         d.state = State::Cutover;
         d.fenced = true;
         assert!(d.active());
-        assert!(d.next_step(false).contains("resume m1"));
+        assert!(d.next_step().contains("resume m1"));
+        d.running = true;
+        assert!(d.next_step().starts_with("wait"));
     }
 }

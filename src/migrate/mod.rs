@@ -78,7 +78,14 @@ impl Migration {
         Self { doc: Mutex::new(doc), abort: AtomicBool::new(false), task: Mutex::new(None) }
     }
 
+    /// The record as reported (admin API): with `running` filled in.
     pub fn doc(&self) -> Doc {
+        let mut d = self.record();
+        d.running = self.running();
+        d
+    }
+
+    fn record(&self) -> Doc {
         self.doc.lock().expect("doc").clone()
     }
 
@@ -100,7 +107,7 @@ impl Migration {
 
     /// Blocks the one-at-a-time rule: not terminal, or terminal with its undo still running.
     fn busy(&self) -> bool {
-        self.doc().active() || self.running()
+        self.record().active() || self.running()
     }
 }
 
@@ -120,10 +127,10 @@ impl Registry {
     fn insert_alone(&self, m: Arc<Migration>) -> Result<(), MigrateError> {
         let mut reg = self.0.lock().expect("registry");
         if let Some(busy) = reg.values().find(|m| m.busy()) {
-            let d = busy.doc();
+            let d = busy.record();
             return Err(MigrateError::Conflict(format!("migration {} is {}: one at a time", d.id, d.state)));
         }
-        reg.insert(m.doc().id, m);
+        reg.insert(m.record().id, m);
         Ok(())
     }
 }
@@ -152,12 +159,12 @@ enum Job {
 
 /// Start `job` as a named, tracked task unless one is already working on `m`.
 fn spawn(state: &Arc<AppState>, m: &Arc<Migration>, pairs: Vec<DbPair>, job: Job) -> bool {
+    let id = m.record().id;
     let mut task = m.task.lock().expect("task");
     if task.as_ref().is_some_and(|h| !h.is_finished()) {
         return false;
     }
-    let span =
-        tracing::info_span!("migration", id = %m.doc().id, job = match job { Job::Run => "run", Job::Undo => "undo" });
+    let span = tracing::info_span!("migration", %id, job = match job { Job::Run => "run", Job::Undo => "undo" });
     let (state, m2) = (state.clone(), m.clone());
     *task = Some(tokio::spawn(
         async move {
@@ -180,11 +187,11 @@ fn spawn(state: &Arc<AppState>, m: &Arc<Migration>, pairs: Vec<DbPair>, job: Job
 async fn on_run_failure(state: &AppState, m: &Migration, pairs: &[DbPair], e: MigrateError) {
     if e == MigrateError::Failpoint {
         // Simulated crash: stop as a killed process would, leaving everything as is.
-        tracing::warn!(id = %m.doc().id, "failpoint: orchestrator stopped");
+        tracing::warn!(id = %m.record().id, "failpoint: orchestrator stopped");
         return;
     }
     let e = e.redacted(&plan::secrets(pairs));
-    let doc = m.doc();
+    let doc = m.record();
     if doc.map_version_after.is_some() || (doc.fenced && !m.abort_requested()) {
         // After the fence: keep it (no write may land on the source) and stay resumable. After
         // the publish only the replication cleanup is left; resume finishes it.
@@ -214,9 +221,9 @@ async fn on_run_failure(state: &AppState, m: &Migration, pairs: &[DbPair], e: Mi
 /// The operator's abort (or a retried cleanup): `aborting` → `aborted`, or `failed` with the
 /// cleanup error and `cleanup_pending` (abort again to retry).
 async fn undo_job(state: &AppState, m: &Migration, pairs: &[DbPair]) {
-    if m.doc().map_version_after.is_some() {
+    if m.record().map_version_after.is_some() {
         // Published between the abort request and now: the target owns the cells.
-        tracing::warn!(id = %m.doc().id, "abort after the publish ignored");
+        tracing::warn!(id = %m.record().id, "abort after the publish ignored");
         return;
     }
     steps::set(m, pairs, |d| d.state = State::Aborting).await;
@@ -273,7 +280,7 @@ pub async fn start(state: &Arc<AppState>, req: StartRequest) -> Result<Doc, Migr
 /// migration whose cleanup is pending gets its cleanup retried.
 pub async fn abort(state: &Arc<AppState>, id: &str) -> Result<Doc, MigrateError> {
     let m = state.migrations.get(id).ok_or(MigrateError::NotFound)?;
-    let doc = m.doc();
+    let doc = m.record();
     match doc.state {
         State::Done | State::Aborted => {
             return Err(MigrateError::Conflict(format!("migration {id} is already {}", doc.state)));
@@ -317,7 +324,7 @@ pub async fn abort(state: &Arc<AppState>, id: &str) -> Result<Doc, MigrateError>
 /// interrupted abort continues as an abort.
 pub async fn resume(state: &Arc<AppState>, id: &str) -> Result<Doc, MigrateError> {
     let m = state.migrations.get(id).ok_or(MigrateError::NotFound)?;
-    let doc = m.doc();
+    let doc = m.record();
     let running = m.running();
     if doc.terminal() || running {
         return Err(MigrateError::Conflict(format!(

@@ -206,6 +206,7 @@ pub(super) fn plan(
         fenced: false,
         peer_problems: Vec::new(),
         cleanup_pending: false,
+        running: false,
     };
     Ok((doc, pairs))
 }

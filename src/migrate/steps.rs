@@ -87,7 +87,7 @@ pub(super) async fn set(m: &Migration, pairs: &[DbPair], f: impl FnOnce(&mut Doc
 
 /// The whole forward path from the persisted state: every step skips what is already done.
 pub(super) async fn run(state: &Arc<AppState>, m: &Arc<Migration>, pairs: &[DbPair]) -> Result<(), MigrateError> {
-    let doc = m.doc();
+    let doc = m.record();
     let cells = cells_of(&doc);
     let name = sql::object_name(&doc.id);
     let published = doc.map_version_after.is_some();
@@ -200,7 +200,7 @@ async fn cutover(
     // the publish but before it was recorded).
     let fence_version = {
         let snap = state.pin();
-        if owned_by_target(&snap.map, cells, &m.doc().to) { snap.map.version().0 } else { snap.map.version().0 + 1 }
+        if owned_by_target(&snap.map, cells, &m.record().to) { snap.map.version().0 } else { snap.map.version().0 + 1 }
     };
     let fence_lsns = fence_source(m, pairs, cells, fence_version).await?;
     super::failpoint::hit("after_fence")?;
@@ -211,7 +211,7 @@ async fn cutover(
     if version != fence_version {
         for p in pairs {
             let src = connect(&p.source).await?;
-            src.execute(sql::FENCE_SET_VERSION, &[&m.doc().id, &(version as i64)])
+            src.execute(sql::FENCE_SET_VERSION, &[&m.record().id, &(version as i64)])
                 .await
                 .map_err(|e| MigrateError::pg("fence version", &e))?;
         }
@@ -224,7 +224,7 @@ async fn cutover(
 
 /// 4a. Every instance holds writes for the cells (bounded by hold_ms, then 503 cells_frozen).
 async fn hold_writes(state: &AppState, m: &Migration, cells: &[CellIndex]) {
-    let doc = m.doc();
+    let doc = m.record();
     super::freeze_local(state, &doc.id, cells, Duration::from_millis(doc.hold_ms));
     let body = serde_json::json!({"id": doc.id, "cells": doc.cells, "hold_ms": doc.hold_ms}).to_string();
     tell_peers(state, m, "freeze", http::Method::POST, "/admin/freeze", "application/json", body, 2).await;
@@ -237,7 +237,7 @@ async fn fence_source(
     cells: &[CellIndex],
     map_version: u64,
 ) -> Result<Vec<String>, MigrateError> {
-    let id = m.doc().id;
+    let id = m.record().id;
     let mut lsns = Vec::new();
     for p in pairs {
         let src = connect(&p.source).await?;
@@ -286,7 +286,7 @@ fn owned_by_target(map: &crate::shardmap::ShardMap, cells: &[CellIndex], to: &st
 
 /// 4d. Publish map v+1 here (persisted to the map file) and on every peer; its version.
 async fn publish(state: &AppState, m: &Migration, cells: &[CellIndex]) -> Result<u64, MigrateError> {
-    let to = m.doc().to;
+    let to = m.record().to;
     let snap = state.pin();
     let (text, version) = if owned_by_target(&snap.map, cells, &to) {
         (snap.text.clone(), snap.map.version().0)
@@ -312,7 +312,7 @@ async fn publish(state: &AppState, m: &Migration, cells: &[CellIndex]) -> Result
 
 /// 5. Clean up replication objects; the fence and both triggers stay on the source.
 async fn finish(m: &Migration, pairs: &[DbPair], name: &str) -> Result<(), MigrateError> {
-    drop_replication(pairs, &m.doc().id, name).await?;
+    drop_replication(pairs, &m.record().id, name).await?;
     for p in pairs {
         let src = connect(&p.source).await?;
         for (t, _) in &p.tables {
@@ -348,7 +348,7 @@ async fn drop_replication(pairs: &[DbPair], id: &str, name: &str) -> Result<(), 
 /// Every part is attempted even when an earlier one fails; the first failure is returned. The
 /// state is the caller's to set.
 pub(super) async fn undo(state: &AppState, m: &Migration, pairs: &[DbPair]) -> Result<(), MigrateError> {
-    let doc = m.doc();
+    let doc = m.record();
     let cells = cells_of(&doc);
     let mut first: Option<MigrateError> = None;
     let mut note = |r: Result<(), MigrateError>| {
@@ -403,7 +403,7 @@ pub(super) async fn undo_with_retries(state: &AppState, m: &Migration, pairs: &[
         match undo(state, m, pairs).await {
             Ok(()) => return Ok(()),
             Err(e) if attempt < 3 => {
-                tracing::warn!(id = %m.doc().id, attempt, error = %e, "migration cleanup failed: retrying");
+                tracing::warn!(id = %m.record().id, attempt, error = %e, "migration cleanup failed: retrying");
                 tokio::time::sleep(wait).await;
                 wait *= 2;
                 attempt += 1;
@@ -446,7 +446,7 @@ async fn tell_peers(
 
 /// Lift a freeze here (if it is this migration's) and tell the peers.
 pub(super) async fn release(state: &AppState, m: &Migration) {
-    let id = m.doc().id;
+    let id = m.record().id;
     if let Some(f) = super::release_local(state, &id) {
         let held = f.started.elapsed().as_millis() as u64;
         m.update(|d| d.hold_ms_max = Some(d.hold_ms_max.unwrap_or(0).max(held)));
