@@ -462,9 +462,9 @@ async fn stale_update_delete_of_rows_only_on_the_new_owner_are_not_lost() {
 }
 
 /// The write fence's cost on the write path, on one connection to a fenced shard: today's
-/// cellgate write (autocommit INSERT, then the WAL position) against the fenced one (BEGIN +
-/// set_config pipelined with the INSERT, then COMMIT pipelined with the WAL position, with the
-/// statement trigger checking the fence table). Interleaved rounds, 2,000 inserts each way.
+/// cellgate write (autocommit INSERT, then the WAL position) against the fenced one as
+/// `PgEndpoint::execute` sends it (BEGIN + set_config, the INSERT, COMMIT and the WAL position
+/// pipelined, with the statement trigger checking the fence table). Interleaved rounds, 2,000 inserts each way.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn write_fence_cost() {
     let _serial = SERIAL.lock().await;
@@ -500,14 +500,15 @@ async fn write_fence_cost() {
         let t = Instant::now();
         for _ in 0..500 {
             id += 1;
-            let (b, i) = futures_util::future::join(
+            let (b, i, cm, l) = futures_util::future::join4(
                 c.batch_execute(&begin),
                 c.execute(&insert, &[&id, &BARCELONA.0, &BARCELONA.1, &h3]),
+                c.batch_execute("COMMIT"),
+                c.query_one(&lsn, &[]),
             )
             .await;
             b.unwrap();
             i.unwrap();
-            let (cm, l) = futures_util::future::join(c.batch_execute("COMMIT"), c.query_one(&lsn, &[])).await;
             cm.unwrap();
             l.unwrap();
         }
@@ -607,7 +608,8 @@ async fn failed_cleanup_never_wedges_later_migrations() {
     assert_eq!(s, 200, "{v}");
     let (s, v) = admin_post(&st, &st.admin(), &format!("/admin/migrations/{first}/abort"), json!({})).await;
     assert_eq!(s, 200, "{v}");
-    let aborted = wait_state(&st, &st.admin(), &first, &["aborted"], Duration::from_secs(60)).await;
+    wait_state(&st, &st.admin(), &first, &["aborted"], Duration::from_secs(60)).await;
+    let aborted = settled(&st, &first).await;
     assert_eq!(aborted["cleanup_pending"], false, "{aborted}");
     let (s, v) = admin_post(&st, &st.admin(), &format!("/admin/migrations/{first}/abort"), json!({})).await;
     assert_eq!(s, 409, "aborted is terminal: {v}");

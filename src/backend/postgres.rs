@@ -377,7 +377,7 @@ impl PgEndpoint {
         let lsn_stmt = conn.prepare("SELECT pg_current_wal_lsn()::text").await.map_err(|e| self.classify(e))?;
         conn.busy = true;
         let tx = route.is_some() || stmts.len() > 1;
-        // Integers only: nothing to quote. Sent in the same round trip as the first statement.
+        // Integers only: nothing to quote.
         let begin = match route {
             Some((cell, version)) => {
                 format!("BEGIN; SELECT set_config('cellgate.route', '{}:{version}', true)", cell as i64)
@@ -386,49 +386,47 @@ impl PgEndpoint {
         };
         let mut affected = 0u64;
         let mut last = None;
+        let mut lsn_row = None;
+        let final_index = prepared.len() - 1;
         for (i, (stmt, bound)) in prepared.iter().enumerate() {
-            let ran = if tx && i == 0 {
-                // Pipelined: both requests are sent on the first poll, in this order.
-                let (began, ran) = futures_util::future::join(
-                    conn.client.batch_execute(&begin),
-                    run_counting(&conn.client, stmt, bound),
-                )
-                .await;
-                began.and(ran)
-            } else {
-                run_counting(&conn.client, stmt, bound).await
-            };
-            match ran {
+            let (opens, closes) = (tx && i == 0, tx && i == final_index);
+            // Pipelined: the requests of one step are sent on its first poll, in this order, so
+            // a single-statement write is one round trip (BEGIN, statement, COMMIT, WAL
+            // position). A COMMIT behind a failed statement only ends the aborted transaction;
+            // the WAL position read after the COMMIT is at or past our commit record.
+            let (began, ran, committed, lsn) = futures_util::future::join4(
+                async { if opens { conn.client.batch_execute(&begin).await } else { Ok(()) } },
+                run_counting(&conn.client, stmt, bound),
+                async { if closes { conn.client.batch_execute("COMMIT").await } else { Ok(()) } },
+                async { if closes { conn.client.query_one(&lsn_stmt, &[]).await.map(Some) } else { Ok(None) } },
+            )
+            .await;
+            match began.and(ran) {
                 Ok((rows, n)) => {
                     affected += n;
                     last = Some((stmt.clone(), rows));
+                    committed.map_err(|e| self.classify(e))?;
+                    lsn_row = lsn.map_err(|e| self.classify(e))?;
                 }
                 Err(e) => {
-                    if tx {
+                    if tx && !closes {
                         // The transaction is aborted server-side; ROLLBACK makes the connection
                         // reusable. If even that fails the connection stays `busy` and is dropped.
                         if conn.client.batch_execute("ROLLBACK").await.is_ok() {
                             conn.busy = false;
                         }
-                    } else {
+                    } else if committed.is_ok() {
+                        // Autocommit, or the pipelined COMMIT already ended the transaction.
                         conn.busy = false;
                     }
                     return Err(self.classify(e).in_statement(i, stmts.len()));
                 }
             }
         }
-        // After commit: the primary's current WAL position is at or past our commit record
-        // (pipelined behind the COMMIT: the server runs them in order).
-        let lsn_row = if tx {
-            let (committed, lsn) =
-                futures_util::future::join(conn.client.batch_execute("COMMIT"), conn.client.query_one(&lsn_stmt, &[]))
-                    .await;
-            committed.map_err(|e| self.classify(e))?;
-            lsn
-        } else {
-            conn.client.query_one(&lsn_stmt, &[]).await
-        }
-        .map_err(|e| self.classify(e))?;
+        let lsn_row = match lsn_row {
+            Some(row) => row,
+            None => conn.client.query_one(&lsn_stmt, &[]).await.map_err(|e| self.classify(e))?,
+        };
         conn.busy = false;
         let lsn = parse_lsn(lsn_row.get::<_, &str>(0)).unwrap_or(0);
         let (stmt, rows) = last.expect("at least one statement");

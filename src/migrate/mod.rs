@@ -105,9 +105,11 @@ impl Migration {
         self.task.lock().expect("task").as_ref().is_some_and(|h| !h.is_finished())
     }
 
-    /// Blocks the one-at-a-time rule: not terminal, or terminal with its undo still running.
+    /// Blocks the one-at-a-time rule: not terminal, or failed with its undo still running
+    /// (bounded by the undo's retries).
     fn busy(&self) -> bool {
-        self.record().active() || self.running()
+        let d = self.record();
+        d.active() || (d.cleanup_pending && self.running())
     }
 }
 
@@ -128,7 +130,8 @@ impl Registry {
         let mut reg = self.0.lock().expect("registry");
         if let Some(busy) = reg.values().find(|m| m.busy()) {
             let d = busy.record();
-            return Err(MigrateError::Conflict(format!("migration {} is {}: one at a time", d.id, d.state)));
+            let what = if d.active() { d.state.to_string() } else { format!("{} and cleaning up", d.state) };
+            return Err(MigrateError::Conflict(format!("migration {} is {what}: one at a time", d.id)));
         }
         reg.insert(m.record().id, m);
         Ok(())
@@ -290,11 +293,12 @@ pub async fn abort(state: &Arc<AppState>, id: &str) -> Result<Doc, MigrateError>
         }
         State::Failed => {
             // Its undo deletes the cells' rows on its target: not after a later migration of the
-            // same cells may have moved them there.
-            let later =
-                state.migrations.list().into_iter().find(|d| {
-                    d.id > doc.id && d.state != State::Aborted && d.cells.iter().any(|c| doc.cells.contains(c))
-                });
+            // same cells may have moved them there (a failed or aborted one has not).
+            let later = state.migrations.list().into_iter().find(|d| {
+                d.id > doc.id
+                    && !matches!(d.state, State::Aborted | State::Failed)
+                    && d.cells.iter().any(|c| doc.cells.contains(c))
+            });
             if let Some(l) = later {
                 return Err(MigrateError::Conflict(format!(
                     "migration {} of the same cells started later: clean up {id} by hand (docs/migrations.md)",
