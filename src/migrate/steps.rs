@@ -204,9 +204,10 @@ async fn cutover(
     };
     let fence_lsns = fence_source(m, pairs, cells, fence_version).await?;
     super::failpoint::hit("after_fence")?;
-    wait_applied(pairs, cells, name, &fence_lsns).await?;
-    // Last point where an abort can still give the cells back to the source.
+    // Last point where an abort can give the cells back to the source: the next step lifts the
+    // target's fence from an earlier move away, which an undo would not put back.
     check_abort(m)?;
+    wait_applied(pairs, cells, name, &fence_lsns).await?;
     let version = publish(state, m, cells).await?;
     if version != fence_version {
         for p in pairs {
