@@ -210,12 +210,11 @@ impl ApiError {
     }
 }
 
-/// The migration control plane's errors. Its own classification (`MigrateError::class`)
-/// decides for the variants that have no HTTP twin.
+/// The migration control plane's errors (their fault side and retryability, `MigrateError::class`,
+/// match the codes chosen here).
 impl From<crate::migrate::MigrateError> for ApiError {
     fn from(e: crate::migrate::MigrateError) -> Self {
-        use crate::migrate::{Fault, MigrateError as M};
-        let (fault, _) = e.class();
+        use crate::migrate::MigrateError as M;
         match e {
             M::InvalidRequest(m) => ApiError::InvalidParams(m),
             M::Unsupported(m) => ApiError::Unsupported(m),
@@ -230,10 +229,9 @@ impl From<crate::migrate::MigrateError> for ApiError {
                 hint: None,
                 statement: None,
             },
-            other => match fault {
-                Fault::Caller => ApiError::Conflict(other.to_string()),
-                Fault::Shard | Fault::Server => ApiError::Unsupported(other.to_string()),
-            },
+            // Outcomes of a running migration, recorded in its `error`; should a request meet
+            // one, the migration's state is what stands in its way.
+            other @ (M::Publish(_) | M::Aborted | M::Failpoint) => ApiError::Conflict(other.to_string()),
         }
     }
 }

@@ -194,6 +194,8 @@ async fn on_run_failure(state: &AppState, m: &Migration, pairs: &[DbPair], e: Mi
         return;
     }
     let e = e.redacted(&plan::secrets(pairs));
+    let (fault, retryable) = e.class();
+    tracing::warn!(id = %m.record().id, error = %e, ?fault, retryable, "migration step failed");
     let doc = m.record();
     if doc.map_version_after.is_some() || (doc.fenced && !m.abort_requested()) {
         // After the fence: keep it (no write may land on the source) and stay resumable. After

@@ -396,14 +396,15 @@ pub(super) async fn undo(state: &AppState, m: &Migration, pairs: &[DbPair]) -> R
     }
 }
 
-/// [`undo`] with retries (a shard restarting, a lock timeout): three attempts, 1 s and 2 s apart.
+/// [`undo`] with retries of transient failures (a shard restarting, a deadlock): three attempts,
+/// 1 s and 2 s apart. A permanent one (a missing privilege) is returned at once.
 pub(super) async fn undo_with_retries(state: &AppState, m: &Migration, pairs: &[DbPair]) -> Result<(), MigrateError> {
     let mut wait = Duration::from_secs(1);
     let mut attempt = 1;
     loop {
         match undo(state, m, pairs).await {
             Ok(()) => return Ok(()),
-            Err(e) if attempt < 3 => {
+            Err(e) if attempt < 3 && e.class().1 => {
                 tracing::warn!(id = %m.record().id, attempt, error = %e, "migration cleanup failed: retrying");
                 tokio::time::sleep(wait).await;
                 wait *= 2;
