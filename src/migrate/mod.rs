@@ -372,7 +372,9 @@ pub async fn recover(state: &Arc<AppState>) {
         if reg.contains_key(&doc.id) {
             continue;
         }
-        doc.error = Some("interrupted: the orchestrating process stopped; resume or abort".into());
+        if doc.active() {
+            doc.error = Some("interrupted: the orchestrating process stopped; resume or abort".into());
+        }
         tracing::warn!(id = %doc.id, state = %doc.state, "unfinished migration found");
         reg.insert(doc.id.clone(), Arc::new(Migration::new(doc)));
     }

@@ -198,8 +198,9 @@ pub const TARGET_HAS_COLUMN: &str = "SELECT count(*) FROM information_schema.col
 pub const PERSIST: &str = "INSERT INTO cellgate.migrations (id, state, doc) VALUES ($1, $2, $3)
     ON CONFLICT (id) DO UPDATE SET state = EXCLUDED.state, doc = EXCLUDED.doc, updated_at = now()";
 
-/// Progress records of migrations that did not finish (read at start-up).
-pub const UNFINISHED: &str = "SELECT doc FROM cellgate.migrations WHERE state NOT IN ('done', 'aborted', 'failed')";
+/// Progress records of migrations that did not finish, or failed with cleanup left (read at
+/// start-up, so `abort` can still retry that cleanup after a restart).
+pub const UNFINISHED: &str = "SELECT doc FROM cellgate.migrations WHERE state NOT IN ('done', 'aborted', 'failed') OR (doc->>'cleanup_pending')::boolean IS TRUE";
 
 /// Rows of the moving cells in a table (the copy's progress).
 pub fn count_cells(table: &str, col: &str, cells: &[CellIndex]) -> String {
