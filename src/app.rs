@@ -42,3 +42,21 @@ impl crate::reload::Host for AppState {
         &self.reload_status
     }
 }
+
+impl crate::migrate::Host for AppState {
+    fn pin(&self) -> Arc<Snapshot> {
+        AppState::pin(self)
+    }
+    fn config(&self) -> &Config {
+        &self.config
+    }
+    fn reload_tx(&self) -> &crate::reload::Sender {
+        &self.reload_tx
+    }
+    fn freeze(&self) -> &tokio::sync::watch::Sender<Option<Arc<crate::migrate::Freeze>>> {
+        &self.freeze
+    }
+    fn migrations(&self) -> &crate::migrate::Registry {
+        &self.migrations
+    }
+}

@@ -81,7 +81,28 @@ pub fn migrate(admin: &str, token: Option<&str>, action: &MigrateAction) -> Exit
         MigrateAction::Abort { id } => (http::Method::POST, format!("/admin/migrations/{id}/abort"), String::new()),
         MigrateAction::Resume { id } => (http::Method::POST, format!("/admin/migrations/{id}/resume"), String::new()),
     };
-    admin_call(admin, method, &path, "application/json", body, token)
+    let status = matches!(action, MigrateAction::Status { .. });
+    admin_call_then(admin, method, &path, "application/json", body, token, |answer| {
+        if status {
+            print_next_steps(answer);
+        }
+    })
+}
+
+/// After the JSON of `migrate status`: one line per migration saying what to do next (on
+/// stderr, so stdout stays one JSON document for scripts).
+fn print_next_steps(answer: &[u8]) {
+    let items = match serde_json::from_slice::<serde_json::Value>(answer) {
+        Ok(serde_json::Value::Array(a)) => a,
+        Ok(v) => vec![v],
+        Err(_) => Vec::new(),
+    };
+    for v in items {
+        let Ok(mut d) = serde_json::from_value::<crate::migrate::Doc>(v.clone()) else { continue };
+        // Reported by the server but never deserialised (persisted records do not run).
+        d.running = v["running"] == true;
+        eprintln!("{} {}: next: {}", d.id, d.state, d.next_step());
+    }
 }
 
 fn admin_call(
@@ -91,6 +112,18 @@ fn admin_call(
     content_type: &str,
     body: String,
     token: Option<&str>,
+) -> ExitCode {
+    admin_call_then(admin, method, path, content_type, body, token, |_| {})
+}
+
+fn admin_call_then(
+    admin: &str,
+    method: http::Method,
+    path: &str,
+    content_type: &str,
+    body: String,
+    token: Option<&str>,
+    then: impl FnOnce(&[u8]),
 ) -> ExitCode {
     let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
@@ -111,7 +144,11 @@ fn admin_call(
     match r {
         Ok((status, bytes)) => {
             println!("{}", String::from_utf8_lossy(&bytes));
-            if (200..300).contains(&status) { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+            if !(200..300).contains(&status) {
+                return ExitCode::FAILURE;
+            }
+            then(&bytes);
+            ExitCode::SUCCESS
         }
         Err(e) => {
             eprintln!("error: {admin}: {e}");

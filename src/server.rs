@@ -118,7 +118,7 @@ pub async fn start(cfg: Config, insecure_no_auth: bool) -> Result<Running, Start
     }
     // Migrations an earlier process left unfinished (crash): their persisted state is loaded so
     // that status tells the truth and they can be resumed or aborted.
-    crate::migrate::recover(&state).await;
+    crate::migrate::recover(&(state.clone() as Arc<dyn crate::migrate::Host>)).await;
     let watcher = if !state.config.map.watch {
         None
     } else {

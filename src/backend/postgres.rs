@@ -223,7 +223,7 @@ impl PgEndpoint {
         cfg.options(&opts);
         let mut read_config = cfg.clone();
         if role == Role::Primary {
-            read_config.options(&format!("{opts} -c default_transaction_read_only=on"));
+            read_config.options(format!("{opts} -c default_transaction_read_only=on"));
         }
         let health = Arc::new(EndpointHealth::new(role));
         let manager = PgManager { inner: PostgresConnectionManager::new(cfg.clone(), NoTls) };
@@ -506,10 +506,17 @@ impl PgEndpoint {
         }
     }
 
-    /// Run writes on this (primary) endpoint: one statement in autocommit, or several in one
-    /// transaction. Returns the last statement's rows, the total rows affected and the WAL
-    /// position after commit (the read-your-writes token).
-    pub async fn execute(&self, stmts: &[(String, Vec<Value>)]) -> Result<WriteResult, BackendError> {
+    /// Run writes on this (primary) endpoint in one transaction. With `route` = (routed cell,
+    /// map version) the transaction first sets `cellgate.route` (transaction-local), which the
+    /// migration fence's statement trigger checks: a write routed by a map older than the fence
+    /// fails even when it matches no row. Without a route a single statement runs in autocommit.
+    /// Returns the last statement's rows, the total rows affected and the WAL position after
+    /// commit (the read-your-writes token).
+    pub async fn execute(
+        &self,
+        stmts: &[(String, Vec<Value>)],
+        route: Option<(u64, u64)>,
+    ) -> Result<WriteResult, BackendError> {
         let mut conn = self.checkout().await?;
         // Prepare and bind everything first: a bad parameter fails before anything runs.
         let mut prepared = Vec::with_capacity(stmts.len());
@@ -521,29 +528,49 @@ impl PgEndpoint {
         }
         let lsn_stmt = conn.prepare("SELECT pg_current_wal_lsn()::text").await.map_err(|e| self.classify(e))?;
         conn.busy = true;
-        let tx = stmts.len() > 1;
-        if tx {
-            conn.client.batch_execute("BEGIN").await.map_err(|e| self.classify(e))?;
-        }
+        let tx = route.is_some() || stmts.len() > 1;
+        // Integers only: nothing to quote.
+        let begin = match route {
+            Some((cell, version)) => {
+                format!("BEGIN; SELECT set_config('cellgate.route', '{}:{version}', true)", cell as i64)
+            }
+            None => "BEGIN".to_string(),
+        };
         let mut affected = 0u64;
         let mut last = None;
+        let mut lsn_row = None;
+        let final_index = prepared.len() - 1;
         for (i, (stmt, bound)) in prepared.iter().enumerate() {
-            // A result over the limits fails the batch; outside a transaction nothing could be
-            // undone, so a lone autocommit statement returns whatever it returns.
-            let limits = if tx { self.limits } else { ResultLimits::NONE };
-            match collect(&conn.client, stmt, bound, limits).await {
+            let (opens, closes) = (tx && i == 0, tx && i == final_index);
+            // Pipelined: the requests of one step are sent on its first poll, in this order, so
+            // a single-statement write is one round trip (BEGIN, statement, COMMIT, WAL
+            // position). A COMMIT behind a failed statement only ends the aborted transaction;
+            // the WAL position read after the COMMIT is at or past our commit record.
+            let (began, ran, committed, lsn) = futures_util::future::join4(
+                async { if opens { conn.client.batch_execute(&begin).await } else { Ok(()) } },
+                // Writes are not cut off by the result limits: the COMMIT is already on its way,
+                // so stopping the statement could not tell the client whether it committed.
+                collect(&conn.client, stmt, bound, ResultLimits::NONE),
+                async { if closes { conn.client.batch_execute("COMMIT").await } else { Ok(()) } },
+                async { if closes { conn.client.query_one(&lsn_stmt, &[]).await.map(Some) } else { Ok(None) } },
+            )
+            .await;
+            match began.map_err(Collect::Db).and(ran) {
                 Ok((rows, n)) => {
                     affected += n;
                     last = Some(rows);
+                    committed.map_err(|e| self.classify(e))?;
+                    lsn_row = lsn.map_err(|e| self.classify(e))?;
                 }
                 Err(e) => {
-                    if tx {
+                    if tx && !closes {
                         // The transaction is aborted server-side; ROLLBACK makes the connection
                         // reusable. If even that fails the connection stays `busy` and is dropped.
                         if conn.client.batch_execute("ROLLBACK").await.is_ok() {
                             conn.busy = false;
                         }
-                    } else {
+                    } else if committed.is_ok() {
+                        // Autocommit, or the pipelined COMMIT already ended the transaction.
                         conn.busy = false;
                     }
                     let e = match e {
@@ -554,11 +581,10 @@ impl PgEndpoint {
                 }
             }
         }
-        if tx {
-            conn.client.batch_execute("COMMIT").await.map_err(|e| self.classify(e))?;
-        }
-        // After commit: the primary's current WAL position is at or past our commit record.
-        let lsn_row = conn.client.query_one(&lsn_stmt, &[]).await.map_err(|e| self.classify(e))?;
+        let lsn_row = match lsn_row {
+            Some(row) => row,
+            None => conn.client.query_one(&lsn_stmt, &[]).await.map_err(|e| self.classify(e))?,
+        };
         conn.busy = false;
         let lsn = parse_lsn(lsn_row.get::<_, &str>(0)).unwrap_or(0);
         let rows = last.expect("at least one statement");

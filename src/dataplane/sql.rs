@@ -235,7 +235,10 @@ pub async fn write(state: &AppState, plan: &WritePlan, out: &mut Outcome) -> Res
             }
         };
         ensure_writable(&pg.primary.health, &pg.primary.label, &id)?;
-        match pg.primary.execute(&plan.stmts).await {
+        // The routed cell and map version travel with the write: the old owner's migration
+        // fence refuses a write routed by an older map even when it matches no row there.
+        let routed = Some((u64::from(route.cell), map_version));
+        match pg.primary.execute(&plan.stmts, routed).await {
             Ok(res) => {
                 let info = ShardInfo { id: id.clone(), role: Role::Primary, endpoint: pg.primary.label.to_string() };
                 let token = Some(make_token(&id, res.lsn));

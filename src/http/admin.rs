@@ -53,9 +53,9 @@ pub async fn handle(state: &Arc<AppState>, req: Request<Incoming>) -> Response<B
         (&Method::GET, "/admin/shards") => json_response(StatusCode::OK, &shards_json(state)),
         (&Method::GET, "/admin/migrations") => json_response(StatusCode::OK, &state.migrations.list()),
         (&Method::POST, "/admin/migrations") => match read_json::<crate::migrate::StartRequest>(req).await {
-            Ok(r) => match crate::migrate::start(state, r).await {
+            Ok(r) => match crate::migrate::start(&host(state), r).await {
                 Ok(doc) => json_response(StatusCode::ACCEPTED, &doc),
-                Err(e) => e.into_response(),
+                Err(e) => ApiError::from(e).into_response(),
             },
             Err(e) => e.into_response(),
         },
@@ -64,7 +64,12 @@ pub async fn handle(state: &Arc<AppState>, req: Request<Incoming>) -> Response<B
                 let cells: Result<Vec<_>, _> = r.cells.iter().map(|c| crate::geo::parse_cell(c)).collect();
                 match cells {
                     Ok(cells) => {
-                        crate::migrate::freeze_local(state, &r.id, &cells, std::time::Duration::from_millis(r.hold_ms));
+                        crate::migrate::freeze_local(
+                            state.as_ref(),
+                            &r.id,
+                            &cells,
+                            std::time::Duration::from_millis(r.hold_ms),
+                        );
                         json_response(StatusCode::OK, &json!({"frozen": r.id}))
                     }
                     Err(e) => ApiError::InvalidParams(e.to_string()).into_response(),
@@ -74,7 +79,7 @@ pub async fn handle(state: &Arc<AppState>, req: Request<Incoming>) -> Response<B
         },
         (&Method::POST, "/admin/release") => match read_json::<ReleaseRequest>(req).await {
             Ok(r) => {
-                let released = crate::migrate::release_local(state, &r.id).is_some();
+                let released = crate::migrate::release_local(state.as_ref(), &r.id).is_some();
                 json_response(StatusCode::OK, &json!({"released": released}))
             }
             Err(e) => e.into_response(),
@@ -84,8 +89,8 @@ pub async fn handle(state: &Arc<AppState>, req: Request<Incoming>) -> Response<B
             let (id, action) = rest.split_once('/').unwrap_or((rest, ""));
             let r = match (m, action) {
                 (&Method::GET, "") => state.migrations.get(id).map(|m| m.doc()).ok_or(ApiError::NotFound),
-                (&Method::POST, "abort") => crate::migrate::abort(state, id).await,
-                (&Method::POST, "resume") => crate::migrate::resume(state, id).await,
+                (&Method::POST, "abort") => crate::migrate::abort(&host(state), id).await.map_err(ApiError::from),
+                (&Method::POST, "resume") => crate::migrate::resume(&host(state), id).await.map_err(ApiError::from),
                 _ => Err(ApiError::NotFound),
             };
             match r {
@@ -219,6 +224,11 @@ fn reload_json(o: &crate::reload::Outcome) -> (StatusCode, Value) {
     let mut body = serde_json::to_value(o).unwrap_or_default();
     body["status"] = json!(status.as_u16());
     (status, body)
+}
+
+/// The application state as the migration orchestrator's host.
+fn host(state: &Arc<AppState>) -> Arc<dyn crate::migrate::Host> {
+    state.clone()
 }
 
 /// Ready once a map is published and every endpoint has been probed once, until shutdown starts.

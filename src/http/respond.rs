@@ -123,6 +123,32 @@ impl ApiError {
     }
 }
 
+/// The migration control plane's errors (their fault side and retryability, `MigrateError::class`,
+/// match the codes chosen here).
+impl From<crate::migrate::MigrateError> for ApiError {
+    fn from(e: crate::migrate::MigrateError) -> Self {
+        use crate::migrate::MigrateError as M;
+        match e {
+            M::InvalidRequest(m) => ApiError::InvalidParams(m),
+            M::Unsupported(m) => ApiError::Unsupported(m),
+            M::Conflict(m) => ApiError::Conflict(m),
+            M::NotFound => ApiError::NotFound,
+            M::ShardUnavailable { shard, reason } => ApiError::ShardUnavailable { shard, reason },
+            M::Database { step, sqlstate, message } => ApiError::Database {
+                sqlstate,
+                server_code: None,
+                message: format!("{step}: {message}"),
+                detail: None,
+                hint: None,
+                statement: None,
+            },
+            // Outcomes of a running migration, recorded in its `error`; should a request meet
+            // one, the migration's state is what stands in its way.
+            other @ (M::Publish(_) | M::Aborted | M::Failpoint) => ApiError::Conflict(other.to_string()),
+        }
+    }
+}
+
 /// A backend failure on `shard` as the error object of a partial success (e.g. one shard's part
 /// of a split insert), shaped exactly like the `error` of an error response.
 pub fn error_json(e: BackendError, shard: &str) -> serde_json::Value {
