@@ -104,7 +104,7 @@ pub(super) fn parse_region(v: Option<Value>, snap: &Snapshot) -> Result<Region, 
         None | Some(Value::Null) => return Err(ApiError::RegionRequired),
         Some(v) => v,
     };
-    let r: RegionJson = serde_json::from_value(v).map_err(|e| ApiError::InvalidRegion(e.to_string()))?;
+    let r: RegionJson = super::json::from_value_strict(v, "region").map_err(ApiError::InvalidRegion)?;
     geo::region(r.lat, r.lng, r.cell.as_deref(), r.radius_km, snap.map.resolution())
         .map_err(|e| ApiError::InvalidRegion(e.to_string()))
 }
@@ -157,7 +157,7 @@ pub(super) fn parse_consistency(v: Option<Value>, max_wait_ms: u64) -> Result<Co
 }
 
 pub(super) fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
-    serde_json::from_slice(body).map_err(|e| ApiError::InvalidJson(e.to_string()))
+    super::json::parse_strict(body).map_err(ApiError::InvalidJson)
 }
 
 /// A SQL database of one shard, by kind.

@@ -4,6 +4,7 @@
 
 pub mod api;
 pub mod docs;
+pub mod json;
 pub mod respond;
 
 use std::net::SocketAddr;
