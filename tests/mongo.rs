@@ -71,6 +71,7 @@ async fn crud_and_extended_json() {
             .http
             .post(format!("{}/v1/docs/profiles/people/find", st.data()))
             .bearer_auth(READ_TOKEN)
+            .header("content-type", "application/json")
             .body(r#"{"region": {"lat": 40.4168, "lng": -3.7038}, "filter": {"born": {"$gte": {"$date": "1990-01-01T00:00:00Z"}}}}"#)
             .send()
             .await
