@@ -32,8 +32,8 @@ fn main() -> ExitCode {
             println!("{}", cellgate::auth::digest_hex(&token));
             ExitCode::SUCCESS
         }
-        Command::Serve { config, insecure_no_auth } => {
-            cellgate::telemetry::init_logging();
+        Command::Serve { config, insecure_no_auth, log_format } => {
+            cellgate::telemetry::init_logging(log_format);
             let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
                 Ok(rt) => rt,
                 Err(e) => {
