@@ -36,7 +36,8 @@ pub enum Command {
         log_format: crate::telemetry::LogFormat,
     },
     /// Print the SHA-256 digest of a token, for `[[tokens]] sha256 = ...` in cellgate.toml.
-    TokenHash { token: String },
+    /// Without TOKEN the token is read from stdin (one line), which keeps it out of `ps`.
+    TokenHash { token: Option<String> },
     /// Demo data tools.
     #[command(subcommand)]
     Demo(DemoCommand),
