@@ -30,9 +30,13 @@ pub enum Command {
         /// Allow a non-loopback listener without tokens (never in production).
         #[arg(long)]
         insecure_no_auth: bool,
+        /// Log lines as text (colours only on a terminal) or JSON objects for log shippers.
+        #[arg(long, value_enum, env = "CELLGATE_LOG_FORMAT", default_value_t = crate::telemetry::LogFormat::Text)]
+        log_format: crate::telemetry::LogFormat,
     },
     /// Print the SHA-256 digest of a token, for `[[tokens]] sha256 = ...` in cellgate.toml.
-    TokenHash { token: String },
+    /// Without TOKEN the token is read from stdin (one line), which keeps it out of `ps`.
+    TokenHash { token: Option<String> },
     /// Demo data tools.
     #[command(subcommand)]
     Demo(DemoCommand),

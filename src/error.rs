@@ -20,6 +20,12 @@ pub enum ApiError {
     RequestTimeout,
     NotFound,
     MethodNotAllowed,
+    /// A data-plane body that is not declared `application/json` (what was declared, if anything).
+    UnsupportedMediaType(Option<String>),
+    /// A request head hyper could not parse (hyper answers it; we give it the JSON body).
+    MalformedRequest,
+    /// A request target longer than hyper accepts (hyper answers it; we give it the JSON body).
+    UriTooLong,
     Database {
         sqlstate: Option<String>,
         /// SQL Server error number or MongoDB error code (`server_code` in the JSON).

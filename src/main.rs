@@ -29,11 +29,26 @@ fn main() -> ExitCode {
         }
         Command::Migrate { admin, token, action } => cli::migrate(&admin, token.as_deref(), &action),
         Command::TokenHash { token } => {
+            let token = match token {
+                Some(t) => t,
+                None => {
+                    let mut line = String::new();
+                    if let Err(e) = std::io::stdin().read_line(&mut line) {
+                        eprintln!("error: reading the token from stdin: {e}");
+                        return ExitCode::FAILURE;
+                    }
+                    line.trim_end_matches(['\r', '\n']).to_string()
+                }
+            };
+            if token.is_empty() {
+                eprintln!("error: empty token (give it as an argument or on stdin)");
+                return ExitCode::from(2);
+            }
             println!("{}", cellgate::auth::digest_hex(&token));
             ExitCode::SUCCESS
         }
-        Command::Serve { config, insecure_no_auth } => {
-            cellgate::telemetry::init_logging();
+        Command::Serve { config, insecure_no_auth, log_format } => {
+            cellgate::telemetry::init_logging(log_format);
             let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
                 Ok(rt) => rt,
                 Err(e) => {

@@ -55,11 +55,72 @@ pub fn render_metrics() -> String {
     HANDLE.get().map(|h| h.render()).unwrap_or_default()
 }
 
-/// Logs to stderr; `RUST_LOG` filters (default `info`); `CELLGATE_LOG_FORMAT=json` for JSON lines.
-pub fn init_logging() {
+/// How log lines are written: human-readable text, or one JSON object per line for log shippers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+/// The serve path's log subscriber writing to `out`. ANSI colours only when `out` is a terminal:
+/// a redirected stderr (a log file, journald, a pipe) gets plain text, not escape codes.
+pub fn subscriber<W>(format: LogFormat, filter: tracing_subscriber::EnvFilter, out: W) -> tracing::Dispatch
+where
+    W: std::io::Write + std::io::IsTerminal + Send + 'static,
+{
+    let ansi = out.is_terminal();
+    let builder =
+        tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(std::sync::Mutex::new(out));
+    match format {
+        LogFormat::Text => tracing::Dispatch::new(builder.finish()),
+        LogFormat::Json => tracing::Dispatch::new(builder.json().finish()),
+    }
+}
+
+/// Logs to stderr; `RUST_LOG` filters (default `info`); `format` from `--log-format` or
+/// `CELLGATE_LOG_FORMAT`.
+pub fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let json = std::env::var("CELLGATE_LOG_FORMAT").is_ok_and(|v| v == "json");
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    let _ = if json { builder.json().try_init() } else { builder.try_init() };
+    let _ = tracing::dispatcher::set_global_default(subscriber(format, filter, std::io::stderr()));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn log_to_file(format: LogFormat) -> String {
+        let path = std::env::temp_dir().join(format!("cellgate-log-{}-{format:?}", std::process::id()));
+        let file = std::fs::File::create(&path).unwrap();
+        let d = subscriber(format, tracing_subscriber::EnvFilter::new("info"), file);
+        tracing::dispatcher::with_default(&d, || {
+            let span = tracing::info_span!("request", route = "sql_query", shard = "a");
+            let _g = span.enter();
+            tracing::info!(answer = 42, "served");
+            tracing::warn!(code = "shard_unavailable", error = "connection refused", "request failed");
+        });
+        let text = std::fs::read_to_string(&path).unwrap();
+        let _ = std::fs::remove_file(&path);
+        text
+    }
+
+    #[test]
+    fn no_colour_codes_when_not_a_terminal() {
+        let text = log_to_file(LogFormat::Text);
+        assert_eq!(text.lines().count(), 2, "{text}");
+        assert!(text.contains("request failed") && text.contains("shard_unavailable"), "{text}");
+        assert!(!text.contains("\x1b["), "{text:?}");
+    }
+
+    #[test]
+    fn json_lines_parse() {
+        let text = log_to_file(LogFormat::Json);
+        assert!(!text.contains("\x1b["), "{text:?}");
+        let lines: Vec<serde_json::Value> = text.lines().map(|l| serde_json::from_str(l).expect(l)).collect();
+        assert_eq!(lines.len(), 2, "{text}");
+        assert_eq!(lines[1]["level"], "WARN");
+        assert_eq!(lines[1]["fields"]["code"], "shard_unavailable");
+        assert_eq!(lines[1]["span"]["shard"], "a");
+    }
 }

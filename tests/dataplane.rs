@@ -269,6 +269,7 @@ async fn h2c_on_the_data_port() {
     let body = json!({"region": {"lat": MADRID.0, "lng": MADRID.1}, "sql": "SELECT 42 AS x"}).to_string();
     let req = http::Request::post(format!("{}/v1/sql/core/query", st.data()))
         .header("authorization", format!("Bearer {READ_TOKEN}"))
+        .header("content-type", "application/json")
         .body(http_body_util::Full::new(bytes::Bytes::from(body)))
         .unwrap();
     let resp = sender.send_request(req).await.unwrap();

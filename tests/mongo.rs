@@ -72,6 +72,7 @@ async fn crud_and_extended_json() {
             .http
             .post(format!("{}/v1/docs/profiles/people/find", st.data()))
             .bearer_auth(READ_TOKEN)
+            .header("content-type", "application/json")
             .body(r#"{"region": {"lat": 40.4168, "lng": -3.7038}, "filter": {"born": {"$gte": {"$date": "1990-01-01T00:00:00Z"}}}}"#)
             .send()
             .await
@@ -145,6 +146,11 @@ async fn crud_and_extended_json() {
     assert_eq!((s, v["error"]["code"].as_str()), (404, Some("not_found")), "unknown op: {v}");
     let (s, v, _) = st.raw("profiles/people/find", READ_TOKEN, "{not json").await;
     assert_eq!((s, v["error"]["code"].as_str()), (400, Some("invalid_json")), "{v}");
+    // Strict JSON at every depth: a repeated key inside a filter is refused, with its path.
+    let body = r#"{"region": {"lat": 40.4168, "lng": -3.7038}, "filter": {"name": "ana", "name": "bob"}}"#;
+    let (s, v, _) = st.raw("profiles/people/find", READ_TOKEN, body).await;
+    assert_eq!((s, v["error"]["code"].as_str()), (400, Some("invalid_json")), "{v}");
+    assert!(v["error"]["message"].as_str().unwrap().contains("filter: duplicate key `name`"), "{v}");
     let (s, v) = st.read("people/find", json!({"region": madrid, "filtre": {}})).await;
     assert_eq!((s, v["error"]["code"].as_str()), (400, Some("invalid_json")), "unknown field: {v}");
     let (s, v) = st.read("people/find", json!({"region": madrid, "filter": {"_id": {"$oid": "xyz"}}})).await;

@@ -35,8 +35,10 @@ fi
 echo "== building (release)"
 cargo build --release -q -p cellgate -p cellgate-harness
 
+# From here on every file the demo writes is private (mode 0600, directories 0700): the work
+# directory holds the cluster's state file (passwords in its URLs) and the token's header file.
+umask 077
 WORK=$(mktemp -d /tmp/cellgate-demo.XXXXXX)
-chmod 755 "$WORK"
 CLUSTER_PID=""
 CELLGATE_PID=""
 CONGO_PIDS=()
@@ -52,9 +54,12 @@ trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
-export CELLGATE_DEMO_PG_PASSWORD="demo-$(head -c 6 /dev/urandom | od -An -tx1 | tr -d ' \n')"
+# Secrets travel in the environment or 0600 files, never on a command line (`ps` shows those to
+# every local user). The superuser password is random per run (cellgate-cluster's default); the
+# demo does not need it, and it is only in the 0600 state file's admin URLs.
+export CELLGATE_DEMO_PG_PASSWORD="demo-$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n')"
 echo "== starting 3 shards x (primary + 1 replica)"
-./target/release/cellgate-cluster up --shards 3 --replicas 1 --app-password "$CELLGATE_DEMO_PG_PASSWORD" \
+CELLGATE_CLUSTER_APP_PASSWORD="$CELLGATE_DEMO_PG_PASSWORD" ./target/release/cellgate-cluster up --shards 3 --replicas 1 \
   --state-file "$WORK/cluster.json" > "$WORK/cluster.out" 2> "$WORK/cluster.err" &
 CLUSTER_PID=$!
 for _ in $(seq 1 900); do
@@ -98,9 +103,12 @@ data = "127.0.0.1:$DATA_PORT"
 admin = "127.0.0.1:$ADMIN_PORT"
 [[tokens]]
 name = "demo"
-sha256 = "$(./target/release/cellgate token-hash "$TOKEN")"
+sha256 = "$(printf '%s\n' "$TOKEN" | ./target/release/cellgate token-hash)"
 scopes = ["read", "write", "admin"]
 TOML
+# curl reads the token from this file (`-H @file`), so it is not on curl's command line either.
+printf 'authorization: Bearer %s\n' "$TOKEN" > "$WORK/auth.header"
+AUTH="$WORK/auth.header"
 ./target/release/cellgate serve --config "$WORK/cellgate.toml" 2> "$WORK/cellgate.log" &
 CELLGATE_PID=$!
 for _ in $(seq 1 300); do
@@ -120,7 +128,7 @@ if [ "$MONGO" = 1 ]; then
       city: .[1], country: .[2], instruments: ["guitar", "voice"], rating: {"$numberDecimal": "4.5"},
       location: {type: "Point", coordinates: [(.[4] | tonumber), (.[3] | tonumber)]}}] | {documents: .}' \
     > "$WORK/profiles.json"
-  resp=$(curl -sS "$D/v1/docs/profiles/profiles/insert" -H "authorization: Bearer $TOKEN" \
+  resp=$(curl -sS "$D/v1/docs/profiles/profiles/insert" -H @"$AUTH" \
     -H 'content-type: application/json' --data-binary @"$WORK/profiles.json")
   printf '%s' "$resp" | jq -e -r '"   inserted \(.inserted_count): " + ([.shards[] | "\(.id) \(.inserted_ids | length)"] | join(", "))' \
     || { echo "profile insert failed: $resp" >&2; exit 1; }
@@ -129,39 +137,39 @@ TOKYO_H3=$(printf '%d' "0x$(./target/release/cellgate locate --map shard-maps/de
 A="http://127.0.0.1:$ADMIN_PORT"
 cat <<TXT
 
-Try these (copy and paste):
+Try these (copy and paste; $AUTH holds the header "authorization: Bearer <token>"):
 
 # musicians near Madrid (a replica of eu-1 answers)
-curl -s $D/v1/sql/core/query -H 'authorization: Bearer $TOKEN' -H 'content-type: application/json' \\
+curl -s $D/v1/sql/core/query -H @$AUTH -H 'content-type: application/json' \\
   -d '{"region": {"lat": 40.4168, "lng": -3.7038}, "sql": "SELECT id, name, instrument, city FROM musicians WHERE city = \$1 ORDER BY id LIMIT 5", "params": ["Madrid"]}'
 
 # nearby search: 25 km around Paris, merged over the owning shards, nearest 5
-curl -s $D/v1/sql/core/query -H 'authorization: Bearer $TOKEN' -H 'content-type: application/json' \\
+curl -s $D/v1/sql/core/query -H @$AUTH -H 'content-type: application/json' \\
   -d '{"region": {"lat": 48.8566, "lng": 2.3522, "radius_km": 25}, "sql": "SELECT id, name, (lat - \$1)^2 + (lng - \$2)^2 AS dist FROM musicians ORDER BY dist LIMIT 5", "params": [48.8566, 2.3522], "merge": {"order_by": [{"column": "dist"}], "limit": 5}}'
 
 # post a gig request in Tokyo (the primary of as-1); returns a read-your-writes token. The h3 column
 # holds the point's resolution-15 cell (point_cell of \`cellgate locate\`) as a BIGINT
-curl -s $D/v1/sql/core/execute -H 'authorization: Bearer $TOKEN' -H 'content-type: application/json' \\
+curl -s $D/v1/sql/core/execute -H @$AUTH -H 'content-type: application/json' \\
   -d '{"region": {"lat": 35.6895, "lng": 139.6917}, "sql": "INSERT INTO gig_requests (id, venue_id, title, budget_cents, gig_date, lat, lng, h3) VALUES (\$1, 1, \$2, 50000, \$3, 35.6895, 139.6917, \$4) RETURNING id", "params": [900001, "Jazz night", "2027-01-15", "$TOKYO_H3"]}'
 
 TXT
 if [ "$MONGO" = 1 ]; then cat <<TXT
 # MongoDB profiles near Madrid (same region, same shard as the SQL example; Extended JSON out)
-curl -s $D/v1/docs/profiles/profiles/find -H 'authorization: Bearer $TOKEN' -H 'content-type: application/json' \\
+curl -s $D/v1/docs/profiles/profiles/find -H @$AUTH -H 'content-type: application/json' \\
   -d '{"region": {"lat": 40.4168, "lng": -3.7038}, "filter": {"city": "Madrid"}, "projection": {"_id": 0, "name": 1, "rating": 1}}'
 
 # French musicians' profiles: the region (1,000 km around Paris) picks the owning shards, the
 # filter picks the documents; merged on city name, first 5
-curl -s $D/v1/docs/profiles/profiles/find -H 'authorization: Bearer $TOKEN' -H 'content-type: application/json' \\
+curl -s $D/v1/docs/profiles/profiles/find -H @$AUTH -H 'content-type: application/json' \\
   -d '{"region": {"lat": 48.8566, "lng": 2.3522, "radius_km": 1000}, "filter": {"country": "FR"}, "sort": {"city": 1}, "limit": 5, "projection": {"_id": 0, "city": 1}}'
 
 TXT
 fi
 cat <<TXT
 # where does a place go?
-curl -s "$A/admin/locate?lat=-33.8688&lng=151.2093" -H 'authorization: Bearer $TOKEN'
+curl -s "$A/admin/locate?lat=-33.8688&lng=151.2093" -H @$AUTH
 # shard health, lag and pools
-curl -s $A/admin/shards -H 'authorization: Bearer $TOKEN'
+curl -s $A/admin/shards -H @$AUTH
 TXT
 echo
 echo "cellgate demo ready: data=$D admin=$A token=$TOKEN"

@@ -33,7 +33,7 @@ use std::fmt;
 use std::fs;
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::net::TcpListener;
-use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -980,7 +980,13 @@ fn init_primary(ctx: &Arc<Ctx>, spec: &ClusterSpec, index: usize) -> Result<Node
     let mut node = Node::create(ctx, index, Role::Primary, format!("shard{index}-primary"))?;
 
     let pwfile = node.dir.join("superuser.pw");
-    fs::write(&pwfile, format!("{}\n", spec.superuser_password))
+    // 0600 from the start: the file holds the superuser password until initdb has read it.
+    fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&pwfile)
+        .and_then(|mut f| f.write_all(format!("{}\n", spec.superuser_password).as_bytes()))
         .map_err(io_err(format!("writing {}", pwfile.display())))?;
     ctx.own(&pwfile)?;
     let mut cmd = ctx.command("initdb", true);

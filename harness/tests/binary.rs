@@ -70,6 +70,10 @@ fn up_serves_two_shards_and_sigterm_stops_everything() {
     for (i, shard) in shards.iter().enumerate() {
         assert_eq!(shard["index"].as_u64().unwrap() as usize, i);
         let p = &shard["primary"];
+        // No fixed passwords: both are random per run when none is given.
+        for (url, fixed) in [(&p["url"], "app-password"), (&p["admin_url"], "postgres-password")] {
+            assert!(!url.as_str().unwrap().contains(fixed), "{url}");
+        }
         assert_eq!(psql(p["url"].as_str().unwrap(), "SELECT pg_is_in_recovery()"), "f");
         assert_eq!(psql(p["admin_url"].as_str().unwrap(), "SELECT current_user"), "postgres");
         let replicas = shard["replicas"].as_array().unwrap();
@@ -97,6 +101,66 @@ fn up_serves_two_shards_and_sigterm_stops_everything() {
         assert!(!alive(pid), "postmaster {pid} survived SIGTERM");
     }
     assert!(processes_mentioning(&root.display().to_string()).is_empty());
+}
+
+/// Passwords come from the environment or an owner-only file, never argv; the state file that
+/// carries them (in its URLs) is 0600; no process's command line shows them while the cluster runs.
+#[test]
+fn passwords_stay_off_command_lines_and_out_of_readable_files() {
+    use std::os::unix::fs::PermissionsExt;
+    let pid = std::process::id();
+    let app_pw = format!("appcanary{pid}x7");
+    let su_pw = format!("sucanary{pid}q3");
+
+    // Refused: a password on argv, and a password file others can read.
+    let out = Command::new(BIN).args(["up", "--app-password", &app_pw]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("command line"), "{out:?}");
+    let su_file = std::env::temp_dir().join(format!("cellgate-cluster-test-su-{pid}.pw"));
+    std::fs::write(&su_file, format!("{su_pw}\n")).unwrap();
+    std::fs::set_permissions(&su_file, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let out = Command::new(BIN).args(["up", "--superuser-password-file"]).arg(&su_file).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("chmod 600"), "{out:?}");
+    std::fs::set_permissions(&su_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+
+    let state = state_path("secrets");
+    let _ = std::fs::remove_file(&state);
+    let mut child = Command::new(BIN)
+        .args(["up", "--shards", "1", "--replicas", "1", "--superuser-password-file"])
+        .arg(&su_file)
+        .arg("--state-file")
+        .arg(&state)
+        .env("CELLGATE_CLUSTER_APP_PASSWORD", &app_pw)
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn cellgate-cluster");
+    // Watch every command line while the cluster starts (initdb, pg_basebackup, psql, postgres).
+    let mut seen = Vec::new();
+    let doc = poll("cellgate-cluster state file", Duration::from_secs(120), || {
+        seen.extend(processes_mentioning(&app_pw));
+        seen.extend(processes_mentioning(&su_pw));
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("cellgate-cluster exited early with {status}");
+        }
+        let text = std::fs::read_to_string(&state).ok()?;
+        Some(serde_json::from_str::<serde_json::Value>(&text).expect("state file is JSON"))
+    });
+    let p = &doc["shards"][0]["primary"];
+    assert!(p["url"].as_str().unwrap().contains(&app_pw), "{p}");
+    assert!(p["admin_url"].as_str().unwrap().contains(&su_pw), "{p}");
+    assert_eq!(psql(p["admin_url"].as_str().unwrap(), "SELECT current_user"), "postgres");
+    assert_eq!(std::fs::metadata(&state).unwrap().permissions().mode() & 0o777, 0o600);
+    seen.extend(processes_mentioning(&app_pw));
+    seen.extend(processes_mentioning(&su_pw));
+    assert!(seen.is_empty(), "passwords on command lines: {seen:?}");
+
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let status = poll("cellgate-cluster exit", Duration::from_secs(60), || child.try_wait().unwrap());
+    assert!(status.success(), "exit status {status}");
+    let _ = std::fs::remove_file(&su_file);
 }
 
 #[test]

@@ -130,7 +130,7 @@ async fn read_json<T: serde::de::DeserializeOwned>(req: Request<Incoming>) -> Re
         .await
         .map_err(|_| ApiError::BodyTooLarge(1 << 20))?
         .to_bytes();
-    serde_json::from_slice(&body).map_err(|e| ApiError::InvalidJson(e.to_string()))
+    super::parse::json(&body)
 }
 
 /// Largest map accepted by `PUT /admin/map` (a 1M-cell map is about 19 MB of TOML).

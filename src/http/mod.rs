@@ -5,6 +5,7 @@
 pub mod admin;
 pub mod api;
 pub mod docs;
+pub mod json;
 pub mod parse;
 pub mod respond;
 
@@ -50,9 +51,71 @@ impl Plane {
 }
 
 /// A stream that first replays the bytes we already read (the request head), then the socket.
+/// On the way out it gives hyper's own error answers a JSON body (`json_error_for_hyper_answer`).
 struct Rewind {
     prefix: Bytes,
     inner: TcpStream,
+    /// A rewritten answer not yet fully written to the socket.
+    pending: Bytes,
+}
+
+impl Rewind {
+    fn new(prefix: Bytes, inner: TcpStream) -> Self {
+        Rewind { prefix, inner, pending: Bytes::new() }
+    }
+
+    fn poll_drain(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        while !self.pending.is_empty() {
+            let n = std::task::ready!(Pin::new(&mut self.inner).poll_write(cx, &self.pending))?;
+            if n == 0 {
+                return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into()));
+            }
+            let _ = self.pending.split_to(n);
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    /// Take `buf` as written; if it is one of hyper's bodiless error answers, write the JSON
+    /// version instead.
+    fn poll_write_checked(&mut self, cx: &mut Context<'_>, buf: &[u8]) -> Option<Poll<std::io::Result<usize>>> {
+        let answer = json_error_for_hyper_answer(buf)?;
+        self.pending = answer;
+        // Pending here is fine: the waker is registered and flush/shutdown drain the rest.
+        Some(match self.poll_drain(cx) {
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            _ => Poll::Ready(Ok(buf.len())),
+        })
+    }
+}
+
+/// hyper answers a head it cannot parse by itself (400, 414, 431 for more than 100 headers or a
+/// head past `max_buf_size` on a kept-alive connection) with an empty body, outside our service.
+/// Such an answer is a lone head with `content-length: 0` and no `content-type` (every answer our
+/// service builds has one); it is rewritten to carry the API's JSON error body.
+fn json_error_for_hyper_answer(buf: &[u8]) -> Option<Bytes> {
+    let err = match buf.get(..13)? {
+        b"HTTP/1.1 400 " => ApiError::MalformedRequest,
+        b"HTTP/1.1 414 " => ApiError::UriTooLong,
+        b"HTTP/1.1 431 " => ApiError::HeadersTooLarge,
+        _ => return None,
+    };
+    let head = std::str::from_utf8(buf).ok()?;
+    if !head.ends_with("\r\n\r\n") || head[..head.len() - 2].contains("\r\n\r\n") {
+        return None;
+    }
+    let lower = head.to_ascii_lowercase();
+    let at = lower.find("\r\ncontent-length: 0\r\n")?;
+    if lower.contains("\r\ncontent-type:") {
+        return None;
+    }
+    let body = err.json_body();
+    let mut out = String::with_capacity(head.len() + body.len() + 64);
+    out.push_str(&head[..at]);
+    out.push_str(&format!("\r\ncontent-type: application/json\r\ncontent-length: {}", body.len()));
+    out.push_str(&head[at + "\r\ncontent-length: 0".len()..]);
+    let mut bytes = out.into_bytes();
+    bytes.extend_from_slice(&body);
+    Some(Bytes::from(bytes))
 }
 
 impl AsyncRead for Rewind {
@@ -69,12 +132,18 @@ impl AsyncRead for Rewind {
 
 impl AsyncWrite for Rewind {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        std::task::ready!(self.poll_drain(cx))?;
+        if let Some(p) = self.poll_write_checked(cx, buf) {
+            return p;
+        }
         Pin::new(&mut self.inner).poll_write(cx, buf)
     }
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        std::task::ready!(self.poll_drain(cx))?;
         Pin::new(&mut self.inner).poll_flush(cx)
     }
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        std::task::ready!(self.poll_drain(cx))?;
         Pin::new(&mut self.inner).poll_shutdown(cx)
     }
     fn poll_write_vectored(
@@ -82,6 +151,14 @@ impl AsyncWrite for Rewind {
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
+        std::task::ready!(self.poll_drain(cx))?;
+        // hyper's automatic answers are a single head slice.
+        let mut filled = bufs.iter().filter(|b| !b.is_empty());
+        if let (Some(only), None) = (filled.next(), filled.next())
+            && let Some(p) = self.poll_write_checked(cx, only)
+        {
+            return p;
+        }
         Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
     }
     fn is_write_vectored(&self) -> bool {
@@ -107,7 +184,12 @@ async fn read_first_head(stream: &mut TcpStream, limit: usize, timeout: Duration
             if buf.len() >= H2_PREFACE.len() && buf.starts_with(H2_PREFACE) {
                 return Head::Ready(buf.split().freeze());
             }
-            if buf.windows(4).any(|w| w == b"\r\n\r\n") {
+            if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                // A head that arrived whole in one read is held to the same limit: hyper's own
+                // buffer limit is looser (at least 8 KiB) and its 431 would have no JSON body.
+                if end + 4 > limit {
+                    return Head::TooLarge;
+                }
                 return Head::Ready(buf.split().freeze());
             }
             if buf.len() > limit {
@@ -195,7 +277,7 @@ pub async fn serve(
                 Head::TimedOut => return write_raw_error(&mut stream, ApiError::RequestTimeout).await,
                 Head::TooLarge => return write_raw_error(&mut stream, ApiError::HeadersTooLarge).await,
             };
-            let io = TokioIo::new(Rewind { prefix, inner: stream });
+            let io = TokioIo::new(Rewind::new(prefix, stream));
             let svc = hyper::service::service_fn(move |req| {
                 let state = state.clone();
                 async move { Ok::<_, std::convert::Infallible>(handle(state, plane, req).await) }
@@ -223,6 +305,20 @@ async fn read_body(body: Incoming, headers: &http::HeaderMap, limit: usize) -> R
         Ok(c) => Ok(c.to_bytes()),
         Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(ApiError::BodyTooLarge(limit)),
         Err(e) => Err(ApiError::InvalidJson(format!("could not read body: {e}"))),
+    }
+}
+
+/// Data-plane bodies are JSON and must say so (`application/json`, parameters such as
+/// `; charset=utf-8` allowed, any case): a form or text body is refused before it is read, so a
+/// browser's simple cross-origin POST cannot reach a handler.
+fn check_json_content_type(headers: &http::HeaderMap) -> Result<(), ApiError> {
+    let Some(v) = headers.get(header::CONTENT_TYPE) else { return Err(ApiError::UnsupportedMediaType(None)) };
+    let declared = String::from_utf8_lossy(v.as_bytes());
+    let essence = declared.split(';').next().unwrap_or("").trim();
+    if essence.eq_ignore_ascii_case("application/json") {
+        Ok(())
+    } else {
+        Err(ApiError::UnsupportedMediaType(Some(declared.chars().take(100).collect())))
     }
 }
 
@@ -289,6 +385,9 @@ async fn data(state: &AppState, req: Request<Incoming>) -> Response<Body> {
             Err(crate::auth::AuthError::Forbidden(_)) => {
                 return (Err(ApiError::Forbidden(if read { "read" } else { "write" })), Outcome::default());
             }
+        }
+        if let Err(e) = check_json_content_type(req.headers()) {
+            return (Err(e), Outcome::default());
         }
         // In-flight limit: counted before the body is read, so a flood of slow uploads counts too.
         let n = state.in_flight.fetch_add(1, Ordering::Relaxed) + 1;
@@ -361,4 +460,63 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     sock.set_reuseaddr(true)?;
     sock.bind(addr)?;
     sock.listen(4096)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with(ct: Option<&'static str>) -> Result<(), &'static str> {
+        let mut h = http::HeaderMap::new();
+        if let Some(v) = ct {
+            h.insert(header::CONTENT_TYPE, http::HeaderValue::from_static(v));
+        }
+        check_json_content_type(&h).map_err(|e| e.code())
+    }
+
+    #[test]
+    fn hyper_error_answers_get_the_json_body() {
+        let hyper_431 = b"HTTP/1.1 431 Request Header Fields Too Large\r\nconnection: close\r\ncontent-length: 0\r\ndate: Tue, 01 Dec 2026 21:00:00 GMT\r\n\r\n";
+        let out = json_error_for_hyper_answer(hyper_431).expect("rewritten");
+        let text = std::str::from_utf8(&out).unwrap();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap();
+        assert!(head.starts_with("HTTP/1.1 431 Request Header Fields Too Large\r\nconnection: close\r\n"), "{head}");
+        assert!(head.contains("\r\ncontent-type: application/json\r\n"), "{head}");
+        assert!(head.contains(&format!("\r\ncontent-length: {}\r\n", body.len())), "{head}");
+        assert!(head.ends_with("date: Tue, 01 Dec 2026 21:00:00 GMT"), "{head}");
+        let v: serde_json::Value = serde_json::from_str(body).unwrap();
+        assert_eq!(v["error"]["code"], "headers_too_large");
+        let out = json_error_for_hyper_answer(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\n").unwrap();
+        assert!(std::str::from_utf8(&out).unwrap().ends_with(
+            "\"malformed_request\",\"message\":\"the request head is not valid HTTP/1.1\",\"retryable\":false}}"
+        ));
+        // Our own answers (they carry a content type), other statuses, heads with a body, and
+        // bytes that are not a lone head pass untouched.
+        for untouched in [
+            &b"HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\ncontent-length: 0\r\n\r\n"[..],
+            b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n",
+            b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-length: 2\r\n\r\n{}",
+            b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\nHTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\n",
+            b"\x00\x00\x12\x04\x00",
+        ] {
+            assert!(json_error_for_hyper_answer(untouched).is_none(), "{:?}", String::from_utf8_lossy(untouched));
+        }
+    }
+
+    #[test]
+    fn json_content_type_is_required() {
+        for ok in [
+            "application/json",
+            "application/json; charset=utf-8",
+            "Application/JSON;charset=UTF-8",
+            " application/json ",
+        ] {
+            assert_eq!(with(Some(ok)), Ok(()), "{ok}");
+        }
+        for bad in
+            [None, Some("text/plain"), Some("application/x-www-form-urlencoded"), Some("application/jsonx"), Some("")]
+        {
+            assert_eq!(with(bad), Err("unsupported_media_type"), "{bad:?}");
+        }
+    }
 }

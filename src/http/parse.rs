@@ -17,8 +17,10 @@ struct RegionJson {
     radius_km: Option<f64>,
 }
 
+/// A request body: strict JSON (duplicate keys, arrays as objects refused; errors with paths,
+/// in the API's terms — `http::json`).
 pub fn json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
-    serde_json::from_slice(body).map_err(|e| ApiError::InvalidJson(e.to_string()))
+    super::json::parse_strict(body).map_err(ApiError::InvalidJson)
 }
 
 /// The `region` member: absent or null is `None` (the data plane decides whether it is needed).
@@ -27,7 +29,7 @@ pub fn region(v: Option<Value>) -> Result<Option<RegionSpec>, ApiError> {
         None | Some(Value::Null) => return Ok(None),
         Some(v) => v,
     };
-    let r: RegionJson = serde_json::from_value(v).map_err(|e| ApiError::InvalidRegion(e.to_string()))?;
+    let r: RegionJson = super::json::from_value_strict(v, "region").map_err(ApiError::InvalidRegion)?;
     Ok(Some(RegionSpec { lat: r.lat, lng: r.lng, cell: r.cell, radius_km: r.radius_km }))
 }
 

@@ -27,6 +27,9 @@ impl ApiError {
             NoShardForRegion(_) => (StatusCode::NOT_FOUND, "no_shard_for_region", false),
             NotFound => (StatusCode::NOT_FOUND, "not_found", false),
             MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", false),
+            UnsupportedMediaType(_) => (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type", false),
+            MalformedRequest => (StatusCode::BAD_REQUEST, "malformed_request", false),
+            UriTooLong => (StatusCode::URI_TOO_LONG, "uri_too_long", false),
             BodyTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "body_too_large", false),
             HeadersTooLarge => (StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, "headers_too_large", false),
             RequestTimeout => (StatusCode::REQUEST_TIMEOUT, "request_timeout", true),
@@ -59,6 +62,12 @@ impl ApiError {
             NoShardForRegion(cell) => format!("no shard owns cell {cell}"),
             NotFound => "no such route".into(),
             MethodNotAllowed => "method not allowed".into(),
+            UnsupportedMediaType(None) => "the request body needs Content-Type: application/json".into(),
+            UnsupportedMediaType(Some(t)) => {
+                format!("the request body needs Content-Type: application/json, not {t:?}")
+            }
+            MalformedRequest => "the request head is not valid HTTP/1.1".into(),
+            UriTooLong => "the request target is too long".into(),
             BodyTooLarge(limit) => format!("request body exceeds {limit} bytes"),
             HeadersTooLarge => "request headers too large".into(),
             RequestTimeout => "request head not received in time".into(),
@@ -85,6 +94,11 @@ impl ApiError {
 
     pub fn code(&self) -> &'static str {
         self.class().1
+    }
+
+    /// The JSON body of this error's response, for answers written outside hyper's service.
+    pub fn json_body(&self) -> Vec<u8> {
+        serde_json::to_vec(&json!({ "error": self.body() })).expect("serialisable")
     }
 
     pub fn into_response(self) -> Response<Body> {

@@ -22,8 +22,10 @@ OPTIONS (for `up`):
     --shards N                 number of shards (default 1)
     --replicas K               streaming replicas per shard (default 1)
     --app-user NAME            app role owning the databases (default app)
-    --app-password P           app role password (default app-password)
-    --superuser-password P     password of superuser `postgres` (default postgres-password)
+    --app-password-file PATH   file holding the app role's password (one line; the file must
+                               not be readable by group or others). Default: a random password
+    --superuser-password-file PATH
+                               same, for the superuser `postgres`. Default: a random password
     --db NAME                  database to create on every primary; repeatable (default core)
     --fsync                    run with fsync=on (default off: faster, fine for throwaway data)
     --conf NAME=VALUE          extra postgresql.conf setting for every node; repeatable
@@ -34,7 +36,12 @@ OPTIONS (for `up`):
 file), prints `cellgate-cluster ready` to stderr, then waits for SIGTERM or SIGINT, stops
 every node and removes all its files, and exits 0.
 
+Passwords are never taken from the command line (every local user sees it in `ps`); the
+state file and stdout carry them in the nodes' URLs, and the state file is written mode 0600.
+
 ENVIRONMENT:
+    CELLGATE_CLUSTER_APP_PASSWORD         app role password (instead of --app-password-file)
+    CELLGATE_CLUSTER_SUPERUSER_PASSWORD   superuser password (instead of --superuser-password-file)
     CELLGATE_PG_BINDIR         directory with initdb, pg_ctl, postgres, pg_basebackup, psql
     CELLGATE_HARNESS_TMPDIR    where cluster directories are created (default: temp dir)
 ";
@@ -93,7 +100,54 @@ enum Parsed {
     Up(Box<Args>),
 }
 
-fn parse(args: Vec<String>) -> Result<Parsed, String> {
+const APP_PASSWORD_ENV: &str = "CELLGATE_CLUSTER_APP_PASSWORD";
+const SUPERUSER_PASSWORD_ENV: &str = "CELLGATE_CLUSTER_SUPERUSER_PASSWORD";
+
+/// A password from a file that only its owner can read (first line, without the newline).
+fn read_password_file(flag: &str, path: &Path) -> Result<String, String> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = fs::metadata(path).map_err(|e| format!("{flag} {}: {e}", path.display()))?;
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(format!(
+            "{flag} {}: mode {mode:o} lets other users read the password; chmod 600 it",
+            path.display()
+        ));
+    }
+    let text = fs::read_to_string(path).map_err(|e| format!("{flag} {}: {e}", path.display()))?;
+    let pw = text.lines().next().unwrap_or("").to_string();
+    if pw.is_empty() {
+        return Err(format!("{flag} {}: the file is empty", path.display()));
+    }
+    Ok(pw)
+}
+
+/// 128 random bits as hex: a throwaway cluster's password when none is given.
+fn random_password() -> Result<String, String> {
+    use std::io::Read;
+    let mut b = [0u8; 16];
+    fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut b))
+        .map_err(|e| format!("reading /dev/urandom: {e}"))?;
+    Ok(b.iter().map(|x| format!("{x:02x}")).collect())
+}
+
+/// Password for one role: file flag, else environment variable, else random.
+fn password(
+    flag: &str,
+    file: Option<PathBuf>,
+    env_name: &str,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<String, String> {
+    match (file, env(env_name).filter(|v| !v.is_empty())) {
+        (Some(_), Some(_)) => Err(format!("give the password by {flag} or {env_name}, not both")),
+        (Some(path), None) => read_password_file(flag, &path),
+        (None, Some(v)) => Ok(v),
+        (None, None) => random_password(),
+    }
+}
+
+fn parse(args: Vec<String>, env: &dyn Fn(&str) -> Option<String>) -> Result<Parsed, String> {
     let mut it = args.into_iter().peekable();
     match it.next().as_deref() {
         None => return Err("missing command; try `cellgate-cluster --help`".into()),
@@ -104,6 +158,7 @@ fn parse(args: Vec<String>) -> Result<Parsed, String> {
     let mut spec = ClusterSpec::default();
     let mut dbs: Vec<String> = Vec::new();
     let mut state_file = None;
+    let (mut app_pw_file, mut su_pw_file) = (None, None);
     while let Some(arg) = it.next() {
         let (flag, inline) = match arg.split_once('=') {
             Some((f, v)) if f.starts_with("--") => (f.to_string(), Some(v.to_string())),
@@ -123,8 +178,15 @@ fn parse(args: Vec<String>) -> Result<Parsed, String> {
             "--shards" => spec.shards = number("--shards", value("--shards")?)?,
             "--replicas" => spec.replicas_per_shard = number("--replicas", value("--replicas")?)?,
             "--app-user" => spec.app_user = value("--app-user")?,
-            "--app-password" => spec.app_password = value("--app-password")?,
-            "--superuser-password" => spec.superuser_password = value("--superuser-password")?,
+            "--app-password" | "--superuser-password" => {
+                return Err(format!(
+                    "{flag} is not accepted: a password on the command line is visible to every local \
+                     user (ps); use {flag}-file PATH (mode 0600) or the environment ({APP_PASSWORD_ENV} / \
+                     {SUPERUSER_PASSWORD_ENV})"
+                ));
+            }
+            "--app-password-file" => app_pw_file = Some(PathBuf::from(value("--app-password-file")?)),
+            "--superuser-password-file" => su_pw_file = Some(PathBuf::from(value("--superuser-password-file")?)),
             "--db" => dbs.push(value("--db")?),
             "--fsync" if inline.is_none() => spec.fsync = true,
             "--conf" => {
@@ -139,16 +201,21 @@ fn parse(args: Vec<String>) -> Result<Parsed, String> {
     if !dbs.is_empty() {
         spec.databases = dbs;
     }
+    spec.app_password = password("--app-password-file", app_pw_file, APP_PASSWORD_ENV, env)?;
+    spec.superuser_password = password("--superuser-password-file", su_pw_file, SUPERUSER_PASSWORD_ENV, env)?;
     Ok(Parsed::Up(Box::new(Args { spec, state_file })))
 }
 
-/// Writes `text` to `path` via a temp file in the same directory + rename.
+/// Writes `text` to `path` via a temp file in the same directory + rename; mode 0600, since the
+/// text holds the nodes' passwords.
 fn write_atomically(path: &Path, text: &str) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
     let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let name = path.file_name().ok_or_else(|| std::io::Error::other("state file path has no file name"))?;
     let tmp = dir.join(format!(".{}.tmp-{}", name.to_string_lossy(), std::process::id()));
+    let _ = fs::remove_file(&tmp);
     let result = (|| {
-        let mut f = fs::File::create(&tmp)?;
+        let mut f = fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp)?;
         f.write_all(text.as_bytes())?;
         f.sync_all()?;
         fs::rename(&tmp, path)
@@ -204,7 +271,7 @@ fn up(args: Args) -> Result<(), String> {
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    match parse(args) {
+    match parse(args, &|k| std::env::var(k).ok()) {
         Ok(Parsed::Help) => {
             print!("{HELP}");
             ExitCode::SUCCESS
