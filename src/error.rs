@@ -57,8 +57,8 @@ impl ApiError {
             _ => None,
         };
         match e.root() {
-            BackendError::Unavailable { reason, .. } => {
-                ApiError::ShardUnavailable { shard: shard.into(), reason: reason.clone() }
+            BackendError::Unavailable { endpoint, reason } => {
+                ApiError::ShardUnavailable { shard: shard.into(), reason: format!("{endpoint}: {reason}") }
             }
             BackendError::ReadOnly { endpoint } => ApiError::ShardUnavailable {
                 shard: shard.into(),

@@ -91,6 +91,22 @@ impl BackendError {
     }
 }
 
+/// An error and every cause under it, `outer: inner: innermost`. Driver errors often say only
+/// "error connecting to server" at the top; the cause (refused, timed out, auth) is below.
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let t = c.to_string();
+        if !s.contains(&t) {
+            s.push_str(": ");
+            s.push_str(&t);
+        }
+        cur = c.source();
+    }
+    s
+}
+
 /// A shard's logical database, by kind.
 pub enum DatabaseBackend {
     Postgres(Arc<PgDatabase>),

@@ -254,7 +254,7 @@ impl PgEndpoint {
 
     /// Open a fresh connection and run a trivial query (reload pre-check).
     pub async fn check(&self) -> Result<(), String> {
-        let (client, conn) = self.pg_config.connect(NoTls).await.map_err(|e| e.to_string())?;
+        let (client, conn) = self.pg_config.connect(NoTls).await.map_err(|e| crate::backend::error_chain(&e))?;
         let task = crate::tasks::spawn("pg_check_connection", conn);
         let r = client.simple_query("SELECT 1").await.map(|_| ()).map_err(|e| e.to_string());
         drop(client);
@@ -302,9 +302,10 @@ impl PgEndpoint {
             };
         }
         // No server error: I/O, closed connection, connect refused, TLS.
-        self.health.note_error(&e.to_string());
+        let reason = super::error_chain(&e);
+        self.health.note_error(&reason);
         self.health.request_recheck();
-        BackendError::Unavailable { endpoint: self.label.to_string(), reason: e.to_string() }
+        BackendError::Unavailable { endpoint: self.label.to_string(), reason }
     }
 
     /// Run one read-only statement. `min_lsn`: wait (until `wait_until`) for this endpoint to

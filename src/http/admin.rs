@@ -307,6 +307,7 @@ fn sql_endpoint_json(
         "up": h.up,
         "probed": h.probed,
         "readable": readable,
+        "serves": serves(role, h, readable),
         "pool": {
             "size": st.connections,
             "idle": st.idle_connections,
@@ -317,6 +318,20 @@ fn sql_endpoint_json(
         },
         "last_error": h.last_error,
     })
+}
+
+/// How the data plane uses an endpoint now, in words: a primary takes writes and the reads that
+/// ask for it or find no fit replica; a replica takes replica reads while it is fit.
+fn serves(role: Role, h: &HealthView, readable: bool) -> &'static str {
+    let down = h.probed && !h.up;
+    match role {
+        Role::Primary if down => "nothing: down (writes fail fast with 503, reads use the replicas)",
+        Role::Primary if h.in_recovery == Some(true) => "nothing: answers as a replica (writes refused)",
+        Role::Primary => "writes; reads with consistency primary, and reads no fit replica can take",
+        Role::Replica if readable => "replica reads",
+        Role::Replica if down => "nothing: down (its reads go to the primary)",
+        Role::Replica => "nothing: lagging or not yet probed (its reads go to the primary)",
+    }
 }
 
 fn shards_json(state: &AppState) -> Value {

@@ -427,7 +427,9 @@ async fn data(state: &AppState, req: Request<Incoming>) -> Response<Body> {
         Ok((status, v)) => respond::json_response(status, &v),
         Err(e) => {
             if e.status().is_server_error() {
-                tracing::warn!(parent: &span, code = e.code(), "request failed");
+                // Enough to act on without the request: where it went, and why it failed.
+                tracing::warn!(parent: &span, code = e.code(), db = %db, shard = out.shard.as_deref().unwrap_or("none"),
+                    cell = out.cell.as_deref().unwrap_or("none"), error = %e.message(), "request failed");
             }
             e.into_response()
         }

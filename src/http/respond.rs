@@ -48,7 +48,7 @@ impl ApiError {
         self.class().0
     }
 
-    fn message(&self) -> String {
+    pub(crate) fn message(&self) -> String {
         use ApiError::*;
         match self {
             InvalidJson(m) => format!("request body is not valid: {m}"),

@@ -41,7 +41,8 @@ impl Probed for PgEndpoint {
         let mut slot = self.probe_client.lock().await;
         let fut = async {
             if slot.as_ref().is_none_or(|c| c.is_closed()) {
-                let (client, conn) = self.pg_config.connect(NoTls).await.map_err(|e| e.to_string())?;
+                let (client, conn) =
+                    self.pg_config.connect(NoTls).await.map_err(|e| crate::backend::error_chain(&e))?;
                 crate::tasks::spawn("pg_probe_connection", async move {
                     let _ = conn.await;
                 });
