@@ -19,7 +19,7 @@ use sqlparser::ast::{
     TableFactor, UtilityOption, Value, Visit, Visitor,
 };
 use sqlparser::dialect::{MsSqlDialect, PostgreSqlDialect};
-use sqlparser::parser::{Parser, ParserError};
+use sqlparser::parser::{Parser, ParserError, ParserOptions};
 
 /// SQL dialect of the backend the text is meant for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -254,7 +254,10 @@ fn classify_unguarded(sql: &str, dialect: Dialect, policy: &Policy) -> Classifie
 fn parse(sql: &str, dialect: Dialect) -> Result<Vec<Statement>, ParserError> {
     let parser = match dialect {
         Dialect::Postgres => Parser::new(&PostgreSqlDialect {}),
-        Dialect::SqlServer => Parser::new(&MsSqlDialect {}),
+        // T-SQL needs no `;` between statements (`DECLARE @x INT = 1 SELECT @x` is one batch);
+        // PostgreSQL does, so there a missing one stays a parse error.
+        Dialect::SqlServer => Parser::new(&MsSqlDialect {})
+            .with_options(ParserOptions { require_semicolon_stmt_delimiter: false, ..ParserOptions::default() }),
     };
     parser.with_recursion_limit(RECURSION_LIMIT).try_with_sql(sql)?.parse_statements()
 }
@@ -825,6 +828,8 @@ mod tests {
             (Ms, "SELECT id, name FROM items WHERE id = @P1 AND price > @P2", Read),
             (Ms, "SELECT * FROM t WITH (NOLOCK) WHERE name = @name", Read),
             (Ms, "DECLARE @x INT = 5; SELECT @x", Read),
+            (Ms, "DECLARE @x INT = 5\nSELECT @x", Read),
+            (Ms, "SELECT 1 SELECT 2", Read),
             (Ms, "SET @x = 1", Read),
             (Ms, "WAITFOR DELAY '00:00:01'", Read),
             (Ms, "RAISE", Read),
@@ -859,6 +864,7 @@ mod tests {
             (Ms, "SELECT * FROM t WITH (XLOCK, ROWLOCK)", Write),
             (Ms, "SELECT * FROM t WITH (HOLDLOCK)", Write),
             (Ms, "IF 1 = 1 DELETE FROM t", Write),
+            (Ms, "SELECT 1 DELETE FROM t", Write),
         ]);
     }
 
@@ -881,6 +887,8 @@ mod tests {
             (Pg, "SELECT * INTO newt FROM t", Ddl),
             (Pg, "CALL p(1)", Ddl),
             (Pg, "CREATE FUNCTION f() RETURNS int AS $$ SELECT 1 $$ LANGUAGE sql", Ddl),
+            (Ms, "CREATE PROCEDURE p AS BEGIN SET NOCOUNT ON; SELECT 1; END", Ddl),
+            (Ms, "CREATE PROCEDURE p AS BEGIN DELETE FROM t; END", Ddl),
             (Ms, "SELECT a INTO #tmp FROM t", Ddl),
             (Ms, "EXEC sp_who", Ddl),
             (Ms, "EXECUTE dbo.p @a = 1", Ddl),
@@ -913,8 +921,12 @@ mod tests {
             (Pg, "SELECT 1; SET search_path = x", Session),
             (Ms, "USE master", Session),
             (Ms, "SET NOCOUNT ON", Session),
+            (Ms, "SET NOCOUNT ON SELECT 1", Session),
             (Ms, "SET ANSI_NULLS OFF", Session),
             (Ms, "SET TRANSACTION ISOLATION LEVEL SERIALIZABLE", Session),
+            (Pg, "SET LOCAL TIME ZONE 'UTC'", Session),
+            (Pg, "FETCH NEXT FROM c", Session),
+            (Pg, "CLOSE c", Session),
         ]);
     }
 
@@ -1028,6 +1040,7 @@ mod tests {
         for (d, sql, class, scoped) in [
             (Pg, "SET LOCAL statement_timeout = 0", Session, true),
             (Pg, "SET LOCAL ROLE r", Session, true),
+            (Pg, "SET LOCAL TIME ZONE 'UTC'", Session, true),
             (Pg, "SET TRANSACTION ISOLATION LEVEL SERIALIZABLE", Transaction, true),
             (Pg, "SET TRANSACTION READ ONLY; SET LOCAL a = 1; SELECT 1", Transaction, true),
             (Pg, "SELECT set_config('a', 'b', true)", Read, true),
@@ -1160,6 +1173,10 @@ mod tests {
             (Pg, "PREPARE TRANSACTION 'x'", Unparseable),
             (Pg, "COMMIT PREPARED 'x'", Unparseable),
             (Ms, "SAVE TRAN a", Unparseable),
+            (Ms, "SAVE TRANSACTION a", Unparseable),
+            // T-SQL statements inside a block must end with `;` for sqlparser (T-SQL allows none).
+            (Ms, "CREATE PROCEDURE p AS BEGIN SET NOCOUNT ON\nSELECT 1\nEND", Unparseable),
+            (Ms, "CREATE PROCEDURE p AS BEGIN SET NOCOUNT ON; SELECT 1 END", Unparseable),
         ]);
     }
 
