@@ -20,6 +20,7 @@ pub mod reload;
 pub mod routing;
 pub mod server;
 pub mod shardmap;
+pub mod sqlclass;
 pub mod state;
 pub mod synth;
 pub mod tasks;
