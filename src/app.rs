@@ -23,6 +23,10 @@ pub struct AppState {
     /// Cells whose writes are held (live-migration cutover). `None` = nothing frozen.
     pub freeze: tokio::sync::watch::Sender<Option<Arc<crate::migrate::Freeze>>>,
     pub migrations: crate::migrate::Registry,
+    /// The statement policy (built-in denied functions + `[sql] deny_functions`) and the
+    /// classifications of the SQL texts seen, each text parsed once.
+    pub sql_policy: crate::sqlclass::Policy,
+    pub sql_classes: crate::sqlclass::ClassCache,
 }
 
 impl AppState {

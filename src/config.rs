@@ -33,6 +33,21 @@ pub struct Config {
     pub peer_token: Option<String>,
     #[serde(default)]
     pub shutdown: Shutdown,
+    #[serde(default)]
+    pub sql: Sql,
+}
+
+/// Statement policy (docs/statements.md): what the SQL classifier refuses beyond its defaults.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Sql {
+    /// More functions refused wherever they are called (exact names or `prefix*`), on top of
+    /// the built-in list (session locks, server signals, file and remote access).
+    pub deny_functions: Vec<String>,
+    /// Databases whose SQL the parser cannot read is passed to the server anyway (on `/execute`
+    /// with the write scope; on `/query` it runs in a read-only transaction). Off for every
+    /// database by default: unparseable SQL is refused.
+    pub pass_unparsed: Vec<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -191,6 +206,8 @@ pub struct Token {
 pub enum Scope {
     Read,
     Write,
+    /// Data-definition statements on `/execute` (CREATE, ALTER, DROP, ...), with `write`.
+    Ddl,
     Admin,
 }
 

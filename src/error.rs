@@ -45,6 +45,11 @@ pub enum ApiError {
     Conflict(String),
     Timeout,
     Unsupported(String),
+    /// `/query` got a statement that is not a read (its kind named); refused before any backend.
+    NotARead(String),
+    /// A statement no endpoint runs (session or transaction control, a denied function,
+    /// unparseable SQL); refused before any backend.
+    StatementRefused(String),
     /// A statement's result exceeded `[limits]` (named in the message).
     ResultTooLarge(String),
 }

@@ -93,6 +93,8 @@ pub async fn start(cfg: Config, insecure_no_auth: bool) -> Result<Running, Start
         reload_status: Default::default(),
         freeze: tokio::sync::watch::Sender::new(None),
         migrations: Default::default(),
+        sql_policy: crate::sqlclass::Policy::with_extra(&cfg.sql.deny_functions),
+        sql_classes: Default::default(),
         snapshot: ArcSwap::from_pointee(snapshot),
         auth: crate::auth::Auth::new(&cfg.tokens),
         config: cfg,

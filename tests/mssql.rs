@@ -750,8 +750,9 @@ async fn real_server_round_trip() {
     let config = Config::parse(&support::config_text(&dir)).unwrap();
     let g =
         Gate { server: Some(server::start(config, false).await.expect("starts")), http: reqwest::Client::new(), dir };
+    // DDL through /execute needs the ddl scope.
     let (s, r) = g
-        .execute(json!({"region": madrid(), "batch": [
+        .post("execute", support::DDL_TOKEN, json!({"region": madrid(), "batch": [
             {"sql": "IF OBJECT_ID('dbo.cellgate_t') IS NOT NULL DROP TABLE dbo.cellgate_t"},
             {"sql": "CREATE TABLE dbo.cellgate_t (id int PRIMARY KEY, price decimal(10,2), g uniqueidentifier, b varbinary(10), ts datetimeoffset)"},
             {"sql": "INSERT INTO dbo.cellgate_t VALUES (@P1, @P2, @P3, @P4, @P5)",

@@ -9,6 +9,7 @@ pub mod docs;
 pub mod hold;
 pub mod merge;
 pub mod sql;
+pub mod statements;
 
 use serde::Serialize;
 

@@ -9,7 +9,7 @@ use serde_json::Value;
 use tokio::time::Instant;
 
 use super::merge::{Merge, merge_rows};
-use super::{ApiError, Consistency, Outcome, RegionSpec, ShardInfo, hold, make_token, replica_retryable};
+use super::{ApiError, Consistency, Outcome, RegionSpec, ShardInfo, hold, make_token, replica_retryable, statements};
 use crate::app::AppState;
 use crate::backend::mssql::MssqlDatabase;
 use crate::backend::postgres::{PgDatabase, PgEndpoint, Rows};
@@ -33,6 +33,8 @@ pub struct WritePlan {
     pub db: String,
     pub region: Option<RegionSpec>,
     pub stmts: Vec<(String, Vec<Value>)>,
+    /// The token may run DDL (`ddl` scope).
+    pub allow_ddl: bool,
 }
 
 /// What a SQL request produced.
@@ -62,8 +64,8 @@ fn sql_db<'a>(snap: &'a Snapshot, shard: ShardIdx, db: &str) -> Result<SqlDb<'a>
     }
 }
 
-fn check_db(snap: &Snapshot, db: &str) -> Result<(), ApiError> {
-    if snap.map.databases().contains_key(db) { Ok(()) } else { Err(ApiError::UnknownDatabase(db.to_string())) }
+fn check_db(snap: &Snapshot, db: &str) -> Result<crate::shardmap::DbKind, ApiError> {
+    snap.map.databases().get(db).copied().ok_or_else(|| ApiError::UnknownDatabase(db.to_string()))
 }
 
 /// Fail fast when the prober has seen the primary down (or read-only) repeatedly.
@@ -87,7 +89,8 @@ fn no_endpoint(last: Option<BackendError>, id: &str) -> ApiError {
 pub async fn read(state: &AppState, plan: &ReadPlan, out: &mut Outcome) -> Result<SqlResult, ApiError> {
     let snap = state.pin();
     out.map_version = Some(snap.map.version().0);
-    check_db(&snap, &plan.db)?;
+    let kind = check_db(&snap, &plan.db)?;
+    statements::check_read(state, &plan.db, kind, &plan.sql)?;
     let region = super::required(&plan.region)?.resolve(&snap)?;
     let deadline = Instant::now() + state.config.request_timeout();
     let map_version = snap.map.version().0;
@@ -201,7 +204,8 @@ async fn read_on_mssql(ms: &MssqlDatabase, id: String, plan: &ReadPlan) -> Resul
 /// primary; (4) a fence refusal from the old owner means this instance's map is stale: refresh
 /// it and start over once (a second fence answers `cells_frozen`).
 pub async fn write(state: &AppState, plan: &WritePlan, out: &mut Outcome) -> Result<SqlResult, ApiError> {
-    check_db(&state.pin(), &plan.db)?;
+    let kind = check_db(&state.pin(), &plan.db)?;
+    statements::check_write(state, &plan.db, kind, &plan.stmts, plan.allow_ddl)?;
     let spec = super::required(&plan.region)?;
     let mut refreshed = false;
     loop {

@@ -65,7 +65,14 @@ pub async fn query(state: &AppState, db: &str, body: &[u8], out: &mut Outcome) -
     Ok(render(r, req.row_format.unwrap_or_default()))
 }
 
-pub async fn execute(state: &AppState, db: &str, body: &[u8], out: &mut Outcome) -> Result<Answer, ApiError> {
+/// `allow_ddl`: the token has the `ddl` scope (checked by the listener, which holds the header).
+pub async fn execute(
+    state: &AppState,
+    db: &str,
+    body: &[u8],
+    allow_ddl: bool,
+    out: &mut Outcome,
+) -> Result<Answer, ApiError> {
     let req: ExecuteRequest = parse::json(body)?;
     let stmts = match (req.sql, req.batch) {
         (Some(sql), None) => vec![(sql, req.params)],
@@ -80,7 +87,7 @@ pub async fn execute(state: &AppState, db: &str, body: &[u8], out: &mut Outcome)
         (Some(_), Some(_)) => return Err(ApiError::InvalidJson("give either sql or batch, not both".into())),
         (None, None) => return Err(ApiError::InvalidJson("missing field `sql` (or `batch`)".into())),
     };
-    let plan = WritePlan { db: db.to_string(), region: parse::region(req.region)?, stmts };
+    let plan = WritePlan { db: db.to_string(), region: parse::region(req.region)?, stmts, allow_ddl };
     let r = sql::write(state, &plan, out).await?;
     Ok(render(r, req.row_format.unwrap_or_default()))
 }

@@ -395,6 +395,8 @@ async fn data(state: &AppState, req: Request<Incoming>) -> Response<Body> {
         if n > state.config.limits.max_in_flight {
             return (Err(ApiError::Overloaded(format!("{n} requests in flight"))), Outcome::default());
         }
+        // DDL needs its own scope on top of write (checked here, where the header is).
+        let allow_ddl = matches!(op, DataOp::Execute) && state.auth.check(parts_auth(&req), Scope::Ddl).is_ok();
         let (parts, body) = req.into_parts();
         let mut out = Outcome::default();
         let work = async {
@@ -406,9 +408,9 @@ async fn data(state: &AppState, req: Request<Incoming>) -> Response<Body> {
                 DataOp::Query => {
                     Box::pin(api::query(state, &db, &body, &mut out)).await.map(|a| (StatusCode::OK, Answer::Sql(a)))
                 }
-                DataOp::Execute => {
-                    Box::pin(api::execute(state, &db, &body, &mut out)).await.map(|a| (StatusCode::OK, Answer::Sql(a)))
-                }
+                DataOp::Execute => Box::pin(api::execute(state, &db, &body, allow_ddl, &mut out))
+                    .await
+                    .map(|a| (StatusCode::OK, Answer::Sql(a))),
                 DataOp::Docs(coll, o) => Box::pin(docs::handle(state, &db, coll, *o, &body, &mut out))
                     .await
                     .map(|(s, a)| (s, Answer::Docs(a))),
@@ -454,6 +456,10 @@ async fn data(state: &AppState, req: Request<Incoming>) -> Response<Body> {
     metrics::histogram!(crate::telemetry::names::REQUEST_DURATION, &labels[..3])
         .record(started.elapsed().as_secs_f64());
     resp
+}
+
+fn parts_auth(req: &Request<Incoming>) -> Option<&[u8]> {
+    req.headers().get(header::AUTHORIZATION).map(|v| v.as_bytes())
 }
 
 /// Bind a listener; port 0 picks a free port.

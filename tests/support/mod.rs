@@ -19,6 +19,8 @@ pub const CANARY: &str = "canary-Pw-9f1c2e";
 pub const READ_TOKEN: &str = "tok-read-1";
 pub const WRITE_TOKEN: &str = "tok-write-1";
 pub const ADMIN_TOKEN: &str = "tok-admin-1";
+/// write + ddl: may run CREATE/ALTER/DROP through /execute.
+pub const DDL_TOKEN: &str = "tok-ddl-1";
 
 /// Everything the process logged (all levels), for the secrets check.
 pub fn logs() -> Arc<Mutex<Vec<u8>>> {
@@ -199,11 +201,16 @@ scopes = ["write"]
 name = "admin"
 sha256 = "{}"
 scopes = ["admin"]
+[[tokens]]
+name = "ddl"
+sha256 = "{}"
+scopes = ["write", "ddl"]
 "#,
         dir.join("map.toml").display(),
         cellgate::auth::digest_hex(READ_TOKEN),
         cellgate::auth::digest_hex(WRITE_TOKEN),
         cellgate::auth::digest_hex(ADMIN_TOKEN),
+        cellgate::auth::digest_hex(DDL_TOKEN),
     )
 }
 
