@@ -314,7 +314,13 @@ async fn graceful_shutdown_drains_in_flight() {
 /// hit the dead connection is retried on the primary and the next reads use a new connection.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn plain_reads_share_pipelined_connections() {
-    let st = Stack::start(1, 1, |c| *c = c.replace("[pool]\n", "[pool]\npipeline_connections = 1\n")).await;
+    // Each read sleeps 10 ms, so 64 of them queue for 640 ms: the stall bound (which sends reads
+    // past a slow queue to an exclusive connection, tests/safety.rs) is raised here so the
+    // queue itself is what this test observes.
+    let st = Stack::start(1, 1, |c| {
+        *c = c.replace("[pool]\n", "[pool]\npipeline_connections = 1\npipeline_stall_ms = 5000\n")
+    })
+    .await;
     let replica = &st.cluster.shards[0].replicas[0];
     let body = json!({"region": {"lat": MADRID.0, "lng": MADRID.1},
         "sql": "SELECT pg_backend_pid() AS pid, inet_server_port() AS port, pg_sleep(0.01)::text AS s"});

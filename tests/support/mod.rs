@@ -103,12 +103,24 @@ impl Stack {
         extra_replica: Option<&str>,
         tweak: impl FnOnce(&mut String),
     ) -> Stack {
+        Self::start_conf(shards, replicas, extra_replica, Vec::new(), tweak).await
+    }
+
+    /// Like `start_with`, with extra `postgresql.conf` settings on every node.
+    pub async fn start_conf(
+        shards: usize,
+        replicas: usize,
+        extra_replica: Option<&str>,
+        extra_conf: Vec<(String, String)>,
+        tweak: impl FnOnce(&mut String),
+    ) -> Stack {
         logs();
         let cluster = tokio::task::spawn_blocking(move || {
             Cluster::start(ClusterSpec {
                 shards,
                 replicas_per_shard: replicas,
                 app_password: CANARY.into(),
+                extra_conf,
                 ..Default::default()
             })
             .expect("PostgreSQL cluster (install PostgreSQL: bash scripts/test.sh does)")
