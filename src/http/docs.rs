@@ -15,6 +15,7 @@ use tokio::time::Instant;
 use super::api::{self, Consistency, Outcome, ShardInfo, make_token, parse_consistency, parse_region, route_err};
 use super::respond::{self, ApiError};
 use crate::backend::mongo::ejson::{self, ExtJson, RelaxedDocs};
+use crate::backend::mongo::guard;
 use crate::backend::mongo::{self, FindQuery, MongoDatabase, ReadMode, ReadOpts};
 use crate::backend::{DatabaseBackend, Role};
 use crate::geo::{self, Region};
@@ -204,7 +205,13 @@ fn invalid(m: impl Into<String>) -> ApiError {
 }
 
 fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    ejson::check_integers(body).map_err(ApiError::InvalidJson)?;
     api::parse_json(body)
+}
+
+/// Server-side JavaScript is refused unless the map opts the database in.
+fn no_server_js(snap: &Snapshot, db: &str, parts: &[(&str, &Bson)]) -> Result<(), ApiError> {
+    guard::check_server_js(db, snap.map.allows_server_js(db), parts).map_err(invalid)
 }
 
 /// Collection names come verbatim from the path (no percent-decoding).
@@ -337,6 +344,8 @@ async fn find(
     let projection = opt_doc(req.projection, "projection")?;
     let sort = opt_doc(req.sort, "sort")?;
     let sort_keys = sort.as_ref().map(ejson::sort_keys).transpose().map_err(invalid)?;
+    let (f, p) = (Bson::Document(filter.clone()), projection.clone().map_or(Bson::Null, Bson::Document));
+    no_server_js(&snap, db, &[("filter", &f), ("projection", &p)])?;
     let deadline = Instant::now() + state.config.request_timeout();
     let shards = read_shards(&snap, &region, out)?;
     let single = shards.len() == 1;
@@ -393,6 +402,7 @@ async fn aggregate(
         }
         pipeline.push(stage);
     }
+    no_server_js(&snap, db, &[("pipeline", &Bson::Array(pipeline.iter().cloned().map(Bson::Document).collect()))])?;
     let deadline = Instant::now() + state.config.request_timeout();
     let shards = read_shards(&snap, &region, out)?;
     let parts =
@@ -423,6 +433,7 @@ async fn count(
     let region = parse_region(req.region, &snap)?;
     let consistency = parse_consistency(req.consistency, state.config.limits.max_wait_ms)?;
     let filter = opt_doc(req.filter, "filter")?.unwrap_or_default();
+    no_server_js(&snap, db, &[("filter", &Bson::Document(filter.clone()))])?;
     let deadline = Instant::now() + state.config.request_timeout();
     let shards = read_shards(&snap, &region, out)?;
     let parts =
@@ -444,7 +455,11 @@ fn write_route(snap: &Snapshot, region: &Region) -> Result<(h3o::CellIndex, Shar
 
 /// A document's location from its GeoJSON Point field: `Ok(None)` if the field is absent.
 fn geo_point(doc: &Document, field: &str) -> Result<Option<Region>, String> {
-    let Some(v) = ejson::get_path(doc, field) else { return Ok(None) };
+    ejson::get_path(doc, field).map(|v| geo_value(v, field)).transpose()
+}
+
+/// The location a GeoJSON Point value names (`field` is for messages).
+fn geo_value(v: &Bson, field: &str) -> Result<Region, String> {
     let Bson::Document(g) = v else { return Err(format!("{field} is not a GeoJSON object")) };
     if g.get_str("type").ok() != Some("Point") {
         return Err(format!("{field} is not a GeoJSON Point"));
@@ -462,7 +477,43 @@ fn geo_point(doc: &Document, field: &str) -> Result<Option<Region>, String> {
     let (Some(lng), Some(lat)) = (num(&coords[0]), num(&coords[1])) else {
         return Err(format!("{field}.coordinates must be numbers [lng, lat]"));
     };
-    geo::point(lat, lng).map(|p| Some(Region::Point(p))).map_err(|e| format!("{field}: {e}"))
+    geo::point(lat, lng).map(Region::Point).map_err(|e| format!("{field}: {e}"))
+}
+
+/// An update must leave the document on a shard that owns its location: every location the
+/// update may give it (upsert equality, `$set`, `$setOnInsert`, replacement) must be owned by
+/// `shard`, the shard the update runs on — the same ownership test an insert with a region
+/// passes. Updates that remove the location or change it unknowably are refused.
+fn check_update_geo(
+    snap: &Snapshot,
+    db: &str,
+    collection: &str,
+    shard: ShardIdx,
+    filter: &Document,
+    update: &mongodb::options::UpdateModifications,
+    upsert: bool,
+) -> Result<(), ApiError> {
+    let Some(field) = snap.map.tables().get(db).and_then(|t| t.get(collection)).and_then(|t| t.geo_field.as_deref())
+    else {
+        return Ok(());
+    };
+    for l in guard::update_locations(filter, update, upsert, field).map_err(ApiError::InvalidRegion)? {
+        let region = geo_value(&l.value, field).map_err(|e| ApiError::InvalidRegion(format!("{}: {e}", l.source)))?;
+        let (_, owner) = write_route(snap, &region).map_err(|e| match e {
+            ApiError::NoShardForRegion(c) => ApiError::InvalidRegion(format!("{}: no shard owns {c}", l.source)),
+            other => other,
+        })?;
+        if owner != shard {
+            return Err(ApiError::InvalidRegion(format!(
+                "{}: the new {field} lies on shard {}, not on the region's shard {}; the update would put the \
+                 document on a shard that does not own its location",
+                l.source,
+                snap.map.shard(owner).id,
+                snap.map.shard(shard).id
+            )));
+        }
+    }
+    Ok(())
 }
 
 async fn insert(
@@ -631,6 +682,20 @@ async fn write(
         out.map_version = Some(snap.map.version().0);
         check_db(&snap, db, collection)?;
         let (cell, shard) = write_route(&snap, &parse_region(region.clone(), &snap)?)?;
+        match &w {
+            W::Update { filter, update, upsert, .. } => {
+                let u = match update {
+                    mongodb::options::UpdateModifications::Document(d) => Bson::Document(d.clone()),
+                    mongodb::options::UpdateModifications::Pipeline(p) => {
+                        Bson::Array(p.iter().cloned().map(Bson::Document).collect())
+                    }
+                    _ => Bson::Null,
+                };
+                no_server_js(&snap, db, &[("filter", &Bson::Document(filter.clone())), ("update", &u)])?;
+                check_update_geo(&snap, db, collection, shard, filter, update, *upsert)?;
+            }
+            W::Delete { filter, .. } => no_server_js(&snap, db, &[("filter", &Bson::Document(filter.clone()))])?,
+        }
         if let Some(f) = api::frozen_for(state, &[cell]) {
             drop(snap);
             api::hold(state, f, cell).await?;

@@ -160,6 +160,8 @@ pub fn compile(raw: RawMap, src: &str, env: impl Fn(&str) -> Option<String>) -> 
     let mut by_id: HashMap<ShardId, ShardIdx> = HashMap::new();
     let mut first_line: HashMap<String, usize> = HashMap::new();
     let mut db_kinds: BTreeMap<String, (DbKind, String)> = BTreeMap::new();
+    // database → (allow_server_js, first shard that said so)
+    let mut server_js: BTreeMap<String, (bool, String)> = BTreeMap::new();
     for rs in raw.shards {
         let id = rs.id.get_ref().clone();
         if !valid_shard_id(&id) {
@@ -173,6 +175,34 @@ pub fn compile(raw: RawMap, src: &str, env: impl Fn(&str) -> Option<String>) -> 
         let mut databases = BTreeMap::new();
         for (db, spanned) in rs.databases {
             let span = spanned.span();
+            let js = spanned.get_ref().allow_server_js.as_ref().map(|b| (*b.get_ref(), b.span()));
+            let allow = js.as_ref().is_some_and(|(b, _)| *b);
+            if js.is_some() && spanned.get_ref().kind.get_ref() != "mongodb" {
+                c.at(
+                    span.clone(),
+                    MapErrorKind::BadDatabase {
+                        shard: id.clone(),
+                        db: db.clone(),
+                        problem: "allow_server_js applies to mongodb databases only".into(),
+                    },
+                );
+            }
+            match server_js.get(&db) {
+                Some((first, first_shard)) if *first != allow => c.at(
+                    js.map_or(span.clone(), |(_, s)| s),
+                    MapErrorKind::BadDatabase {
+                        shard: id.clone(),
+                        db: db.clone(),
+                        problem: format!(
+                            "allow_server_js is {allow} here but {first} on shard {first_shard}: it must be the same on every shard"
+                        ),
+                    },
+                ),
+                Some(_) => {}
+                None => {
+                    server_js.insert(db.clone(), (allow, id.clone()));
+                }
+            }
             if let Some(spec) = compile_database(&mut c, &id, &db, spanned, &env) {
                 let kind = spec.kind();
                 match db_kinds.get(&db) {
@@ -367,6 +397,7 @@ pub fn compile(raw: RawMap, src: &str, env: impl Fn(&str) -> Option<String>) -> 
         fallback,
         databases: db_kinds.into_iter().map(|(k, (kind, _))| (k, kind)).collect(),
         tables,
+        server_js: server_js.into_iter().filter(|(_, (allow, _))| *allow).map(|(db, _)| db).collect(),
     })
 }
 
