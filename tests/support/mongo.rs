@@ -244,10 +244,15 @@ impl MockupRs {
 
 /// Madrid's resolution-0 cell belongs to shard "a", Paris's to "b"; everything else is rejected.
 pub fn map_toml(uris: &[String]) -> String {
+    map_toml_with(uris, "")
+}
+
+/// `map_toml` with `extra` (TOML lines) added to each shard's `profiles` database.
+pub fn map_toml_with(uris: &[String], extra: &str) -> String {
     let mut s = String::from("version = 1\nresolution = 5\n");
     for (id, uri) in ["a", "b"].iter().zip(uris) {
         s += &format!(
-            "[[shards]]\nid = \"{id}\"\nzone = \"test\"\n  [shards.databases.profiles]\n  kind = \"mongodb\"\n  uri = \"{uri}\"\n"
+            "[[shards]]\nid = \"{id}\"\nzone = \"test\"\n  [shards.databases.profiles]\n  kind = \"mongodb\"\n  uri = \"{uri}\"\n{extra}"
         );
     }
     s += "[[assign]]\nshard = \"a\"\ncells = [\"8039fffffffffff\"]\n";
@@ -265,10 +270,15 @@ pub struct DocStack {
 
 impl DocStack {
     pub async fn start(uris: &[String]) -> DocStack {
+        Self::start_map(&map_toml(uris)).await
+    }
+
+    /// cellgate in-process on this map text.
+    pub async fn start_map(map: &str) -> DocStack {
         logs();
         let dir = std::env::temp_dir().join(format!("cellgate-mongo-{}-{}", std::process::id(), free_port()));
         std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(dir.join("map.toml"), map_toml(uris)).unwrap();
+        std::fs::write(dir.join("map.toml"), map).unwrap();
         let config = Config::parse(&config_text(&dir)).expect("test config");
         let server = server::start(config, false).await.expect("cellgate starts");
         let st = DocStack { server: Some(server), http: reqwest::Client::new(), dir };

@@ -219,8 +219,10 @@ pub fn check_integers(text: &[u8]) -> Result<(), String> {
                 let tok = &text[start..i];
                 if !tok.iter().any(|b| matches!(b, b'.' | b'e' | b'E')) {
                     let lit = std::str::from_utf8(tok).unwrap_or("");
-                    // 40 digits exceed i128 too; anything that long is out of range.
-                    if lit.len() > 40 || lit.parse::<i128>().map_or(false, |v| i64::try_from(v).is_err()) {
+                    let digits = lit.strip_prefix('-').unwrap_or(lit);
+                    // An integer literal that does not parse as i64 is out of range (too many
+                    // digits for i128 included); a malformed token is left to the JSON parser.
+                    if !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()) && lit.parse::<i64>().is_err() {
                         return Err(out_of_range(lit));
                     }
                 }
@@ -429,6 +431,7 @@ mod tests {
             "9223372036854775808",                           // 2^63: reaches visit_u64
             "18446744073709551616",                          // 2^64: serde_json would make it an f64
             r#"{"a": [1, {"b": -9223372036854775809}]}"#,    // below -2^63
+            "340282366920938463463374607431768211456",       // 2^128: 39 digits, beyond i128
             "123456789012345678901234567890123456789012345", // longer than any i128
         ] {
             let err = parse(text).unwrap_err();
