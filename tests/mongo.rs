@@ -82,6 +82,19 @@ async fn crud_and_extended_json(kind: PeerKind) {
     assert_eq!(v["shards"][0]["role"], "primary");
     assert!(v["shards"][0]["inserted_ids"][0]["$oid"].is_string(), "{v}");
     assert_eq!(v["map_version"], 1);
+    // SecantusDB is a one-node replica set and stamps operation times: a read-your-writes token
+    // of shard a. CongoDB is standalone: no operation time, no token.
+    match kind {
+        PeerKind::Secantus => {
+            let token = v["token"].as_str().unwrap_or_else(|| panic!("a token: {v}"));
+            use base64::Engine;
+            let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(token).unwrap();
+            assert!(String::from_utf8(raw).unwrap().starts_with("v1:a:"), "a token of shard a: {v}");
+            let (s, r) = st.read("people/count", json!({"region": madrid, "consistency": {"after": token}})).await;
+            assert_eq!((s, r["count"].as_u64()), (200, Some(1)), "read-your-writes: {r}");
+        }
+        PeerKind::Congo => assert!(v.get("token").is_none(), "standalone: no token: {v}"),
+    }
 
     // Stored with the right BSON types (read directly, not through cellgate).
     let a = ca.client().await;

@@ -15,7 +15,7 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 
 # SecantusDB in its own venv: its pinned dependencies must not meet MockupDB's pymongo.
 secantus="$here/.secantus"
-if [[ -x "$secantus/bin/secantusd-py" ]] && "$secantus/bin/python" -c 'import secantusdb' 2>/dev/null; then
+if [[ -x "$secantus/bin/secantusd-py" ]] && "$secantus/bin/python" -c 'import secantus' 2>/dev/null; then
   echo "secantusdb: already installed in $secantus"
 else
   command -v python3 >/dev/null || { echo "install.sh: python3 (3.11, with venv) is required" >&2; exit 1; }
