@@ -684,14 +684,8 @@ async fn write(
         let (cell, shard) = write_route(&snap, &parse_region(region.clone(), &snap)?)?;
         match &w {
             W::Update { filter, update, upsert, .. } => {
-                let u = match update {
-                    mongodb::options::UpdateModifications::Document(d) => Bson::Document(d.clone()),
-                    mongodb::options::UpdateModifications::Pipeline(p) => {
-                        Bson::Array(p.iter().cloned().map(Bson::Document).collect())
-                    }
-                    _ => Bson::Null,
-                };
-                no_server_js(&snap, db, &[("filter", &Bson::Document(filter.clone())), ("update", &u)])?;
+                let (f, u) = (Bson::Document(filter.clone()), guard::update_bson(update));
+                no_server_js(&snap, db, &[("filter", &f), ("update", &u)])?;
                 check_update_geo(&snap, db, collection, shard, filter, update, *upsert)?;
             }
             W::Delete { filter, .. } => no_server_js(&snap, db, &[("filter", &Bson::Document(filter.clone()))])?,

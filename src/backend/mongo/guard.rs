@@ -36,6 +36,16 @@ pub fn check_server_js(db: &str, allowed: bool, parts: &[(&str, &Bson)]) -> Resu
     }
 }
 
+/// An update as one BSON value (operator/replacement document, or pipeline array), for the
+/// server-side JavaScript check.
+pub fn update_bson(update: &UpdateModifications) -> Bson {
+    match update {
+        UpdateModifications::Document(d) => Bson::Document(d.clone()),
+        UpdateModifications::Pipeline(p) => Bson::Array(p.iter().cloned().map(Bson::Document).collect()),
+        _ => Bson::Null,
+    }
+}
+
 /// One location the document may end up with after an update, to be checked against the shard
 /// the update runs on: where it came from (for the message) and the GeoJSON value.
 #[derive(Debug, Clone, PartialEq)]
