@@ -37,7 +37,10 @@ done < <(awk '/^curl /{cmd=$0; while (cmd ~ /\\$/) { getline line; cmd=cmd "\n" 
 stop
 trap 'rm -f "$OUT"' EXIT
 grep -q '^cellgate demo stopped' "$OUT" || { tail -n 20 "$OUT" >&2; echo "demo did not stop cleanly" >&2; exit 1; }
-if pgrep -f "cellgate serve --config /tmp/cellgate-demo" >/dev/null || pgrep -f "cellgate-cluster up" >/dev/null || pgrep -f "congodb/congo-start.mjs" >/dev/null; then
+# Patterns name the demo's own folder: tests of other checkouts may run clusters and peers too.
+if pgrep -f "cellgate serve --config /tmp/cellgate-demo" >/dev/null \
+  || pgrep -f "cellgate-cluster up .*--state-file /tmp/cellgate-demo" >/dev/null \
+  || pgrep -f "secantusd-py .*--storage-path /tmp/cellgate-demo" >/dev/null; then
   echo "demo left processes running" >&2; exit 1
 fi
 echo "demo smoke: $n examples ok, stopped cleanly"

@@ -153,3 +153,31 @@ fn collects_all_errors_in_one_pass() {
     assert_eq!(e.0.len(), 3, "{e}");
     assert!(!e.to_string().contains("canary-secret"));
 }
+
+#[test]
+fn allow_server_js_is_a_mongodb_option_equal_on_every_shard() {
+    let mongo = |id: &str, extra: &str| {
+        format!(
+            "[[shards]]\nid = \"{id}\"\n  [shards.databases.profiles]\n  kind = \"mongodb\"\n  uri = \"mongodb://127.0.0.1:1/\"\n{extra}"
+        )
+    };
+    let on = "  allow_server_js = true\n";
+    let m = parse_and_compile(&format!("{HEADER}{}{}", mongo("a", on), mongo("b", on)), env).expect("valid");
+    assert!(m.allows_server_js("profiles"));
+    let m = parse_and_compile(&format!("{HEADER}{}{}", mongo("a", ""), mongo("b", "  allow_server_js = false\n")), env)
+        .expect("valid");
+    assert!(!m.allows_server_js("profiles"), "off by default");
+    // Different on two shards: refused at the second shard's database table (line 11).
+    let errs = errors(&format!("{HEADER}{}{}", mongo("a", on), mongo("b", "")));
+    assert!(
+        matches!(&errs[..], [(Some(11), MapErrorKind::BadDatabase { shard, problem, .. })]
+            if shard == "b" && problem.contains("same on every shard")),
+        "{errs:?}"
+    );
+    // Not a SQL option.
+    let errs = errors(&format!("{HEADER}{}", shard("eu-1") + on));
+    assert!(
+        matches!(&errs[..], [(_, MapErrorKind::BadDatabase { problem, .. })] if problem.contains("mongodb databases only")),
+        "{errs:?}"
+    );
+}

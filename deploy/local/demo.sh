@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The local demo: real PostgreSQL shards (3 × primary + 1 streaming replica) on loopback, a
-# CongoDB (MongoDB wire-protocol server, in memory) per shard for the `profiles` database when
-# Node.js is available, the musician-marketplace data, and cellgate serving shard-maps/demo.toml.
+# SecantusDB (MongoDB wire-protocol server on WiredTiger, from PyPI) per shard for the `profiles`
+# database when Python 3.11 with venv is available, the musician-marketplace data, and cellgate
+# serving shard-maps/demo.toml.
 # Ctrl-C / SIGTERM stops all.
 # Usage: bash deploy/local/demo.sh [--data-port 8080] [--admin-port 9090]
 set -euo pipefail
@@ -23,12 +24,13 @@ ensure_rust
 ensure_postgres
 command -v jq >/dev/null || apt_install jq
 command -v curl >/dev/null || apt_install curl
-# Node.js runs the CongoDB peer (MongoDB `profiles`); without it the demo runs PostgreSQL only.
+# A Python venv runs the SecantusDB peer (MongoDB `profiles`; its wheel is for CPython 3.11);
+# without it the demo runs PostgreSQL only.
 MONGO=1
-if ! command -v node >/dev/null || ! command -v npm >/dev/null; then
-  apt_install nodejs npm >/dev/null 2>&1 || true
+if ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then
+  apt_install python3-venv >/dev/null 2>&1 || true
 fi
-if ! command -v node >/dev/null || ! command -v npm >/dev/null || ! bash tests/peers/mongo/install.sh --congodb-only; then
+if ! bash tests/peers/mongo/install.sh --secantus-only; then
   MONGO=0
 fi
 
@@ -41,11 +43,11 @@ umask 077
 WORK=$(mktemp -d /tmp/cellgate-demo.XXXXXX)
 CLUSTER_PID=""
 CELLGATE_PID=""
-CONGO_PIDS=()
+MONGO_PIDS=()
 cleanup() {
   trap - EXIT INT TERM
   [ -n "$CELLGATE_PID" ] && kill -TERM "$CELLGATE_PID" 2>/dev/null && wait "$CELLGATE_PID" 2>/dev/null
-  for p in "${CONGO_PIDS[@]}"; do kill -TERM "$p" 2>/dev/null && wait "$p" 2>/dev/null; done
+  for p in "${MONGO_PIDS[@]}"; do kill -TERM "$p" 2>/dev/null && wait "$p" 2>/dev/null; done
   [ -n "$CLUSTER_PID" ] && kill -TERM "$CLUSTER_PID" 2>/dev/null && wait "$CLUSTER_PID" 2>/dev/null
   rm -rf "$WORK"
   echo "cellgate demo stopped"
@@ -76,18 +78,21 @@ for s in AM1 EU1 AS1; do
 done
 
 if [ "$MONGO" = 1 ]; then
-  echo "== starting a CongoDB per shard (MongoDB wire protocol, in memory) for the profiles database"
+  echo "== starting a SecantusDB per shard (MongoDB wire protocol on WiredTiger) for the profiles database"
   for s in AM1 EU1 AS1; do
     port=$(free_port)
-    CONGO_PORT=$port node tests/peers/mongo/.congodb/congo-start.mjs > "$WORK/congo-$s.log" 2>&1 &
-    CONGO_PIDS+=($!)
-    for _ in $(seq 1 100); do grep -q listening "$WORK/congo-$s.log" && break; sleep 0.1; done
-    grep -q listening "$WORK/congo-$s.log" || { cat "$WORK/congo-$s.log" >&2; echo "CongoDB did not start" >&2; exit 1; }
+    # Its data lives in $WORK, removed on exit (the path also names the demo's servers for
+    # scripts/demo-smoke.sh's check that none is left running).
+    tests/peers/mongo/.secantus/bin/secantusd-py --host 127.0.0.1 --port "$port" \
+      --storage-path "$WORK/secantus-$s" > "$WORK/secantus-$s.log" 2>&1 &
+    MONGO_PIDS+=($!)
+    for _ in $(seq 1 300); do grep -q listening "$WORK/secantus-$s.log" && break; sleep 0.1; done
+    grep -q listening "$WORK/secantus-$s.log" || { cat "$WORK/secantus-$s.log" >&2; echo "SecantusDB did not start" >&2; exit 1; }
     export "CELLGATE_DEMO_${s}_MONGO_PORT=$port"
   done
 else
-  echo "== Node.js/npm not available: the MongoDB profiles database is NOT started"
-  echo "   (/v1/docs/profiles/... requests will answer 503 shard_unavailable; install nodejs and npm to get it)"
+  echo "== SecantusDB could not be installed: the MongoDB profiles database is NOT started"
+  echo "   (/v1/docs/profiles/... requests will answer 503 shard_unavailable; it needs python3.11 with venv and PyPI)"
   # Point the map at a port nothing listens on, so the failure is immediate and explicit.
   for s in AM1 EU1 AS1; do export "CELLGATE_DEMO_${s}_MONGO_PORT=$(free_port)"; done
 fi

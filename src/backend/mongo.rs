@@ -3,6 +3,7 @@
 //! `BackendError`. Knows nothing of HTTP or routing; never formats the connection string.
 
 pub mod ejson;
+pub mod guard;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -12,7 +13,7 @@ use bson::{Bson, Document, Timestamp, doc};
 use mongodb::error::{Error as DriverError, ErrorKind, WriteFailure};
 use mongodb::options::{
     ClientOptions, ConnectionString, FindOptions, HostInfo, ReadPreference, ReadPreferenceOptions, SelectionCriteria,
-    UpdateModifications,
+    ServerMonitoringMode, UpdateModifications,
 };
 use mongodb::{Client, ClientSession};
 use sha2::{Digest, Sha256};
@@ -217,6 +218,15 @@ impl MongoDatabase {
                 // A request waits this long for a usable member (then 503), not the driver's 30 s.
                 o.server_selection_timeout = Some(s.selection_timeout);
                 o.max_idle_time = Some(s.max_idle);
+                // The streaming monitor sends awaitable `hello`s and re-sends as soon as one is
+                // answered; a server that answers at once instead of waiting (CongoDB) turns that
+                // into thousands of hellos a second and most of a core, idle. Polling checks once
+                // per heartbeat (10 s default) whatever the server does; failover is still noticed
+                // at once when an operation gets a "not primary" error. A URI may still ask for
+                // `serverMonitoringMode=stream`.
+                if o.server_monitoring_mode.is_none() {
+                    o.server_monitoring_mode = Some(ServerMonitoringMode::Poll);
+                }
                 Client::with_options(o).map_err(unreachable)
             })
             .await

@@ -12,7 +12,7 @@ use tokio::time::Instant;
 
 use super::{ApiError, Consistency, Outcome, RegionSpec, ShardInfo, hold, make_token};
 use crate::app::AppState;
-use crate::backend::mongo::{self, FindQuery, MongoDatabase, ReadMode, ReadOpts, ejson};
+use crate::backend::mongo::{self, FindQuery, MongoDatabase, ReadMode, ReadOpts, ejson, guard};
 use crate::backend::{BackendError, DatabaseBackend, Role};
 use crate::geo::{self, Region};
 use crate::ids::ShardIdx;
@@ -178,6 +178,7 @@ pub async fn read(state: &AppState, plan: &ReadPlan, out: &mut Outcome) -> Resul
     check_db(&snap, &plan.db, &plan.collection)?;
     let region = super::required(&plan.region)?.resolve(&snap)?;
     let deadline = Instant::now() + state.config.request_timeout();
+    check_read_op(&snap, &plan.db, &plan.op)?;
     let shards = super::read_shards(&snap, &region, out)?;
     let (db, coll, c) = (plan.db.as_str(), plan.collection.as_str(), &plan.consistency);
     let (value, infos) = match &plan.op {
@@ -216,7 +217,6 @@ pub async fn read(state: &AppState, plan: &ReadPlan, out: &mut Outcome) -> Resul
             (ReadValue::Documents(documents), infos)
         }
         ReadOp::Aggregate { pipeline } => {
-            check_pipeline(pipeline)?;
             let parts =
                 fan_out(&snap, db, &shards, c, deadline, |m, opts| m.aggregate(coll, pipeline.clone(), opts)).await?;
             // Per-shard results are concatenated in shard order: a pipeline's $sort/$group/$limit
@@ -232,6 +232,77 @@ pub async fn read(state: &AppState, plan: &ReadPlan, out: &mut Outcome) -> Resul
     };
     out.note_shards(&infos);
     Ok(ReadResult { value, shards: infos, map_version: snap.map.version().0 })
+}
+
+/// Server-side JavaScript (`$where`, `$function`, `$accumulator`) is refused unless the map opts
+/// the database in (`allow_server_js`), for every operation, reads included.
+fn no_server_js(snap: &Snapshot, db: &str, parts: &[(&str, &Bson)]) -> Result<(), ApiError> {
+    guard::check_server_js(db, snap.map.allows_server_js(db), parts).map_err(invalid)
+}
+
+/// The operation's server-side-JavaScript check, before any shard is asked.
+fn check_read_op(snap: &Snapshot, db: &str, op: &ReadOp) -> Result<(), ApiError> {
+    match op {
+        ReadOp::Find { filter, projection, .. } => {
+            let (f, p) = (Bson::Document(filter.clone()), projection.clone().map_or(Bson::Null, Bson::Document));
+            no_server_js(snap, db, &[("filter", &f), ("projection", &p)])
+        }
+        ReadOp::Aggregate { pipeline } => {
+            check_pipeline(pipeline)?;
+            let p = Bson::Array(pipeline.iter().cloned().map(Bson::Document).collect());
+            no_server_js(snap, db, &[("pipeline", &p)])
+        }
+        ReadOp::Count { filter } => no_server_js(snap, db, &[("filter", &Bson::Document(filter.clone()))]),
+    }
+}
+
+/// A write's checks before it runs: no server-side JavaScript, and an update must leave the
+/// document on a shard that owns its location.
+fn check_write_op(snap: &Snapshot, plan: &WritePlan, shard: ShardIdx) -> Result<(), ApiError> {
+    match &plan.op {
+        WriteOp::Update { filter, update, upsert, .. } => {
+            let (f, u) = (Bson::Document(filter.clone()), guard::update_bson(update));
+            no_server_js(snap, &plan.db, &[("filter", &f), ("update", &u)])?;
+            check_update_geo(snap, plan, shard, filter, update, *upsert)
+        }
+        WriteOp::Delete { filter, .. } => no_server_js(snap, &plan.db, &[("filter", &Bson::Document(filter.clone()))]),
+    }
+}
+
+/// An update must leave the document on a shard that owns its location: every location the
+/// update may give it (upsert equality, `$set`, `$setOnInsert`, replacement) must be owned by
+/// `shard`, the shard the update runs on — the same ownership test an insert with a region
+/// passes. Updates that remove the location or change it unknowably are refused.
+fn check_update_geo(
+    snap: &Snapshot,
+    plan: &WritePlan,
+    shard: ShardIdx,
+    filter: &Document,
+    update: &UpdateModifications,
+    upsert: bool,
+) -> Result<(), ApiError> {
+    let Some(field) =
+        snap.map.tables().get(&plan.db).and_then(|t| t.get(&plan.collection)).and_then(|t| t.geo_field.as_deref())
+    else {
+        return Ok(());
+    };
+    for l in guard::update_locations(filter, update, upsert, field).map_err(ApiError::InvalidRegion)? {
+        let region = geo_value(&l.value, field).map_err(|e| ApiError::InvalidRegion(format!("{}: {e}", l.source)))?;
+        let owner = super::write_route(snap, &region).map_err(|e| match e {
+            ApiError::NoShardForRegion(c) => ApiError::InvalidRegion(format!("{}: no shard owns {c}", l.source)),
+            other => other,
+        })?;
+        if owner.shard != shard {
+            return Err(ApiError::InvalidRegion(format!(
+                "{}: the new {field} lies on shard {}, not on the region's shard {}; the update would put the \
+                 document on a shard that does not own its location",
+                l.source,
+                snap.map.shard(owner.shard).id,
+                snap.map.shard(shard).id
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// The read endpoint must not write: `$out`/`$merge` would write on a member chosen for reading.
@@ -251,7 +322,11 @@ fn merge_sorted(parts: Vec<Vec<Document>>, keys: &[(String, bool)]) -> Vec<Docum
 
 /// A document's location from its GeoJSON Point field: `Ok(None)` if the field is absent.
 pub fn geo_point(doc: &Document, field: &str) -> Result<Option<Region>, String> {
-    let Some(v) = ejson::get_path(doc, field) else { return Ok(None) };
+    ejson::get_path(doc, field).map(|v| geo_value(v, field)).transpose()
+}
+
+/// The location a GeoJSON Point value names (`field` is for messages).
+fn geo_value(v: &Bson, field: &str) -> Result<Region, String> {
     let Bson::Document(g) = v else { return Err(format!("{field} is not a GeoJSON object")) };
     if g.get_str("type").ok() != Some("Point") {
         return Err(format!("{field} is not a GeoJSON Point"));
@@ -269,7 +344,7 @@ pub fn geo_point(doc: &Document, field: &str) -> Result<Option<Region>, String> 
     let (Some(lng), Some(lat)) = (num(&coords[0]), num(&coords[1])) else {
         return Err(format!("{field}.coordinates must be numbers [lng, lat]"));
     };
-    geo::point(lat, lng).map(|p| Some(Region::Point(p))).map_err(|e| format!("{field}: {e}"))
+    geo::point(lat, lng).map(Region::Point).map_err(|e| format!("{field}: {e}"))
 }
 
 /// Route every document of an insert: by the body's region, or by its own geo field. With a
@@ -396,6 +471,7 @@ pub async fn write(state: &AppState, plan: &WritePlan, out: &mut Outcome) -> Res
         out.map_version = Some(snap.map.version().0);
         check_db(&snap, &plan.db, &plan.collection)?;
         let route = super::write_route(&snap, &super::required(&plan.region)?.resolve(&snap)?)?;
+        check_write_op(&snap, plan, route.shard)?;
         if let Some(f) = hold::frozen_for(state, &[route.cell]) {
             drop(snap);
             hold::hold(state, f, route.cell).await?;

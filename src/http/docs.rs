@@ -205,6 +205,8 @@ pub async fn handle(
     body: &[u8],
     out: &mut Outcome,
 ) -> Result<(StatusCode, Answer), ApiError> {
+    // Integers outside int64 are refused before parsing (the JSON parser would make them doubles).
+    ejson::check_integers(body).map_err(ApiError::InvalidJson)?;
     let max_wait = state.config.limits.max_wait_ms;
     let read = |region, consistency, op| -> Result<ReadPlan, ApiError> {
         Ok(ReadPlan {

@@ -156,7 +156,7 @@ pub fn compile(raw: RawMap, src: &str, env: impl Fn(&str) -> Option<String>) -> 
     let r = resolution.unwrap_or(Resolution::Fifteen);
 
     // 1.–4. Each step reports into the collector and goes on, so one run lists every error.
-    let (shards, by_id, db_kinds) = compile_shards(&mut c, raw.shards, &env);
+    let (shards, by_id, db_kinds, server_js) = compile_shards(&mut c, raw.shards, &env);
     let (assign, assigned_levels) = compile_assignments(&mut c, raw.assign, &shards, &by_id, r);
     let fallback = compile_fallback(&mut c, raw.fallback, &by_id, r);
     let tables = compile_tables(&mut c, raw.tables, &db_kinds);
@@ -185,6 +185,7 @@ pub fn compile(raw: RawMap, src: &str, env: impl Fn(&str) -> Option<String>) -> 
         fallback,
         databases: db_kinds.into_iter().map(|(k, (kind, _))| (k, kind)).collect(),
         tables,
+        server_js,
     })
 }
 
@@ -199,11 +200,13 @@ fn compile_shards(
     c: &mut Collector,
     raw_shards: Vec<super::raw::RawShard>,
     env: &impl Fn(&str) -> Option<String>,
-) -> (Vec<Shard>, HashMap<ShardId, ShardIdx>, DbKinds) {
+) -> (Vec<Shard>, HashMap<ShardId, ShardIdx>, DbKinds, std::collections::BTreeSet<String>) {
     let mut shards: Vec<Shard> = Vec::with_capacity(raw_shards.len());
     let mut by_id: HashMap<ShardId, ShardIdx> = HashMap::new();
     let mut first_line: HashMap<String, usize> = HashMap::new();
     let mut db_kinds: BTreeMap<String, (DbKind, String)> = BTreeMap::new();
+    // database → (allow_server_js, first shard that said so)
+    let mut server_js: BTreeMap<String, (bool, String)> = BTreeMap::new();
     for rs in raw_shards {
         let id = rs.id.get_ref().clone();
         if !valid_shard_id(&id) {
@@ -217,6 +220,34 @@ fn compile_shards(
         let mut databases = BTreeMap::new();
         for (db, spanned) in rs.databases {
             let span = spanned.span();
+            let js = spanned.get_ref().allow_server_js.as_ref().map(|b| (*b.get_ref(), b.span()));
+            let allow = js.as_ref().is_some_and(|(b, _)| *b);
+            if js.is_some() && spanned.get_ref().kind.get_ref() != "mongodb" {
+                c.at(
+                    span.clone(),
+                    MapErrorKind::BadDatabase {
+                        shard: id.clone(),
+                        db: db.clone(),
+                        problem: "allow_server_js applies to mongodb databases only".into(),
+                    },
+                );
+            }
+            match server_js.get(&db) {
+                Some((first, first_shard)) if *first != allow => c.at(
+                    js.map_or(span.clone(), |(_, s)| s),
+                    MapErrorKind::BadDatabase {
+                        shard: id.clone(),
+                        db: db.clone(),
+                        problem: format!(
+                            "allow_server_js is {allow} here but {first} on shard {first_shard}: it must be the same on every shard"
+                        ),
+                    },
+                ),
+                Some(_) => {}
+                None => {
+                    server_js.insert(db.clone(), (allow, id.clone()));
+                }
+            }
             if let Some(spec) = compile_database(c, &id, &db, spanned, env) {
                 let kind = spec.kind();
                 match db_kinds.get(&db) {
@@ -244,7 +275,8 @@ fn compile_shards(
         shards.push(Shard { id: sid, zone: rs.zone, databases });
     }
 
-    (shards, by_id, db_kinds)
+    let server_js = server_js.into_iter().filter(|(_, (allow, _))| *allow).map(|(db, _)| db).collect();
+    (shards, by_id, db_kinds, server_js)
 }
 
 /// Step 2: assignments — valid cells at resolution <= R, each cell once. Returns the owners

@@ -108,6 +108,8 @@ pub struct ShardMap {
     fallback: Fallback,
     databases: BTreeMap<String, DbKind>,
     tables: BTreeMap<String, BTreeMap<String, TableSpec>>,
+    /// MongoDB databases whose map opts into server-side JavaScript (`allow_server_js`).
+    server_js: std::collections::BTreeSet<String>,
 }
 
 impl ShardMap {
@@ -143,6 +145,11 @@ impl ShardMap {
 
     pub fn tables(&self) -> &BTreeMap<String, BTreeMap<String, TableSpec>> {
         &self.tables
+    }
+
+    /// Whether requests on this MongoDB database may use server-side JavaScript.
+    pub fn allows_server_js(&self, db: &str) -> bool {
+        self.server_js.contains(db)
     }
 
     pub fn assigned_count(&self) -> usize {

@@ -44,6 +44,9 @@ pub struct RawDatabase {
     /// PostgreSQL: a privileged connection to the primary for live migration (publications,
     /// subscriptions, fence triggers). Default: `primary`.
     pub admin: Option<Spanned<String>>,
+    /// MongoDB: let requests use server-side JavaScript (`$where`, `$function`, `$accumulator`).
+    /// Default false; must be the same on every shard that has the database.
+    pub allow_server_js: Option<Spanned<bool>>,
 }
 
 #[derive(Debug, Deserialize, Serialize)]

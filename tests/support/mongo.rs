@@ -1,6 +1,7 @@
-//! MongoDB test peers (CongoDB per shard, a MockupDB replica set per shard) started on free
-//! loopback ports and killed by PID on drop, plus a cellgate instance whose map serves the
-//! `profiles` database from them. Installs nothing: `tests/peers/mongo/install.sh` does.
+//! MongoDB test peers (a data server per shard — CongoDB or SecantusDB —, a MockupDB replica set
+//! per shard) started on free loopback ports and stopped by PID on drop, plus a cellgate instance
+//! whose map serves the `profiles` database from them. Installs nothing:
+//! `tests/peers/mongo/install.sh` does.
 
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
@@ -19,7 +20,7 @@ fn peers_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/peers/mongo")
 }
 
-const INSTALL_HINT: &str = "MongoDB test peers are not installed: run `bash tests/peers/mongo/install.sh`";
+pub const INSTALL_HINT: &str = "MongoDB test peers are not installed: run `bash tests/peers/mongo/install.sh`";
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
@@ -53,21 +54,58 @@ impl Proc {
     }
 }
 
-impl Drop for Proc {
-    fn drop(&mut self) {
+impl Proc {
+    /// SIGTERM by PID, so a server can remove its temporary storage (SecantusDB's `:memory:`
+    /// is a temporary WiredTiger directory); SIGKILL if it has not exited within 3 s.
+    fn stop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_some() {
+            return;
+        }
+        let pid = self.child.id().to_string();
+        let _ = Command::new("kill").args(["-TERM", &pid]).status();
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while Instant::now() < deadline {
+            if self.child.try_wait().ok().flatten().is_some() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
 }
 
-/// One CongoDB (in-memory, standalone) on a free port.
-pub struct Congo {
-    _proc: Proc,
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Which implementation a data peer is. Two independent servers catch different mistakes:
+/// CongoDB (JavaScript, standalone) and SecantusDB (Python on WiredTiger, a one-node replica set
+/// with mongod's error codes, unique secondary indexes and bytewise string order).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PeerKind {
+    Congo,
+    Secantus,
+}
+
+/// One data server (in-memory) on a free port.
+pub struct Peer {
+    proc: Proc,
+    pub kind: PeerKind,
     pub port: u16,
 }
 
-impl Congo {
-    pub fn start() -> Congo {
+impl Peer {
+    pub fn start(kind: PeerKind) -> Peer {
+        match kind {
+            PeerKind::Congo => Self::start_congo(),
+            PeerKind::Secantus => Self::start_secantus(),
+        }
+    }
+
+    fn start_congo() -> Peer {
         let dir = peers_dir().join(".congodb");
         assert!(dir.join("congo-start.mjs").exists() && dir.join("package").exists(), "{INSTALL_HINT}");
         // A free port can be taken between the probe and node's bind: try a few.
@@ -79,7 +117,7 @@ impl Congo {
             let deadline = Instant::now() + Duration::from_secs(20);
             while Instant::now() < deadline {
                 match proc.next_line(Duration::from_millis(200)) {
-                    Some(l) if l.contains("listening") => return Congo { _proc: proc, port },
+                    Some(l) if l.contains("listening") => return Peer { proc, kind: PeerKind::Congo, port },
                     _ => {}
                 }
             }
@@ -87,7 +125,38 @@ impl Congo {
         panic!("CongoDB did not start (no listening line); is the install complete? {INSTALL_HINT}");
     }
 
-    /// The URI cellgate and the tests use (standalone: a direct connection).
+    fn start_secantus() -> Peer {
+        let bin = peers_dir().join(".secantus/bin/secantusd-py");
+        assert!(bin.exists(), "SecantusDB is not installed ({} missing): {INSTALL_HINT}", bin.display());
+        for _ in 0..3 {
+            let port = free_port();
+            let mut cmd = Command::new(&bin);
+            // It logs to stderr ("listening" included); readiness is a TCP connect instead.
+            cmd.args(["--host", "127.0.0.1", "--port", &port.to_string(), "--storage-path", ":memory:"])
+                .args(["--log-level", "WARNING"]);
+            let mut proc = Proc::spawn(cmd);
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while Instant::now() < deadline {
+                if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                    return Peer { proc, kind: PeerKind::Secantus, port };
+                }
+                if proc.child.try_wait().ok().flatten().is_some() {
+                    break; // exited (port taken?): try another port
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            proc.stop();
+        }
+        panic!("SecantusDB did not start listening; is the install complete? {INSTALL_HINT}");
+    }
+
+    /// The peer's process id (for CPU accounting).
+    pub fn pid(&self) -> u32 {
+        self.proc.child.id()
+    }
+
+    /// The URI cellgate and the tests use (a direct connection: CongoDB is standalone,
+    /// SecantusDB a one-node replica set whose single member is its primary).
     pub fn uri(&self) -> String {
         format!("mongodb://127.0.0.1:{}/?directConnection=true", self.port)
     }
@@ -175,10 +244,15 @@ impl MockupRs {
 
 /// Madrid's resolution-0 cell belongs to shard "a", Paris's to "b"; everything else is rejected.
 pub fn map_toml(uris: &[String]) -> String {
+    map_toml_with(uris, "")
+}
+
+/// `map_toml` with `extra` (TOML lines) added to each shard's `profiles` database.
+pub fn map_toml_with(uris: &[String], extra: &str) -> String {
     let mut s = String::from("version = 1\nresolution = 5\n");
     for (id, uri) in ["a", "b"].iter().zip(uris) {
         s += &format!(
-            "[[shards]]\nid = \"{id}\"\nzone = \"test\"\n  [shards.databases.profiles]\n  kind = \"mongodb\"\n  uri = \"{uri}\"\n"
+            "[[shards]]\nid = \"{id}\"\nzone = \"test\"\n  [shards.databases.profiles]\n  kind = \"mongodb\"\n  uri = \"{uri}\"\n{extra}"
         );
     }
     s += "[[assign]]\nshard = \"a\"\ncells = [\"8039fffffffffff\"]\n";
@@ -196,10 +270,15 @@ pub struct DocStack {
 
 impl DocStack {
     pub async fn start(uris: &[String]) -> DocStack {
+        Self::start_map(&map_toml(uris)).await
+    }
+
+    /// cellgate in-process on this map text.
+    pub async fn start_map(map: &str) -> DocStack {
         logs();
         let dir = std::env::temp_dir().join(format!("cellgate-mongo-{}-{}", std::process::id(), free_port()));
         std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(dir.join("map.toml"), map_toml(uris)).unwrap();
+        std::fs::write(dir.join("map.toml"), map).unwrap();
         let config = Config::parse(&config_text(&dir)).expect("test config");
         let server = server::start(config, false).await.expect("cellgate starts");
         let st = DocStack { server: Some(server), http: reqwest::Client::new(), dir };

@@ -82,7 +82,7 @@ impl<'de> Visitor<'de> for ExtVisitor {
     fn visit_u64<E: de::Error>(self, v: u64) -> Result<Bson, E> {
         match i64::try_from(v) {
             Ok(i) => Ok(int(i)),
-            Err(_) => Err(E::custom(format!("integer {v} does not fit a signed 64-bit integer"))),
+            Err(_) => Err(E::custom(out_of_range(&v.to_string()))),
         }
     }
     fn visit_f64<E: de::Error>(self, v: f64) -> Result<Bson, E> {
@@ -182,8 +182,55 @@ impl Serialize for Relaxed<'_> {
 }
 
 /// Parse one Extended JSON value (for tests and for values that arrive outside a request body).
-pub fn parse(text: &str) -> Result<Bson, serde_json::Error> {
-    serde_json::from_str::<ExtJson>(text).map(|e| e.0)
+pub fn parse(text: &str) -> Result<Bson, String> {
+    check_integers(text.as_bytes())?;
+    serde_json::from_str::<ExtJson>(text).map(|e| e.0).map_err(|e| e.to_string())
+}
+
+fn out_of_range(literal: &str) -> String {
+    let shown = if literal.len() > 40 { format!("{}...", &literal[..40]) } else { literal.to_string() };
+    format!(
+        "integer {shown} is outside the signed 64-bit range (-2^63 to 2^63-1); send it as \
+         {{\"$numberDecimal\": \"...\"}} or as a double (with a decimal point)"
+    )
+}
+
+/// Refuse JSON integer literals outside int64 anywhere in `text` (outside strings). Needed
+/// because serde_json (without `arbitrary_precision`) hands an integer literal >= 2^64 to the
+/// visitor as an f64, indistinguishable from a double: it would be stored silently rounded.
+/// Literals up to u64::MAX reach `visit_u64` and get the same message there.
+pub fn check_integers(text: &[u8]) -> Result<(), String> {
+    let mut i = 0;
+    while i < text.len() {
+        match text[i] {
+            b'"' => {
+                // Skip the string, escapes included.
+                i += 1;
+                while i < text.len() && text[i] != b'"' {
+                    i += if text[i] == b'\\' { 2 } else { 1 };
+                }
+                i += 1;
+            }
+            b'-' | b'0'..=b'9' => {
+                let start = i;
+                while i < text.len() && matches!(text[i], b'-' | b'+' | b'.' | b'e' | b'E' | b'0'..=b'9') {
+                    i += 1;
+                }
+                let tok = &text[start..i];
+                if !tok.iter().any(|b| matches!(b, b'.' | b'e' | b'E')) {
+                    let lit = std::str::from_utf8(tok).unwrap_or("");
+                    let digits = lit.strip_prefix('-').unwrap_or(lit);
+                    // An integer literal that does not parse as i64 is out of range (too many
+                    // digits for i128 included); a malformed token is left to the JSON parser.
+                    if !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()) && lit.parse::<i64>().is_err() {
+                        return Err(out_of_range(lit));
+                    }
+                }
+            }
+            _ => i += 1,
+        }
+    }
+    Ok(())
 }
 
 /// Relaxed Extended JSON text of a value.
@@ -376,6 +423,27 @@ mod tests {
         assert!(parse(r#"{"$numberLong": "12x"}"#).is_err());
         assert!(parse(r#"{"a": {"$date": {"bad": 1}}}"#).is_err());
         assert!(parse("18446744073709551615").is_err());
+    }
+
+    #[test]
+    fn integers_outside_int64_are_refused_whatever_their_size() {
+        for text in [
+            "9223372036854775808",                           // 2^63: reaches visit_u64
+            "18446744073709551616",                          // 2^64: serde_json would make it an f64
+            r#"{"a": [1, {"b": -9223372036854775809}]}"#,    // below -2^63
+            "340282366920938463463374607431768211456",       // 2^128: 39 digits, beyond i128
+            "123456789012345678901234567890123456789012345", // longer than any i128
+        ] {
+            let err = parse(text).unwrap_err();
+            assert!(err.contains("outside the signed 64-bit range"), "{text}: {err}");
+        }
+        assert_eq!(parse("9223372036854775807").unwrap(), Bson::Int64(i64::MAX));
+        assert_eq!(parse("-9223372036854775808").unwrap(), Bson::Int64(i64::MIN));
+        // Doubles, exponents and digits inside strings (escaped quotes included) are not integers.
+        assert_eq!(parse("18446744073709551616.0").unwrap(), Bson::Double(18446744073709551616.0));
+        assert_eq!(parse("1e19").unwrap(), Bson::Double(1e19));
+        assert!(parse(r#"{"s": "x\"18446744073709551616", "k": 1}"#).is_ok());
+        assert!(check_integers(br#"{"18446744073709551616": 1}"#).is_ok(), "keys are strings");
     }
 
     #[test]
