@@ -219,7 +219,10 @@ impl Gate {
         let dir = std::env::temp_dir().join(format!("cellgate-mssql-{}-{}", std::process::id(), p.servers[0].port()));
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(dir.join("map.toml"), map_toml(p)).unwrap();
-        let config = Config::parse(&support::config_text(&dir)).expect("test config");
+        // The fixture's scripted commands (SLEEP, KILL) are not SQL: the test database opts into
+        // passing unparseable text through, as a user's legacy database could.
+        let text = format!("{}\n[sql]\npass_unparsed = [\"tx\"]\n", support::config_text(&dir));
+        let config = Config::parse(&text).expect("test config");
         let server = server::start(config, false).await.expect("cellgate starts");
         let g = Gate { server: Some(server), http: reqwest::Client::new(), dir };
         support::wait_ready(&g.http, &g.admin(), Duration::from_secs(20)).await;

@@ -13,7 +13,7 @@ SRC = pathlib.Path(__file__).resolve().parent.parent / "src"
 
 # Floors, lowest first. A module may import its own floor's peers (without cycles) and lower floors.
 FLOORS = [
-    ["ids", "kmerge", "geo", "telemetry", "config", "auth", "tasks", "synth"],
+    ["ids", "kmerge", "geo", "telemetry", "config", "auth", "tasks", "synth", "sqlclass"],
     ["shardmap"],
     ["routing", "locate", "shardmap::diff"],
     ["backend"],
