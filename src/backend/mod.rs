@@ -1,4 +1,7 @@
-//! Backends: one module per database kind plus health. Owns connections; knows nothing of HTTP.
+//! Backends: one shape per database kind (`postgres` + `postgres/{types,prober}`, `mssql` +
+//! `mssql/{types,prober}`, `mongo` + `mongo/{ejson,guard}`), the driver-free health rules and
+//! prober loop, pool plumbing, and building a map's backends (reusing unchanged endpoints).
+//! Owns connections; knows nothing of HTTP or routing.
 
 pub mod health;
 pub mod mongo;

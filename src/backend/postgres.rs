@@ -1,5 +1,7 @@
 //! PostgreSQL backend: a bb8 pool per endpoint (bb8-postgres underneath, plus a per-connection
-//! prepared-statement cache), statements under a deadline, read-only replica sessions.
+//! prepared-statement cache), statements under a deadline, read-only replica sessions, plain
+//! reads pipelined over read-only shared connections (skipping stalled ones), results streamed
+//! into JSON under the result limits, abandoned reads cancelled at the server.
 //! Knows nothing of HTTP or routing; never formats a connection string.
 
 use std::collections::HashMap;

@@ -1,5 +1,7 @@
-//! Admin plane (design §4), read-only part: liveness, readiness, metrics, map (secrets redacted),
-//! shard health, locate. Requires the `admin` scope when tokens are configured.
+//! Admin-plane handler (design §4): liveness, readiness, metrics, map (secrets redacted) and its
+//! pushes and reloads, shard health (what each endpoint serves), locate, migrations, freezes.
+//! Requires the `admin` scope when tokens are configured. Parses and renders; the work is the
+//! control plane's.
 
 use std::collections::HashMap;
 use std::sync::Arc;
