@@ -6,8 +6,6 @@
 
 mod support;
 
-use std::time::Duration;
-
 use serde_json::json;
 use support::{MADRID, Stack};
 
@@ -45,20 +43,7 @@ async fn a_million_rows_are_refused_cancelled_and_leave_no_memory_behind() {
     assert!(v["error"]["message"].as_str().unwrap().contains("limits.max_result_rows"), "{v}");
     // Cancelled at the server: no generate_series keeps running.
     let p = &st.cluster.shards[0].primary;
-    let mut running = String::new();
-    for _ in 0..50 {
-        running = p
-            .psql(
-                "core",
-                "SELECT count(*) FROM pg_stat_activity WHERE query LIKE '%generate_series%' AND state = 'active' \
-                 AND pid <> pg_backend_pid()",
-            )
-            .unwrap();
-        if running == "0" {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let running = support::wait_statement_gone(p, "generate_series").await;
     assert_eq!(running, "0", "the refused statement still runs at the server");
     // The shard still serves.
     let (s, v) = st.query(json!({"region": region, "sql": "SELECT name FROM items", "consistency": "primary"})).await;

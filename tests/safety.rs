@@ -181,21 +181,7 @@ async fn no_client_can_change_another_clients_connection() {
     // (request_timeout_ms = 3000) and the statement does not keep running.
     let (s, v) = st.query(json!({"region": madrid(), "sql": "SELECT pg_sleep(20)", "consistency": "primary"})).await;
     assert_eq!(s, 504, "{v}");
-    let mut running = String::new();
-    for _ in 0..30 {
-        running = p
-            .psql(
-                "core",
-                "SELECT count(*) FROM pg_stat_activity WHERE query LIKE '%pg_sleep(20)%' AND state = 'active' \
-                 AND pid <> pg_backend_pid()",
-            )
-            .unwrap();
-        if running == "0" {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert_eq!(running, "0", "the abandoned pg_sleep still runs at the server");
+    assert_eq!(support::wait_statement_gone(p, "pg_sleep(20)").await, "0", "the abandoned pg_sleep still runs");
     // Second line: a function that writes passes the classifier (it is a SELECT) but the
     // read-only session refuses it, on the shared and on the exclusive path.
     p.psql_as(

@@ -156,13 +156,19 @@ pub struct Probe {
     pub replay_age_ms: Option<u64>,
 }
 
+/// An endpoint as the prober loop sees it.
+pub struct Meta<'a> {
+    pub label: &'a str,
+    pub role: Role,
+    pub health: &'a EndpointHealth,
+    pub pool: bb8::State,
+}
+
 /// An endpoint the prober loop can probe: its driver's probe plus what the gauges need.
 pub trait Probed: Send + Sync + 'static {
     type Answer: Send;
-    fn label(&self) -> &str;
-    fn role(&self) -> Role;
-    fn health(&self) -> &EndpointHealth;
-    fn pool_state(&self) -> bb8::State;
+    /// What the loop and the gauges need of the endpoint.
+    fn probed(&self) -> Meta<'_>;
     /// Probe over the endpoint's own connection (never a pooled one, so a full pool cannot
     /// make a healthy endpoint look dead), within `timeout`.
     fn probe(&self, timeout: Duration) -> impl Future<Output = Result<Self::Answer, String>> + Send;
@@ -190,7 +196,8 @@ pub async fn run_loop<E: Probed>(
             publish_gauges(ep.as_ref());
         }
         // 4.
-        let rechecks = futures_util::future::select_all(eps.iter().map(|ep| Box::pin(ep.health().recheck_requested())));
+        let rechecks =
+            futures_util::future::select_all(eps.iter().map(|ep| Box::pin(ep.probed().health.recheck_requested())));
         tokio::select! {
             _ = tokio::time::sleep_until(started + interval) => {}
             _ = rechecks => {}
@@ -200,8 +207,9 @@ pub async fn run_loop<E: Probed>(
 
 fn publish_gauges<E: Probed>(ep: &E) {
     use crate::telemetry::names;
-    let v = ep.health().view();
-    let labels = [("endpoint", ep.label().to_string()), ("role", ep.role().as_str().to_string())];
+    let m = ep.probed();
+    let v = m.health.view();
+    let labels = [("endpoint", m.label.to_string()), ("role", m.role.as_str().to_string())];
     metrics::gauge!(names::ENDPOINT_UP, &labels).set(if v.up { 1.0 } else { 0.0 });
     if let Some(l) = v.lag_bytes {
         metrics::gauge!(names::REPLICA_LAG_BYTES, &labels).set(l as f64);
@@ -209,7 +217,6 @@ fn publish_gauges<E: Probed>(ep: &E) {
     if let Some(l) = v.lag_ms {
         metrics::gauge!(names::REPLICA_LAG_SECONDS, &labels).set(l as f64 / 1000.0);
     }
-    let st = ep.pool_state();
-    metrics::gauge!(names::POOL_CONNECTIONS, &labels).set(st.connections as f64);
-    metrics::gauge!(names::POOL_IDLE, &labels).set(st.idle_connections as f64);
+    metrics::gauge!(names::POOL_CONNECTIONS, &labels).set(m.pool.connections as f64);
+    metrics::gauge!(names::POOL_IDLE, &labels).set(m.pool.idle_connections as f64);
 }

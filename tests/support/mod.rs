@@ -298,6 +298,24 @@ impl Drop for Stack {
     }
 }
 
+/// Wait (up to 5 s) until no active statement on `node` has `pattern` in its text (other than
+/// this probe itself); returns how many still run then (0 = stopped).
+pub async fn wait_statement_gone(node: &cellgate_harness::Node, pattern: &str) -> String {
+    let sql = format!(
+        "SELECT count(*) FROM pg_stat_activity WHERE query LIKE '%{pattern}%' AND state = 'active' \
+         AND pid <> pg_backend_pid()"
+    );
+    let mut running = String::new();
+    for _ in 0..50 {
+        running = node.psql("core", &sql).unwrap();
+        if running == "0" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    running
+}
+
 pub fn h3_of(lat: f64, lng: f64) -> i64 {
     u64::from(cellgate::geo::point_cell(cellgate::geo::point(lat, lng).unwrap())) as i64
 }

@@ -6,8 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::{MssqlDatabase, MssqlEndpoint};
-use crate::backend::Role;
-use crate::backend::health::{EndpointHealth, Probed, run_loop};
+use crate::backend::health::{Meta, Probed, run_loop};
 use crate::config;
 
 pub const PROBE_SQL: &str = "SELECT CAST(DATABASEPROPERTYEX(DB_NAME(), 'Updateability') AS nvarchar(20))";
@@ -15,20 +14,8 @@ pub const PROBE_SQL: &str = "SELECT CAST(DATABASEPROPERTYEX(DB_NAME(), 'Updateab
 impl Probed for MssqlEndpoint {
     type Answer = bool;
 
-    fn label(&self) -> &str {
-        &self.label
-    }
-
-    fn role(&self) -> Role {
-        self.role
-    }
-
-    fn health(&self) -> &EndpointHealth {
-        &self.health
-    }
-
-    fn pool_state(&self) -> bb8::State {
-        self.pool.state()
+    fn probed(&self) -> Meta<'_> {
+        Meta { label: &self.label, role: self.role, health: &self.health, pool: self.pool.state() }
     }
 
     /// Is this endpoint read-only? `DATABASEPROPERTYEX(.., 'Updateability')` is `READ_ONLY` on a

@@ -9,8 +9,7 @@ use tokio::time::Instant;
 use tokio_postgres::NoTls;
 
 use super::{PgDatabase, PgEndpoint, parse_lsn};
-use crate::backend::Role;
-use crate::backend::health::{EndpointHealth, Probe, Probed, run_loop};
+use crate::backend::health::{Meta, Probe, Probed, run_loop};
 use crate::config;
 
 const PROBE_SQL: &str = "SELECT pg_is_in_recovery(), \
@@ -21,20 +20,8 @@ const PROBE_SQL: &str = "SELECT pg_is_in_recovery(), \
 impl Probed for PgEndpoint {
     type Answer = Probe;
 
-    fn label(&self) -> &str {
-        &self.label
-    }
-
-    fn role(&self) -> Role {
-        self.role
-    }
-
-    fn health(&self) -> &EndpointHealth {
-        &self.health
-    }
-
-    fn pool_state(&self) -> bb8::State {
-        self.pool.state()
+    fn probed(&self) -> Meta<'_> {
+        Meta { label: &self.label, role: self.role, health: &self.health, pool: self.pool.state() }
     }
 
     async fn probe(&self, timeout: Duration) -> Result<Probe, String> {
