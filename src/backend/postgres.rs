@@ -153,20 +153,20 @@ impl SharedConn {
         (q.len(), q.front().map(|(_, t)| *t))
     }
 
-    fn enter(&self) -> Queued<'_> {
-        let seq = self.seq.fetch_add(1, Ordering::Relaxed);
-        self.queue.lock().unwrap_or_else(|p| p.into_inner()).push_back((seq, Instant::now()));
-        Queued { conn: self, seq }
+    fn enter(conn: Arc<SharedConn>) -> Queued {
+        let seq = conn.seq.fetch_add(1, Ordering::Relaxed);
+        conn.queue.lock().unwrap_or_else(|p| p.into_inner()).push_back((seq, Instant::now()));
+        Queued { conn, seq }
     }
 }
 
 /// One read's place in a shared connection's queue; leaves it however the read ends.
-struct Queued<'a> {
-    conn: &'a SharedConn,
+struct Queued {
+    conn: Arc<SharedConn>,
     seq: u64,
 }
 
-impl Drop for Queued<'_> {
+impl Drop for Queued {
     fn drop(&mut self) {
         let mut q = self.conn.queue.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(i) = q.iter().position(|(s, _)| *s == self.seq) {
@@ -396,18 +396,20 @@ impl PgEndpoint {
             // Closed never happens (the semaphore is never closed); treat it like a full queue.
             Ok(Err(_)) | Err(_) => return Ok(Err(BackendError::Overloaded { endpoint: self.label.to_string() })),
         };
-        let conn = match self.pick_shared(p).await {
-            Ok(Some(c)) => c,
+        // Counted in the connection's queue from the moment it is chosen (before the prepare's
+        // round trip), so a burst of reads spreads over the connections instead of all picking
+        // the one that looked idle.
+        let queued = match self.pick_shared(p).await {
+            Ok(Some(c)) => SharedConn::enter(c),
             Ok(None) => return Err(Stalled),
             Err(e) => return Ok(Err(e)),
         };
-        Ok(self.run_shared(&conn, sql, params).await)
+        Ok(self.run_shared(&queued.conn, sql, params).await)
     }
 
     async fn run_shared(&self, conn: &SharedConn, sql: &str, params: &[Value]) -> Result<Rows, BackendError> {
         let stmt = conn.prepare(sql).await.map_err(|e| self.classify(e))?;
         let bound = pg_types::bind_params(stmt.params(), params).map_err(BackendError::Params)?;
-        let _queued = conn.enter();
         match collect(&conn.client, &stmt, &bound, self.limits).await {
             Ok((rows, _)) => Ok(rows),
             Err(Collect::Db(e)) => Err(self.classify(e)),
@@ -422,14 +424,18 @@ impl PgEndpoint {
 
     /// The shared connection a new read should queue on: the least loaded one whose oldest read
     /// is younger than the stall bound; a new connection while every open one is busy and a slot
-    /// is free; `None` when all are stalled.
+    /// is free; one being connected when nothing else fits; `None` when all are stalled.
     async fn pick_shared(&self, p: &Pipeline) -> Result<Option<Arc<SharedConn>>, BackendError> {
         let now = Instant::now();
         let mut best: Option<(usize, Arc<SharedConn>)> = None;
         let mut free_slot = None;
+        let mut connecting = None;
         for (i, slot) in p.slots.iter().enumerate() {
-            // A slot being connected is skipped, not waited for.
-            let Ok(guard) = slot.try_lock() else { continue };
+            // A slot being connected is skipped here; it is waited for only if nothing else fits.
+            let Ok(guard) = slot.try_lock() else {
+                connecting.get_or_insert(i);
+                continue;
+            };
             match guard.as_ref() {
                 Some(c) if !c.client.is_closed() => {
                     let (queued, oldest) = c.load();
@@ -445,10 +451,10 @@ impl PgEndpoint {
                 }
             }
         }
-        match (best, free_slot) {
-            (Some((0, c)), _) | (Some((_, c)), None) => Ok(Some(c)),
-            (_, Some(i)) => self.shared_conn(p, i).await.map(Some),
-            (None, None) => Ok(None),
+        match (best, free_slot, connecting) {
+            (Some((0, c)), _, _) | (Some((_, c)), None, _) => Ok(Some(c)),
+            (_, Some(i), _) | (None, None, Some(i)) => self.shared_conn(p, i).await.map(Some),
+            (None, None, None) => Ok(None),
         }
     }
 
