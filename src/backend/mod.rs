@@ -117,14 +117,27 @@ pub enum DatabaseBackend {
     Sqlserver(Arc<MssqlDatabase>),
 }
 
-/// The primary and replica endpoints of one SQL database, each reused or new (`endpoint`);
-/// every failure is reported, with `ctx` naming the database.
+/// The primary and replica endpoints of one SQL database: each reused from `reuse` (same
+/// connection string and role, so its pool and open connections survive a reload) or made with
+/// `make` and recorded in `fresh` (checked before publish); every failure is reported, with `ctx`
+/// naming the database.
 fn replica_set<E>(
     primary: &Secret,
     replicas: &[Secret],
     ctx: &str,
-    endpoint: &mut impl FnMut(&Secret, Role, String) -> Result<Arc<E>, String>,
+    reuse: &HashMap<([u8; 32], Role), Arc<E>>,
+    fresh: &mut Vec<(String, Fresh)>,
+    make: impl Fn(&Secret, Role) -> Result<E, String>,
+    wrap: fn(Arc<E>) -> Fresh,
 ) -> Result<pool::ReplicaSet<E>, Vec<String>> {
+    let mut endpoint = |conn: &Secret, role: Role, ctx: String| -> Result<Arc<E>, String> {
+        if let Some(ep) = reuse.get(&(pool::conn_key(conn), role)) {
+            return Ok(ep.clone());
+        }
+        let ep = Arc::new(make(conn, role).map_err(|e| format!("{ctx}: {e}"))?);
+        fresh.push((ctx, wrap(ep.clone())));
+        Ok(ep)
+    };
     let p = endpoint(primary, Role::Primary, format!("{ctx} primary"));
     let rs: Vec<_> =
         replicas.iter().enumerate().map(|(i, r)| endpoint(r, Role::Replica, format!("{ctx} replica {i}"))).collect();
@@ -201,37 +214,17 @@ impl Build<'_> {
         let (cfg, timeout) = (self.cfg, self.request_timeout);
         match spec {
             DatabaseSpec::Postgres { primary, replicas, .. } => {
-                let (reuse, fresh) = (&self.reuse.pg, &mut self.fresh);
-                let mut endpoint = |conn: &Secret, role: Role, ctx: String| -> Result<Arc<PgEndpoint>, String> {
-                    if let Some(ep) = reuse.get(&(pool::conn_key(conn), role)) {
-                        return Ok(ep.clone());
-                    }
-                    let ep = PgEndpoint::new(conn, role, &cfg.pool, &cfg.limits).map_err(|e| format!("{ctx}: {e}"))?;
-                    let ep = Arc::new(ep);
-                    fresh.push((ctx, Fresh::Pg(ep.clone())));
-                    Ok(ep)
-                };
-                let db = Arc::new(
-                    replica_set(primary, replicas, &ctx, &mut endpoint).map_err(|e| self.errors.extend(e)).ok()?,
-                );
+                let make = |conn: &Secret, role| PgEndpoint::new(conn, role, &cfg.pool, &cfg.limits);
+                let set = replica_set(primary, replicas, &ctx, &self.reuse.pg, &mut self.fresh, make, Fresh::Pg);
+                let db = Arc::new(set.map_err(|e| self.errors.extend(e)).ok()?);
                 self.tasks
                     .push(crate::tasks::spawn("pg_prober", postgres::prober::run(db.clone(), cfg.health.clone())));
                 Some(DatabaseBackend::Postgres(db))
             }
             DatabaseSpec::Sqlserver { primary, replicas } => {
-                let (reuse, fresh) = (&self.reuse.mssql, &mut self.fresh);
-                let mut endpoint = |conn: &Secret, role: Role, ctx: String| -> Result<Arc<MssqlEndpoint>, String> {
-                    if let Some(ep) = reuse.get(&(pool::conn_key(conn), role)) {
-                        return Ok(ep.clone());
-                    }
-                    let ep = MssqlEndpoint::new(conn, role, &cfg.pool, timeout).map_err(|e| format!("{ctx}: {e}"))?;
-                    let ep = Arc::new(ep);
-                    fresh.push((ctx, Fresh::Mssql(ep.clone())));
-                    Ok(ep)
-                };
-                let db = Arc::new(
-                    replica_set(primary, replicas, &ctx, &mut endpoint).map_err(|e| self.errors.extend(e)).ok()?,
-                );
+                let make = |conn: &Secret, role| MssqlEndpoint::new(conn, role, &cfg.pool, timeout);
+                let set = replica_set(primary, replicas, &ctx, &self.reuse.mssql, &mut self.fresh, make, Fresh::Mssql);
+                let db = Arc::new(set.map_err(|e| self.errors.extend(e)).ok()?);
                 self.tasks
                     .push(crate::tasks::spawn("mssql_prober", mssql::prober::run(db.clone(), cfg.health.clone())));
                 Some(DatabaseBackend::Sqlserver(db))
