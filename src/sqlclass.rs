@@ -12,7 +12,7 @@ use std::collections::{HashMap, HashSet};
 use std::ops::ControlFlow;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, RwLock};
 
 use sqlparser::ast::{
     Expr, FunctionArg, FunctionArgExpr, FunctionArguments, ObjectName, Query, Select, Set, SetExpr, Statement,
@@ -727,7 +727,9 @@ const CACHE_MAX_SQL_BYTES: usize = 8 * 1024;
 /// made under the old list. The std hasher (SipHash) is kept on purpose: keys are client text.
 #[derive(Default)]
 pub struct ClassCache {
-    inner: Mutex<CacheInner>,
+    /// Read-locked on every request (hits), write-locked only to insert: hits never wait for
+    /// each other.
+    inner: RwLock<CacheInner>,
 }
 
 #[derive(Default)]
@@ -744,12 +746,12 @@ impl ClassCache {
     /// The cached classification of `sql`, classifying (outside the lock) on a miss.
     pub fn get_or_classify(&self, sql: &str, dialect: Dialect, policy: &Policy) -> Arc<Classified> {
         let scope = (dialect, policy.id);
-        if let Some(hit) = self.lock().by_scope.get(&scope).and_then(|m| m.get(sql)) {
+        if let Some(hit) = self.read().by_scope.get(&scope).and_then(|m| m.get(sql)) {
             return hit.clone();
         }
         let verdict = Arc::new(classify(sql, dialect, policy));
         if sql.len() <= CACHE_MAX_SQL_BYTES {
-            let mut inner = self.lock();
+            let mut inner = self.write();
             if inner.entries >= CACHE_MAX_ENTRIES {
                 inner.by_scope.clear();
                 inner.entries = 0;
@@ -765,16 +767,20 @@ impl ClassCache {
 
     /// Number of cached classifications.
     pub fn len(&self) -> usize {
-        self.lock().entries
+        self.read().entries
     }
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, CacheInner> {
-        // Nothing panics while the lock is held; recover anyway rather than poison every request.
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    // Nothing panics while the lock is held; recover anyway rather than poison every request.
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, CacheInner> {
+        self.inner.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, CacheInner> {
+        self.inner.write().unwrap_or_else(|p| p.into_inner())
     }
 }
 
