@@ -453,7 +453,14 @@ impl PgEndpoint {
         }
         match (best, free_slot, connecting) {
             (Some((0, c)), _, _) | (Some((_, c)), None, _) => Ok(Some(c)),
-            (_, Some(i), _) | (None, None, Some(i)) => self.shared_conn(p, i).await.map(Some),
+            (_, Some(i), _) => self.shared_conn(p, i).await.map(Some),
+            // A slot that was locked when looked at may be connecting, or only briefly held by
+            // another read's look: once it is ours, it must pass the stall test too.
+            (None, None, Some(i)) => {
+                let c = self.shared_conn(p, i).await?;
+                let stalled = c.load().1.is_some_and(|t| Instant::now().saturating_duration_since(t) > p.stall);
+                Ok((!stalled).then_some(c))
+            }
             (None, None, None) => Ok(None),
         }
     }
