@@ -92,8 +92,9 @@ pub struct Limits {
     pub request_timeout_ms: u64,
     /// Longest `wait_ms` a read-your-writes request may ask for, ms. Default 2,000.
     pub max_wait_ms: u64,
-    /// Largest result of one statement, in bytes of JSON values (estimated while the rows
-    /// stream in; 422 `result_too_large` beyond, and the statement is cancelled). Default 16 MiB.
+    /// Largest result of one statement: the memory its rows hold as JSON values, counted while
+    /// they stream in (422 `result_too_large` beyond, and the statement is cancelled), so the
+    /// limit bounds cellgate's memory per read. Default 16 MiB.
     pub max_result_bytes: usize,
     /// Most rows one statement may return (422 `result_too_large` beyond). Default 1,000,000.
     pub max_result_rows: usize,

@@ -1,5 +1,5 @@
 //! Bounded results (issue 11 finding 4), against real PostgreSQL: a read of a million rows is
-//! refused with 422 `result_too_large` naming the limit, the statement is cancelled at the
+//! refused with 422 `result_too_large` naming the limit crossed, the statement is cancelled at the
 //! server, and this process's resident memory returns near its baseline. Its own test binary,
 //! so no other test's allocations move the RSS it measures.
 #![allow(clippy::unwrap_used)] // tests, benches and examples may unwrap: a panic is the failure report
@@ -18,7 +18,8 @@ fn rss() -> u64 {
 
 #[tokio::test]
 async fn a_million_rows_are_refused_cancelled_and_leave_no_memory_behind() {
-    let st = Stack::start(1, 1, |_| {}).await;
+    // Default byte limit (16 MiB); a row limit of 100,000 so that limit is reachable below it.
+    let st = Stack::start(1, 1, |c| *c = c.replace("[limits]\n", "[limits]\nmax_result_rows = 100000\n")).await;
     st.insert(1, "one", MADRID).await;
     let region = json!({"lat": MADRID.0, "lng": MADRID.1});
     // Warm up (connections, caches) before the baseline.
@@ -35,9 +36,7 @@ async fn a_million_rows_are_refused_cancelled_and_leave_no_memory_behind() {
     }
     // The row limit is named when it is the one crossed.
     let (s, v) = st
-        .query(
-            json!({"region": region, "sql": "SELECT g FROM generate_series(1, 1000001) g", "consistency": "primary"}),
-        )
+        .query(json!({"region": region, "sql": "SELECT g FROM generate_series(1, 100001) g", "consistency": "primary"}))
         .await;
     assert_eq!((s, v["error"]["code"].as_str()), (422, Some("result_too_large")), "{v}");
     assert!(v["error"]["message"].as_str().unwrap().contains("limits.max_result_rows"), "{v}");

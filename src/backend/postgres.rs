@@ -646,6 +646,8 @@ async fn collect(
             ))));
         }
         let mut vals = Vec::with_capacity(row.len());
+        // The row's own vector, then each value.
+        bytes = bytes.saturating_add(std::mem::size_of::<Vec<Value>>());
         for i in 0..row.len() {
             let v = pg_types::column_to_json(&row, i).map_err(|e| Collect::Limit(BackendError::Column(e)))?;
             bytes = bytes.saturating_add(json_size(&v));
@@ -663,15 +665,16 @@ async fn collect(
     Ok((Rows { columns, rows: out }, n))
 }
 
-/// Roughly the bytes a JSON value takes in the answer (and in memory): what the result limit
-/// counts. Cheap: lengths, no formatting.
+/// Roughly the memory a JSON value holds while the result is collected (its `Value` slot plus
+/// what it owns on the heap): what the result limit counts, so the limit bounds cellgate's
+/// memory, not only the answer's size. Cheap: lengths, no formatting.
 fn json_size(v: &Value) -> usize {
+    const SLOT: usize = std::mem::size_of::<Value>();
     match v {
-        Value::Null | Value::Bool(_) => 5,
-        Value::Number(_) => 12,
-        Value::String(s) => s.len() + 2,
-        Value::Array(a) => 2 + a.iter().map(|x| json_size(x) + 1).sum::<usize>(),
-        Value::Object(o) => 2 + o.iter().map(|(k, x)| k.len() + 4 + json_size(x)).sum::<usize>(),
+        Value::Null | Value::Bool(_) | Value::Number(_) => SLOT,
+        Value::String(s) => SLOT + s.capacity(),
+        Value::Array(a) => SLOT + a.iter().map(json_size).sum::<usize>(),
+        Value::Object(o) => SLOT + o.iter().map(|(k, x)| k.capacity() + SLOT + json_size(x)).sum::<usize>(),
     }
 }
 
