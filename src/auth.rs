@@ -39,6 +39,16 @@ impl Auth {
     /// Check an `Authorization` header value for `scope`. `write` implies `read` for data
     /// requests (a writer may read back); `admin` is separate and only valid on the admin listener.
     pub fn check(&self, header: Option<&[u8]>, scope: Scope) -> Result<Option<&str>, AuthError> {
+        match self.identify(header)? {
+            None => Ok(None),
+            Some(id) if id.allows(scope) => Ok(Some(id.name)),
+            Some(_) => Err(AuthError::Forbidden(scope)),
+        }
+    }
+
+    /// The token a header names (`None` when auth is off), so one request can ask about several
+    /// scopes with one digest.
+    pub fn identify(&self, header: Option<&[u8]>) -> Result<Option<Identity<'_>>, AuthError> {
         if !self.enabled() {
             return Ok(None);
         }
@@ -50,8 +60,19 @@ impl Auth {
         // Lookup by digest: comparing digests, not tokens, leaks nothing useful through timing.
         let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
         let (name, scopes) = self.tokens.get(&digest).ok_or(AuthError::Unauthorized)?;
-        let ok = scopes.contains(&scope) || (scope == Scope::Read && scopes.contains(&Scope::Write));
-        if ok { Ok(Some(name)) } else { Err(AuthError::Forbidden(scope)) }
+        Ok(Some(Identity { name, scopes }))
+    }
+}
+
+/// A known token: its name and scopes.
+pub struct Identity<'a> {
+    pub name: &'a str,
+    scopes: &'a [Scope],
+}
+
+impl Identity<'_> {
+    pub fn allows(&self, scope: Scope) -> bool {
+        self.scopes.contains(&scope) || (scope == Scope::Read && self.scopes.contains(&Scope::Write))
     }
 }
 

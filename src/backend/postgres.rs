@@ -147,10 +147,10 @@ struct SharedConn {
 }
 
 impl SharedConn {
-    /// (reads in flight, when the oldest started).
-    fn load(&self) -> (usize, Option<Instant>) {
+    /// (reads in flight, whether the oldest started longer than `stall` before `now`).
+    fn load(&self, now: Instant, stall: Duration) -> (usize, bool) {
         let q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
-        (q.len(), q.front().map(|(_, t)| *t))
+        (q.len(), q.front().is_some_and(|(_, t)| now.saturating_duration_since(*t) > stall))
     }
 
     fn enter(conn: Arc<SharedConn>) -> Queued {
@@ -367,14 +367,10 @@ impl PgEndpoint {
         b.map_err(|e| self.classify(e))?;
         let rows = match rows {
             Ok((rows, _)) => rows,
-            Err(Collect::Db(e)) => {
-                // The statement ended (with an error): nothing to cancel.
+            // The statement ended with an error, or was cancelled above: nothing left to cancel.
+            Err(e) => {
                 cancel.disarm();
-                return Err(self.classify(e));
-            }
-            Err(Collect::Limit(e)) => {
-                cancel.disarm();
-                return Err(e);
+                return Err(self.collect_error(e));
             }
         };
         c.map_err(|e| self.classify(e))?;
@@ -410,15 +406,20 @@ impl PgEndpoint {
     async fn run_shared(&self, conn: &SharedConn, sql: &str, params: &[Value]) -> Result<Rows, BackendError> {
         let stmt = conn.prepare(sql).await.map_err(|e| self.classify(e))?;
         let bound = pg_types::bind_params(stmt.params(), params).map_err(BackendError::Params)?;
-        match collect(&conn.client, &stmt, &bound, self.limits).await {
-            Ok((rows, _)) => Ok(rows),
-            Err(Collect::Db(e)) => Err(self.classify(e)),
-            Err(Collect::Limit(e)) => {
-                // This statement is the one streaming rows (at the head of the connection), so
-                // the cancel stops it; the rows already sent are discarded by the connection task.
-                cancel_query(conn.client.cancel_token());
-                Err(e)
-            }
+        let r = collect(&conn.client, &stmt, &bound, self.limits).await;
+        if matches!(r, Err(Collect::Limit(_))) {
+            // This statement is the one streaming rows (at the head of the connection), so the
+            // cancel stops it; the rows already sent are discarded by the connection task.
+            cancel_query(conn.client.cancel_token());
+        }
+        r.map(|(rows, _)| rows).map_err(|e| self.collect_error(e))
+    }
+
+    /// Why collecting a result stopped, as a backend error.
+    fn collect_error(&self, e: Collect) -> BackendError {
+        match e {
+            Collect::Db(e) => self.classify(e),
+            Collect::Limit(e) => e,
         }
     }
 
@@ -438,8 +439,8 @@ impl PgEndpoint {
             };
             match guard.as_ref() {
                 Some(c) if !c.client.is_closed() => {
-                    let (queued, oldest) = c.load();
-                    if oldest.is_some_and(|t| now.saturating_duration_since(t) > p.stall) {
+                    let (queued, stalled) = c.load(now, p.stall);
+                    if stalled {
                         continue;
                     }
                     if best.as_ref().is_none_or(|(n, _)| queued < *n) {
@@ -458,7 +459,7 @@ impl PgEndpoint {
             // another read's look: once it is ours, it must pass the stall test too.
             (None, None, Some(i)) => {
                 let c = self.shared_conn(p, i).await?;
-                let stalled = c.load().1.is_some_and(|t| Instant::now().saturating_duration_since(t) > p.stall);
+                let stalled = c.load(Instant::now(), p.stall).1;
                 Ok((!stalled).then_some(c))
             }
             (None, None, None) => Ok(None),
@@ -589,11 +590,7 @@ impl PgEndpoint {
                         // Autocommit, or the pipelined COMMIT already ended the transaction.
                         conn.busy = false;
                     }
-                    let e = match e {
-                        Collect::Db(e) => self.classify(e),
-                        Collect::Limit(e) => e,
-                    };
-                    return Err(e.in_statement(i, stmts.len()));
+                    return Err(self.collect_error(e).in_statement(i, stmts.len()));
                 }
             }
         }

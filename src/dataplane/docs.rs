@@ -12,7 +12,8 @@ use tokio::time::Instant;
 
 use super::{ApiError, Consistency, Outcome, RegionSpec, ShardInfo, hold, make_token};
 use crate::app::AppState;
-use crate::backend::mongo::{self, FindQuery, MongoDatabase, ReadMode, ReadOpts, ejson, guard};
+use crate::backend::mongo::guard::{self, Part};
+use crate::backend::mongo::{self, FindQuery, MongoDatabase, ReadMode, ReadOpts, ejson};
 use crate::backend::{BackendError, DatabaseBackend, Role};
 use crate::geo::{self, Region};
 use crate::ids::ShardIdx;
@@ -236,7 +237,7 @@ pub async fn read(state: &AppState, plan: &ReadPlan, out: &mut Outcome) -> Resul
 
 /// Server-side JavaScript (`$where`, `$function`, `$accumulator`) is refused unless the map opts
 /// the database in (`allow_server_js`), for every operation, reads included.
-fn no_server_js(snap: &Snapshot, db: &str, parts: &[(&str, &Bson)]) -> Result<(), ApiError> {
+fn no_server_js(snap: &Snapshot, db: &str, parts: &[(&str, Part<'_>)]) -> Result<(), ApiError> {
     guard::check_server_js(db, snap.map.allows_server_js(db), parts).map_err(invalid)
 }
 
@@ -244,15 +245,15 @@ fn no_server_js(snap: &Snapshot, db: &str, parts: &[(&str, &Bson)]) -> Result<()
 fn check_read_op(snap: &Snapshot, db: &str, op: &ReadOp) -> Result<(), ApiError> {
     match op {
         ReadOp::Find { filter, projection, .. } => {
-            let (f, p) = (Bson::Document(filter.clone()), projection.clone().map_or(Bson::Null, Bson::Document));
-            no_server_js(snap, db, &[("filter", &f), ("projection", &p)])
+            let mut parts = vec![("filter", Part::Doc(filter))];
+            parts.extend(projection.as_ref().map(|p| ("projection", Part::Doc(p))));
+            no_server_js(snap, db, &parts)
         }
         ReadOp::Aggregate { pipeline } => {
             check_pipeline(pipeline)?;
-            let p = Bson::Array(pipeline.iter().cloned().map(Bson::Document).collect());
-            no_server_js(snap, db, &[("pipeline", &p)])
+            no_server_js(snap, db, &[("pipeline", Part::Docs(pipeline))])
         }
-        ReadOp::Count { filter } => no_server_js(snap, db, &[("filter", &Bson::Document(filter.clone()))]),
+        ReadOp::Count { filter } => no_server_js(snap, db, &[("filter", Part::Doc(filter))]),
     }
 }
 
@@ -261,11 +262,10 @@ fn check_read_op(snap: &Snapshot, db: &str, op: &ReadOp) -> Result<(), ApiError>
 fn check_write_op(snap: &Snapshot, plan: &WritePlan, shard: ShardIdx) -> Result<(), ApiError> {
     match &plan.op {
         WriteOp::Update { filter, update, upsert, .. } => {
-            let (f, u) = (Bson::Document(filter.clone()), guard::update_bson(update));
-            no_server_js(snap, &plan.db, &[("filter", &f), ("update", &u)])?;
+            no_server_js(snap, &plan.db, &[("filter", Part::Doc(filter)), ("update", Part::update(update))])?;
             check_update_geo(snap, plan, shard, filter, update, *upsert)
         }
-        WriteOp::Delete { filter, .. } => no_server_js(snap, &plan.db, &[("filter", &Bson::Document(filter.clone()))]),
+        WriteOp::Delete { filter, .. } => no_server_js(snap, &plan.db, &[("filter", Part::Doc(filter))]),
     }
 }
 

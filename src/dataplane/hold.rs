@@ -43,7 +43,6 @@ pub async fn refresh_after_fence(
     shard: &str,
     cell: CellIndex,
 ) -> Result<(), ApiError> {
-    metrics::counter!(crate::telemetry::names::FENCE_HITS, "shard" => shard.to_string()).increment(1);
     tracing::warn!(shard, %cell, "write hit a migration fence: refreshing the map");
     let _ = crate::reload::request(&state.reload_tx, crate::reload::Source::File { trigger: "fence" }).await;
     if state.pin().map.version() == seen {

@@ -256,8 +256,8 @@ pub async fn write(state: &AppState, plan: &WritePlan, out: &mut Outcome) -> Res
             }
             // 4. Nothing was written: the fence rejected the statement and its transaction.
             Err(e) if hold::is_fenced(&e) => {
+                metrics::counter!(crate::telemetry::names::FENCE_HITS, "shard" => id.clone()).increment(1);
                 if refreshed {
-                    metrics::counter!(crate::telemetry::names::FENCE_HITS, "shard" => id.clone()).increment(1);
                     return Err(ApiError::CellsFrozen(format!(
                         "cell {} moved away from shard {id}; retry shortly",
                         route.cell

@@ -379,13 +379,16 @@ async fn data(state: &AppState, req: Request<Incoming>) -> Response<Body> {
         role = tracing::field::Empty, map_version = tracing::field::Empty, status = tracing::field::Empty);
     let scope = if read { Scope::Read } else { Scope::Write };
     let result = async {
-        match state.auth.check(req.headers().get(header::AUTHORIZATION).map(|v| v.as_bytes()), scope) {
-            Ok(_) => {}
-            Err(crate::auth::AuthError::Unauthorized) => return (Err(ApiError::Unauthorized), Outcome::default()),
-            Err(crate::auth::AuthError::Forbidden(_)) => {
-                return (Err(ApiError::Forbidden(if read { "read" } else { "write" })), Outcome::default());
-            }
+        // One digest per request, asked about every scope the request needs.
+        let id = match state.auth.identify(req.headers().get(header::AUTHORIZATION).map(|v| v.as_bytes())) {
+            Ok(id) => id,
+            Err(_) => return (Err(ApiError::Unauthorized), Outcome::default()),
+        };
+        if id.as_ref().is_some_and(|id| !id.allows(scope)) {
+            return (Err(ApiError::Forbidden(if read { "read" } else { "write" })), Outcome::default());
         }
+        // DDL needs its own scope on top of write.
+        let allow_ddl = matches!(op, DataOp::Execute) && id.as_ref().is_none_or(|id| id.allows(Scope::Ddl));
         if let Err(e) = check_json_content_type(req.headers()) {
             return (Err(e), Outcome::default());
         }
@@ -395,8 +398,6 @@ async fn data(state: &AppState, req: Request<Incoming>) -> Response<Body> {
         if n > state.config.limits.max_in_flight {
             return (Err(ApiError::Overloaded(format!("{n} requests in flight"))), Outcome::default());
         }
-        // DDL needs its own scope on top of write (checked here, where the header is).
-        let allow_ddl = matches!(op, DataOp::Execute) && state.auth.check(parts_auth(&req), Scope::Ddl).is_ok();
         let (parts, body) = req.into_parts();
         let mut out = Outcome::default();
         let work = async {
@@ -456,10 +457,6 @@ async fn data(state: &AppState, req: Request<Incoming>) -> Response<Body> {
     metrics::histogram!(crate::telemetry::names::REQUEST_DURATION, &labels[..3])
         .record(started.elapsed().as_secs_f64());
     resp
-}
-
-fn parts_auth(req: &Request<Incoming>) -> Option<&[u8]> {
-    req.headers().get(header::AUTHORIZATION).map(|v| v.as_bytes())
 }
 
 /// Bind a listener; port 0 picks a free port.

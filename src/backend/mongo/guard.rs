@@ -10,39 +10,75 @@ use mongodb::options::UpdateModifications;
 /// accept too).
 pub const SERVER_JS: &[&str] = &["$where", "$function", "$accumulator"];
 
-/// The first server-side JavaScript operator anywhere in `v`, as a path (`filter.$or[1].$where`).
-pub fn find_server_js(what: &str, v: &Bson) -> Option<String> {
-    match v {
-        Bson::Document(d) => d.iter().find_map(|(k, v)| {
-            let path = format!("{what}.{k}");
-            if SERVER_JS.contains(&k.as_str()) { Some(path) } else { find_server_js(&path, v) }
-        }),
-        Bson::Array(a) => a.iter().enumerate().find_map(|(i, v)| find_server_js(&format!("{what}[{i}]"), v)),
-        _ => None,
+/// A request part to search for server-side JavaScript, borrowed as the request holds it (no
+/// copy into one BSON value per request).
+#[derive(Clone, Copy)]
+pub enum Part<'a> {
+    Value(&'a Bson),
+    Doc(&'a Document),
+    /// A pipeline (aggregate stages, or an update pipeline).
+    Docs(&'a [Document]),
+}
+
+impl<'a> Part<'a> {
+    /// An update: its operator/replacement document, or its pipeline.
+    pub fn update(u: &'a UpdateModifications) -> Part<'a> {
+        static NONE: Bson = Bson::Null;
+        match u {
+            UpdateModifications::Document(d) => Part::Doc(d),
+            UpdateModifications::Pipeline(p) => Part::Docs(p),
+            _ => Part::Value(&NONE),
+        }
+    }
+
+    /// The path below this part of the first server-side JavaScript operator, innermost segment
+    /// first. Nothing is allocated unless one is found: this runs on every document request.
+    fn js_segments(self) -> Option<Vec<String>> {
+        let in_doc = |d: &Document| {
+            d.iter().find_map(|(k, v)| {
+                let below =
+                    if SERVER_JS.contains(&k.as_str()) { Some(Vec::new()) } else { Part::Value(v).js_segments() };
+                below.map(|mut s| {
+                    s.push(format!(".{k}"));
+                    s
+                })
+            })
+        };
+        let at = |i: usize, s: Option<Vec<String>>| {
+            s.map(|mut s| {
+                s.push(format!("[{i}]"));
+                s
+            })
+        };
+        match self {
+            Part::Value(Bson::Document(d)) | Part::Doc(d) => in_doc(d),
+            Part::Value(Bson::Array(a)) => a.iter().enumerate().find_map(|(i, v)| at(i, Part::Value(v).js_segments())),
+            Part::Docs(ds) => ds.iter().enumerate().find_map(|(i, d)| at(i, in_doc(d))),
+            Part::Value(_) => None,
+        }
     }
 }
 
-/// Refuse server-side JavaScript in any of `parts` (name, value) unless the database opts in.
-pub fn check_server_js(db: &str, allowed: bool, parts: &[(&str, &Bson)]) -> Result<(), String> {
+/// The first server-side JavaScript operator anywhere in `v`, as a path (`filter.$or[1].$where`).
+pub fn find_server_js(what: &str, v: &Bson) -> Option<String> {
+    find_in(what, Part::Value(v))
+}
+
+fn find_in(what: &str, part: Part<'_>) -> Option<String> {
+    part.js_segments().map(|s| s.iter().rev().fold(what.to_string(), |path, seg| path + seg))
+}
+
+/// Refuse server-side JavaScript in any of `parts` (name, part) unless the database opts in.
+pub fn check_server_js(db: &str, allowed: bool, parts: &[(&str, Part<'_>)]) -> Result<(), String> {
     if allowed {
         return Ok(());
     }
-    match parts.iter().find_map(|(what, v)| find_server_js(what, v)) {
+    match parts.iter().find_map(|(what, p)| find_in(what, *p)) {
         Some(path) => Err(format!(
             "{path}: server-side JavaScript ($where, $function, $accumulator) is not allowed on database \
              {db:?} (the shard map's allow_server_js option enables it)"
         )),
         None => Ok(()),
-    }
-}
-
-/// An update as one BSON value (operator/replacement document, or pipeline array), for the
-/// server-side JavaScript check.
-pub fn update_bson(update: &UpdateModifications) -> Bson {
-    match update {
-        UpdateModifications::Document(d) => Bson::Document(d.clone()),
-        UpdateModifications::Pipeline(p) => Bson::Array(p.iter().cloned().map(Bson::Document).collect()),
-        _ => Bson::Null,
     }
 }
 
@@ -223,11 +259,17 @@ mod tests {
         // A field *value* that names an operator is data, not code.
         assert_eq!(find_server_js("filter", &bson!({"note": "$where"})), None);
         let f = bson!({"a": {"$gt": 1}});
-        assert!(check_server_js("db", false, &[("filter", &f)]).is_ok());
+        assert!(check_server_js("db", false, &[("filter", Part::Value(&f))]).is_ok());
         let js = bson!({"$where": "1"});
-        let err = check_server_js("profiles", false, &[("filter", &f), ("update", &js)]).unwrap_err();
+        let err = check_server_js("profiles", false, &[("filter", Part::Value(&f)), ("update", Part::Value(&js))])
+            .unwrap_err();
         assert!(err.starts_with("update.$where") && err.contains("allow_server_js"), "{err}");
-        assert!(check_server_js("profiles", true, &[("filter", &js)]).is_ok());
+        assert!(check_server_js("profiles", true, &[("filter", Part::Value(&js))]).is_ok());
+        // Borrowed documents and pipelines give the same paths.
+        let stages = [doc! {"$match": {}}, doc! {"$group": {"x": {"$accumulator": {}}}}];
+        assert_eq!(find_in("pipeline", Part::Docs(&stages)).as_deref(), Some("pipeline[1].$group.x.$accumulator"));
+        let d = doc! {"$or": [{"a": 1}, {"$where": "1"}]};
+        assert_eq!(find_in("filter", Part::Doc(&d)).as_deref(), Some("filter.$or[1].$where"));
     }
 
     #[test]
