@@ -52,6 +52,8 @@ pub enum ApiError {
     StatementRefused(String),
     /// A statement's result exceeded `[limits]` (named in the message).
     ResultTooLarge(String),
+    /// A write reached a shard but may or may not count (a migration fence came meanwhile).
+    OutcomeUnknown(String),
 }
 
 impl ApiError {
@@ -108,6 +110,8 @@ impl ApiError {
                 Some(i) => format!("statement {i}: {m}"),
                 None => m.clone(),
             }),
+            BackendError::Fenced(m) => ApiError::CellsFrozen(m.clone()),
+            BackendError::OutcomeUnknown(m) => ApiError::OutcomeUnknown(m.clone()),
             BackendError::InStatement { .. } => unreachable!("root() strips batch tags"),
         }
     }

@@ -77,6 +77,13 @@ pub enum BackendError {
     /// The statement's result is over `[limits]`; the statement was stopped.
     #[error("result too large: {0}")]
     ResultTooLarge(String),
+    /// The old owner's migration fence refused the write before it ran (MongoDB; PostgreSQL's
+    /// fence raises SQLSTATE CGF01 as a `Database` error). Nothing was written.
+    #[error("{0}")]
+    Fenced(String),
+    /// The server applied the write but whether it counts is unknown (a fence came meanwhile).
+    #[error("{0}")]
+    OutcomeUnknown(String),
 }
 
 impl BackendError {

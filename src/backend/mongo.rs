@@ -3,6 +3,7 @@
 //! `BackendError`. Knows nothing of HTTP or routing; never formats the connection string.
 
 pub mod ejson;
+pub mod fence;
 pub mod guard;
 
 use std::sync::Arc;
@@ -112,6 +113,9 @@ pub struct MongoDatabase {
     warmed: AtomicBool,
     up: AtomicBool,
     last_error: std::sync::Mutex<Option<String>>,
+    /// The last fence read (write path, `fence.rs`) and the lock that makes it one at a time.
+    fence_cache: std::sync::Mutex<Option<fence::FenceView>>,
+    fence_refresh: tokio::sync::Mutex<()>,
 }
 
 /// What the admin plane shows of a database.
@@ -169,6 +173,8 @@ impl MongoDatabase {
             warmed: AtomicBool::new(false),
             up: AtomicBool::new(false),
             last_error: std::sync::Mutex::new(None),
+            fence_cache: std::sync::Mutex::new(None),
+            fence_refresh: tokio::sync::Mutex::new(()),
         })
     }
 

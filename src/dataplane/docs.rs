@@ -12,10 +12,10 @@ use tokio::time::Instant;
 
 use super::{ApiError, Consistency, Outcome, RegionSpec, ShardInfo, hold, make_token};
 use crate::app::AppState;
+use crate::backend::mongo::fence::FenceView;
 use crate::backend::mongo::guard::{self, Part};
 use crate::backend::mongo::{self, FindQuery, MongoDatabase, ReadMode, ReadOpts, ejson};
 use crate::backend::{BackendError, DatabaseBackend, Role};
-use crate::geo::{self, Region};
 use crate::ids::ShardIdx;
 use crate::routing::Owned;
 use crate::shardmap::DbKind;
@@ -320,32 +320,7 @@ fn merge_sorted(parts: Vec<Vec<Document>>, keys: &[(String, bool)]) -> Vec<Docum
     crate::kmerge::merge_sorted(parts, usize::MAX, |a, b| ejson::compare_on(keys, a, b))
 }
 
-/// A document's location from its GeoJSON Point field: `Ok(None)` if the field is absent.
-pub fn geo_point(doc: &Document, field: &str) -> Result<Option<Region>, String> {
-    ejson::get_path(doc, field).map(|v| geo_value(v, field)).transpose()
-}
-
-/// The location a GeoJSON Point value names (`field` is for messages).
-fn geo_value(v: &Bson, field: &str) -> Result<Region, String> {
-    let Bson::Document(g) = v else { return Err(format!("{field} is not a GeoJSON object")) };
-    if g.get_str("type").ok() != Some("Point") {
-        return Err(format!("{field} is not a GeoJSON Point"));
-    }
-    let coords = match g.get("coordinates") {
-        Some(Bson::Array(a)) if a.len() >= 2 => a,
-        _ => return Err(format!("{field}.coordinates must be [lng, lat]")),
-    };
-    let num = |b: &Bson| match b {
-        Bson::Double(d) => Some(*d),
-        Bson::Int32(i) => Some(f64::from(*i)),
-        Bson::Int64(i) => Some(*i as f64),
-        _ => None,
-    };
-    let (Some(lng), Some(lat)) = (num(&coords[0]), num(&coords[1])) else {
-        return Err(format!("{field}.coordinates must be numbers [lng, lat]"));
-    };
-    geo::point(lat, lng).map(Region::Point).map_err(|e| format!("{field}: {e}"))
-}
+pub use crate::backend::mongo::ejson::{geo_point, geo_value};
 
 /// Route every document of an insert: by the body's region, or by its own geo field. With a
 /// region, a document whose geo field lies on another shard is refused rather than written
@@ -398,6 +373,7 @@ fn route_documents(snap: &Snapshot, plan: &InsertPlan) -> Result<Vec<Owned>, Api
 /// Run an insert: route each document, hold for a cutover, then write each shard's group in
 /// parallel (batch order kept inside a group).
 pub async fn insert(state: &AppState, plan: &InsertPlan, out: &mut Outcome) -> Result<InsertResult, ApiError> {
+    let mut refreshed = false;
     loop {
         let snap = state.pin();
         out.map_version = Some(snap.map.version().0);
@@ -418,24 +394,66 @@ pub async fn insert(state: &AppState, plan: &InsertPlan, out: &mut Outcome) -> R
             out.cell = Some(cells[0].to_string());
         }
         out.role = Some(Role::Primary);
-        return insert_groups(state, &snap, plan, groups, out).await;
+        // Every group passes its shard's migration fences before any group is written, so a
+        // fenced (stale) route re-routes the whole batch with nothing written.
+        let deadline = Instant::now() + state.config.request_timeout();
+        let version = snap.map.version().0;
+        let mut views = BTreeMap::new();
+        let mut fenced = None;
+        for s in groups.keys() {
+            let m = mongo_db(&snap, *s, &plan.db)?;
+            let cells: Vec<h3o::CellIndex> = routes.iter().filter(|r| r.shard == *s).map(|r| r.cell).collect();
+            match m.check_fences(&cells, version, deadline).await {
+                Ok(v) => {
+                    views.insert(*s, (v, cells));
+                }
+                Err(e) if hold::is_fenced(&e) => {
+                    fenced = Some((snap.map.shard(*s).id.to_string(), cells[0], e));
+                    break;
+                }
+                Err(e) => return Err(ApiError::from_backend(e, snap.map.shard(*s).id.as_str())),
+            }
+        }
+        if let Some((id, cell, e)) = fenced {
+            metrics::counter!(crate::telemetry::names::FENCE_HITS, "shard" => id.clone()).increment(1);
+            if refreshed {
+                return Err(ApiError::from_backend(e, &id));
+            }
+            refreshed = true;
+            let seen = snap.map.version();
+            drop(snap);
+            hold::refresh_after_fence(state, seen, &id, cell).await?;
+            continue;
+        }
+        return insert_groups(&snap, plan, groups, views, deadline, out).await;
     }
 }
 
 async fn insert_groups(
-    state: &AppState,
     snap: &Snapshot,
     plan: &InsertPlan,
     groups: BTreeMap<ShardIdx, Vec<Document>>,
+    mut views: BTreeMap<ShardIdx, (FenceView, Vec<h3o::CellIndex>)>,
+    deadline: Instant,
     out: &mut Outcome,
 ) -> Result<InsertResult, ApiError> {
-    let deadline = Instant::now() + state.config.request_timeout();
+    let version = snap.map.version().0;
     let mut futs = Vec::with_capacity(groups.len());
     for (s, ds) in groups {
         let m = mongo_db(snap, s, &plan.db)?;
         let info = shard_info(snap, s, m, Role::Primary);
         let coll = plan.collection.as_str();
-        futs.push(async move { (info, m.insert(coll, ds, deadline).await) });
+        let (view, cells) = views.remove(&s).expect("every group passed its fences");
+        futs.push(async move {
+            let mut o = m.insert(coll, ds, deadline).await;
+            if !o.inserted_ids.is_empty()
+                && let Err(e) = m.confirm_fences(&view, &cells, version, deadline).await
+            {
+                // Landed, but a fence came meanwhile: the part is in doubt, not acknowledged.
+                o.error = Some(e);
+            }
+            (info, o)
+        });
     }
     let results = futures_util::future::join_all(futs).await;
     out.shard = Some(if results.len() == 1 { results[0].0.id.clone() } else { "multi".into() });
@@ -466,6 +484,7 @@ async fn insert_groups(
 
 /// Run an update or delete on the owning shard's primary, after any cutover hold.
 pub async fn write(state: &AppState, plan: &WritePlan, out: &mut Outcome) -> Result<WriteResult, ApiError> {
+    let mut refreshed = false;
     loop {
         let snap = state.pin();
         out.map_version = Some(snap.map.version().0);
@@ -486,6 +505,22 @@ pub async fn write(state: &AppState, plan: &WritePlan, out: &mut Outcome) -> Res
         let id = info.id.clone();
         let coll = plan.collection.as_str();
         let mut r = WriteResult { shards: vec![info], map_version: snap.map.version().0, ..Default::default() };
+        let version = snap.map.version().0;
+        let view = match m.check_fences(&[route.cell], version, deadline).await {
+            Ok(v) => v,
+            Err(e) if hold::is_fenced(&e) => {
+                metrics::counter!(crate::telemetry::names::FENCE_HITS, "shard" => id.clone()).increment(1);
+                if refreshed {
+                    return Err(ApiError::from_backend(e, &id));
+                }
+                refreshed = true;
+                let seen = snap.map.version();
+                drop(snap);
+                hold::refresh_after_fence(state, seen, &id, route.cell).await?;
+                continue;
+            }
+            Err(e) => return Err(ApiError::from_backend(e, &id)),
+        };
         let op_time = match &plan.op {
             WriteOp::Update { filter, update, multi, upsert } => {
                 let u = m
@@ -506,6 +541,7 @@ pub async fn write(state: &AppState, plan: &WritePlan, out: &mut Outcome) -> Res
                 t
             }
         };
+        m.confirm_fences(&view, &[route.cell], version, deadline).await.map_err(|e| ApiError::from_backend(e, &id))?;
         r.token = op_time.map(|t| make_token(&id, mongo::op_time_to_u64(t)));
         return Ok(r);
     }
@@ -514,6 +550,7 @@ pub async fn write(state: &AppState, plan: &WritePlan, out: &mut Outcome) -> Res
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::geo::Region;
     use bson::doc;
 
     #[test]

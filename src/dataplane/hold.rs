@@ -31,7 +31,11 @@ pub async fn hold(state: &AppState, f: Arc<Freeze>, cell: CellIndex) -> Result<(
 
 /// Did the old owner's migration fence refuse this write (nothing was written)?
 pub fn is_fenced(e: &BackendError) -> bool {
-    matches!(e.root(), BackendError::Database { sqlstate, .. } if sqlstate == crate::migrate::sql::FENCE_SQLSTATE)
+    match e.root() {
+        BackendError::Database { sqlstate, .. } => sqlstate == crate::migrate::sql::FENCE_SQLSTATE,
+        BackendError::Fenced(_) => true,
+        _ => false,
+    }
 }
 
 /// After a fence hit: ask the reload writer for the newest map. `Ok` when a newer map is

@@ -43,6 +43,7 @@ impl ApiError {
             CellsFrozen(_) => (StatusCode::SERVICE_UNAVAILABLE, "cells_frozen", true),
             Conflict(_) => (StatusCode::CONFLICT, "conflict", false),
             Timeout => (StatusCode::GATEWAY_TIMEOUT, "timeout", true),
+            OutcomeUnknown(_) => (StatusCode::SERVICE_UNAVAILABLE, "write_outcome_unknown", false),
         }
     }
 
@@ -82,6 +83,7 @@ impl ApiError {
             CellsFrozen(m) => format!("cells frozen by a live migration: {m}"),
             Conflict(m) => m.clone(),
             Timeout => "request deadline exceeded".into(),
+            OutcomeUnknown(m) => format!("write outcome unknown: {m}"),
         }
     }
 

@@ -10,6 +10,7 @@
 mod doc;
 mod error;
 mod failpoint;
+mod mongo;
 mod plan;
 pub mod sql;
 mod steps;
@@ -29,7 +30,7 @@ pub use error::{Fault, MigrateError};
 pub use failpoint::arm_failpoint;
 pub use plan::next_map_text;
 
-use plan::DbPair;
+use plan::Pairs;
 
 /// What a migration works on, provided by the application state (the control plane sits below
 /// it): the published map, the config, the reload channel (to publish map v+1), the freeze this
@@ -171,7 +172,7 @@ enum Job {
 }
 
 /// Start `job` as a named, tracked task unless one is already working on `m`.
-fn spawn(state: &Arc<dyn Host>, m: &Arc<Migration>, pairs: Vec<DbPair>, job: Job) -> bool {
+fn spawn(state: &Arc<dyn Host>, m: &Arc<Migration>, pairs: Pairs, job: Job) -> bool {
     let id = m.record().id;
     let mut task = m.task.lock().expect("task");
     if task.as_ref().is_some_and(|h| !h.is_finished()) {
@@ -198,7 +199,7 @@ fn spawn(state: &Arc<dyn Host>, m: &Arc<Migration>, pairs: Vec<DbPair>, job: Job
 
 /// Every failure of the forward path ends in a terminal state or a resumable one, with the
 /// original error (server message and SQLSTATE, secrets masked) kept in `error`.
-async fn on_run_failure(state: &dyn Host, m: &Migration, pairs: &[DbPair], e: MigrateError) {
+async fn on_run_failure(state: &dyn Host, m: &Migration, pairs: &Pairs, e: MigrateError) {
     if e == MigrateError::Failpoint {
         // Simulated crash: stop as a killed process would, leaving everything as is.
         tracing::warn!(id = %m.record().id, "failpoint: orchestrator stopped");
@@ -211,14 +212,14 @@ async fn on_run_failure(state: &dyn Host, m: &Migration, pairs: &[DbPair], e: Mi
     if doc.map_version_after.is_some() || (doc.fenced && !m.abort_requested()) {
         // After the fence: keep it (no write may land on the source) and stay resumable. After
         // the publish only the replication cleanup is left; resume finishes it.
-        steps::set(m, pairs, |d| d.error = Some(e.to_string())).await;
+        steps::set(state, m, pairs, |d| d.error = Some(e.to_string())).await;
         steps::release(state, m).await;
     } else if m.abort_requested() {
         undo_job(state, m, pairs).await;
     } else {
         // Before the fence nothing changed ownership: the migration failed (terminal, the source
         // owns the cells), then its traces are undone. A failed undo is reported, not hidden.
-        steps::set(m, pairs, |d| {
+        steps::set(state, m, pairs, |d| {
             d.state = State::Failed;
             d.error = Some(e.to_string());
             d.cleanup_pending = true;
@@ -226,7 +227,7 @@ async fn on_run_failure(state: &dyn Host, m: &Migration, pairs: &[DbPair], e: Mi
         .await;
         let r = steps::undo_with_retries(state, m, pairs).await;
         let secrets = plan::secrets(pairs);
-        steps::set(m, pairs, |d| match r {
+        steps::set(state, m, pairs, |d| match r {
             Ok(()) => d.cleanup_pending = false,
             Err(ce) => d.error = Some(format!("{e}; cleanup failed: {}", ce.redacted(&secrets))),
         })
@@ -236,16 +237,16 @@ async fn on_run_failure(state: &dyn Host, m: &Migration, pairs: &[DbPair], e: Mi
 
 /// The operator's abort (or a retried cleanup): `aborting` → `aborted`, or `failed` with the
 /// cleanup error and `cleanup_pending` (abort again to retry).
-async fn undo_job(state: &dyn Host, m: &Migration, pairs: &[DbPair]) {
+async fn undo_job(state: &dyn Host, m: &Migration, pairs: &Pairs) {
     if m.record().map_version_after.is_some() {
         // Published between the abort request and now: the target owns the cells.
         tracing::warn!(id = %m.record().id, "abort after the publish ignored");
         return;
     }
-    steps::set(m, pairs, |d| d.state = State::Aborting).await;
+    steps::set(state, m, pairs, |d| d.state = State::Aborting).await;
     let r = steps::undo_with_retries(state, m, pairs).await;
     let secrets = plan::secrets(pairs);
-    steps::set(m, pairs, |d| match r {
+    steps::set(state, m, pairs, |d| match r {
         Ok(()) => {
             d.state = State::Aborted;
             d.cleanup_pending = false;
@@ -270,7 +271,7 @@ pub async fn start(state: &Arc<dyn Host>, req: StartRequest) -> Result<Doc, Migr
     }
     let (doc, pairs) = plan::plan(&state.pin().map, &req.cells, &req.to, req.hold_ms)?;
     // The target must have every moved table with its cell column.
-    for p in &pairs {
+    for p in &pairs.sql {
         let target = steps::connect(&p.target).await?;
         for (t, col) in &p.tables {
             let n: i64 = target
@@ -377,7 +378,8 @@ pub async fn recover(state: &Arc<dyn Host>) {
         let rows = c.query(sql::UNFINISHED, &[]).await.ok()?;
         Some(rows.into_iter().filter_map(|r| serde_json::from_value::<Doc>(r.get(0)).ok()).collect::<Vec<_>>())
     });
-    let found: Vec<Doc> = futures_util::future::join_all(reads).await.into_iter().flatten().flatten().collect();
+    let mut found: Vec<Doc> = futures_util::future::join_all(reads).await.into_iter().flatten().flatten().collect();
+    found.extend(mongo::unfinished(state.as_ref()).await);
     let mut reg = state.migrations().0.lock().expect("registry");
     for mut doc in found {
         if reg.contains_key(&doc.id) {

@@ -9,6 +9,7 @@ use h3o::CellIndex;
 
 use super::MigrateError;
 use super::doc::{Doc, State};
+use super::mongo::DocPair;
 use crate::geo;
 use crate::routing;
 use crate::shardmap::{DatabaseSpec, DbKind, ShardMap};
@@ -30,9 +31,24 @@ pub(super) struct DbPair {
     pub target: Endpoint,
 }
 
+/// Every database a migration moves: PostgreSQL by logical replication, MongoDB by copy.
+#[derive(Clone, Default)]
+pub(super) struct Pairs {
+    pub sql: Vec<DbPair>,
+    pub docs: Vec<DocPair>,
+}
+
+impl Pairs {
+    fn is_empty(&self) -> bool {
+        self.sql.is_empty() && self.docs.is_empty()
+    }
+}
+
 /// Passwords of every connection of the pairs: masked out of persisted and reported errors.
-pub(super) fn secrets(pairs: &[DbPair]) -> Vec<String> {
+/// (MongoDB errors are scrubbed of their URI's password by the backend.)
+pub(super) fn secrets(pairs: &Pairs) -> Vec<String> {
     pairs
+        .sql
         .iter()
         .flat_map(|p| [&p.source, &p.target])
         .filter_map(|e| e.config.get_password().map(|b| String::from_utf8_lossy(b).into_owned()))
@@ -131,12 +147,23 @@ pub fn next_map_text(text: &str, cells: &[CellIndex], to: &str) -> Result<(Strin
 }
 
 /// Validate a start request against the map; the new migration's record and its databases.
-pub(super) fn plan(
-    map: &ShardMap,
-    cells: &[String],
-    to: &str,
-    hold_ms: u64,
-) -> Result<(Doc, Vec<DbPair>), MigrateError> {
+/// (table, cell_column) of the SQL tables of `db` that move with their cells.
+fn cell_columns(map: &ShardMap, db: &str) -> Vec<(String, String)> {
+    map.tables()
+        .get(db)
+        .map(|ts| ts.iter().filter_map(|(t, s)| s.cell_column.clone().map(|c| (t.clone(), c))).collect())
+        .unwrap_or_default()
+}
+
+/// (collection, geo_field) of the MongoDB collections of `db` that move with their cells.
+fn geo_fields(map: &ShardMap, db: &str) -> Vec<(String, String)> {
+    map.tables()
+        .get(db)
+        .map(|ts| ts.iter().filter_map(|(t, s)| s.geo_field.clone().map(|g| (t.clone(), g))).collect())
+        .unwrap_or_default()
+}
+
+pub(super) fn plan(map: &ShardMap, cells: &[String], to: &str, hold_ms: u64) -> Result<(Doc, Pairs), MigrateError> {
     let cells = parse_cells(map, cells)?;
     if map.shard_idx(to).is_none() {
         return Err(MigrateError::InvalidRequest(format!("unknown target shard {to:?}")));
@@ -147,33 +174,38 @@ pub(super) fn plan(
     }
     let src = map.shard(map.shard_idx(&from).ok_or(MigrateError::NotFound)?);
     let dst = map.shard(map.shard_idx(to).ok_or(MigrateError::NotFound)?);
-    let mut pairs = Vec::new();
+    let mut pairs = Pairs::default();
     for (db, spec) in &src.databases {
-        if spec.kind() != DbKind::Postgres {
+        let kind = spec.kind();
+        if !matches!(kind, DbKind::Postgres | DbKind::Mongodb) {
             return Err(MigrateError::Unsupported(format!(
-                "database {db:?} on shard {from} is {}: migrations move PostgreSQL databases only",
-                spec.kind().as_str()
+                "database {db:?} on shard {from} is {}: migrations move PostgreSQL and MongoDB databases only",
+                kind.as_str()
             )));
         }
         match dst.databases.get(db) {
-            Some(d) if d.kind() == DbKind::Postgres => {}
+            Some(d) if d.kind() == kind => {}
             Some(d) => {
                 return Err(MigrateError::Unsupported(format!(
-                    "database {db:?} on shard {to} is {}: migrations move PostgreSQL databases only",
+                    "database {db:?} is {} on shard {from} but {} on shard {to}",
+                    kind.as_str(),
                     d.kind().as_str()
                 )));
             }
             None => return Err(MigrateError::InvalidRequest(format!("target shard {to} has no database {db:?}"))),
         }
-        let tables: Vec<(String, String)> = map
-            .tables()
-            .get(db)
-            .map(|ts| ts.iter().filter_map(|(t, s)| s.cell_column.clone().map(|c| (t.clone(), c))).collect())
-            .unwrap_or_default();
+        if kind == DbKind::Mongodb {
+            let collections = geo_fields(map, db);
+            if !collections.is_empty() {
+                pairs.docs.push(DocPair { db: db.clone(), collections, source: from.clone(), target: to.to_string() });
+            }
+            continue;
+        }
+        let tables = cell_columns(map, db);
         if tables.is_empty() {
             continue;
         }
-        pairs.push(DbPair {
+        pairs.sql.push(DbPair {
             db: db.clone(),
             tables,
             source: admin_config(map, &from, db)?,
@@ -182,7 +214,7 @@ pub(super) fn plan(
     }
     if pairs.is_empty() {
         return Err(MigrateError::InvalidRequest(
-            "no [tables] with a cell_column on the source: nothing to move".into(),
+            "no [tables] with a cell_column or geo_field on the source: nothing to move".into(),
         ));
     }
     let id = format!(
@@ -195,7 +227,12 @@ pub(super) fn plan(
         cells: cells.iter().map(ToString::to_string).collect(),
         from,
         to: to.to_string(),
-        tables: pairs.iter().flat_map(|p| p.tables.iter().map(move |(t, _)| format!("{}.{t}", p.db))).collect(),
+        tables: pairs
+            .sql
+            .iter()
+            .flat_map(|p| p.tables.iter().map(move |(t, _)| format!("{}.{t}", p.db)))
+            .chain(pairs.docs.iter().flat_map(|p| p.collections.iter().map(move |(c, _)| format!("{}.{c}", p.db))))
+            .collect(),
         rows_copied: 0,
         lag_bytes: None,
         hold_ms: hold_ms.clamp(1, 60_000),
@@ -212,29 +249,39 @@ pub(super) fn plan(
 }
 
 /// The database pairs of a recorded migration, from today's map (resume, abort after a crash).
-pub(super) fn pairs_for(map: &ShardMap, doc: &Doc) -> Result<Vec<DbPair>, MigrateError> {
-    let mut by_db: BTreeMap<String, Vec<(String, String)>> = BTreeMap::new();
+pub(super) fn pairs_for(map: &ShardMap, doc: &Doc) -> Result<Pairs, MigrateError> {
+    let mut by_db: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for dt in &doc.tables {
         let (db, t) = dt.split_once('.').ok_or_else(|| MigrateError::InvalidRequest(format!("bad table name {dt}")))?;
-        let col = map
-            .tables()
-            .get(db)
-            .and_then(|ts| ts.get(t))
-            .and_then(|s| s.cell_column.clone())
-            .ok_or_else(|| MigrateError::InvalidRequest(format!("table {dt} is no longer in the map")))?;
-        by_db.entry(db.to_string()).or_default().push((t.to_string(), col));
+        by_db.entry(db.to_string()).or_default().push(t.to_string());
     }
-    by_db
-        .into_iter()
-        .map(|(db, tables)| {
-            Ok(DbPair {
+    let src = map.shard(
+        map.shard_idx(&doc.from).ok_or_else(|| MigrateError::InvalidRequest(format!("unknown shard {}", doc.from)))?,
+    );
+    let mut pairs = Pairs::default();
+    for (db, names) in by_db {
+        let gone = |t: &str| MigrateError::InvalidRequest(format!("table {db}.{t} is no longer in the map"));
+        let spec = |t: &str| map.tables().get(&db).and_then(|ts| ts.get(t)).cloned();
+        if src.databases.get(&db).map(|d| d.kind()) == Some(DbKind::Mongodb) {
+            let collections = names
+                .iter()
+                .map(|t| spec(t).and_then(|s| s.geo_field).map(|g| (t.clone(), g)).ok_or_else(|| gone(t)))
+                .collect::<Result<_, _>>()?;
+            pairs.docs.push(DocPair { db, collections, source: doc.from.clone(), target: doc.to.clone() });
+        } else {
+            let tables = names
+                .iter()
+                .map(|t| spec(t).and_then(|s| s.cell_column).map(|c| (t.clone(), c)).ok_or_else(|| gone(t)))
+                .collect::<Result<_, _>>()?;
+            pairs.sql.push(DbPair {
                 source: admin_config(map, &doc.from, &db)?,
                 target: admin_config(map, &doc.to, &db)?,
                 db,
                 tables,
-            })
-        })
-        .collect()
+            });
+        }
+    }
+    Ok(pairs)
 }
 
 pub(super) fn cells_of(doc: &Doc) -> Vec<CellIndex> {

@@ -12,7 +12,7 @@ use tracing::Instrument;
 
 use super::Host;
 use super::doc::{Doc, State};
-use super::plan::{DbPair, Endpoint, cells_of};
+use super::plan::{Endpoint, Pairs, cells_of};
 use super::{MigrateError, Migration, sql};
 use crate::routing;
 
@@ -63,12 +63,12 @@ fn check_abort(m: &Migration) -> Result<(), MigrateError> {
 
 /// Update the doc, log it, and persist it on both shards (best effort: the in-memory doc is
 /// authoritative while this process runs; the persisted one after a crash).
-pub(super) async fn set(m: &Migration, pairs: &[DbPair], f: impl FnOnce(&mut Doc)) {
+pub(super) async fn set(state: &dyn Host, m: &Migration, pairs: &Pairs, f: impl FnOnce(&mut Doc)) {
     let doc = m.update(f);
     tracing::info!(id = %doc.id, state = %doc.state, from = %doc.from, to = %doc.to, error = ?doc.error, "migration");
     metrics::gauge!(crate::telemetry::names::MIGRATION_ACTIVE).set(if doc.terminal() { 0.0 } else { 1.0 });
     let json = serde_json::to_value(&doc).expect("doc serialises");
-    for p in pairs {
+    for p in &pairs.sql {
         for (side, ep) in [("source", &p.source), ("target", &p.target)] {
             let persisted = async {
                 let c = connect(ep).await?;
@@ -84,30 +84,39 @@ pub(super) async fn set(m: &Migration, pairs: &[DbPair], f: impl FnOnce(&mut Doc
             }
         }
     }
+    if let Err(e) = super::mongo::persist(state, &pairs.docs, &doc.id, doc.state.as_str(), &json.to_string()).await {
+        tracing::warn!(id = %doc.id, error = %e, "could not persist migration progress on MongoDB");
+    }
 }
 
 /// The whole forward path from the persisted state: every step skips what is already done.
-pub(super) async fn run(state: &Arc<dyn Host>, m: &Arc<Migration>, pairs: &[DbPair]) -> Result<(), MigrateError> {
+pub(super) async fn run(state: &Arc<dyn Host>, m: &Arc<Migration>, pairs: &Pairs) -> Result<(), MigrateError> {
     let doc = m.record();
     let cells = cells_of(&doc);
     let name = sql::object_name(&doc.id);
     let published = doc.map_version_after.is_some();
     if !doc.fenced && !published {
-        setup(m, pairs, &cells, &name).await?;
+        setup(state.as_ref(), m, pairs, &cells, &name).await?;
         check_abort(m)?;
-        copy(m, pairs, &doc.id, &cells, &name).await?;
-        catch_up(m, pairs, &cells, &name).await?;
+        copy(state.as_ref(), m, pairs, &doc.id, &cells, &name).await?;
+        catch_up(state.as_ref(), m, pairs, &cells, &name).await?;
     }
     if !published {
         cutover(state, m, pairs, &cells, &name).await?;
     }
-    finish(m, pairs, &name).await
+    finish(state.as_ref(), m, pairs, &cells, &name).await
 }
 
 /// 1. Setup: schema, fence triggers (empty fence), full replica identity on the source so row
 ///    filters may cover UPDATE/DELETE; stale leftovers of the cells removed from the target.
-async fn setup(m: &Migration, pairs: &[DbPair], cells: &[CellIndex], name: &str) -> Result<(), MigrateError> {
-    for p in pairs {
+async fn setup(
+    state: &dyn Host,
+    m: &Migration,
+    pairs: &Pairs,
+    cells: &[CellIndex],
+    name: &str,
+) -> Result<(), MigrateError> {
+    for p in &pairs.sql {
         let src = connect(&p.source).await?;
         let dst = connect(&p.target).await?;
         exec(&src, "source setup", sql::SCHEMA).await?;
@@ -126,14 +135,22 @@ async fn setup(m: &Migration, pairs: &[DbPair], cells: &[CellIndex], name: &str)
         }
         check_abort(m)?;
     }
+    super::mongo::setup(state, &pairs.docs, cells).await?;
     Ok(())
 }
 
 /// 2. Copy: publication with the row filter on the source, subscription with copy_data on the
 ///    target (each created only if missing: resumable).
-async fn copy(m: &Migration, pairs: &[DbPair], id: &str, cells: &[CellIndex], name: &str) -> Result<(), MigrateError> {
-    set(m, pairs, |d| d.state = State::Copying).await;
-    for p in pairs {
+async fn copy(
+    state: &dyn Host,
+    m: &Migration,
+    pairs: &Pairs,
+    id: &str,
+    cells: &[CellIndex],
+    name: &str,
+) -> Result<(), MigrateError> {
+    set(state, m, pairs, |d| d.state = State::Copying).await;
+    for p in &pairs.sql {
         let src = connect(&p.source).await?;
         if count(&src, "publication lookup", sql::PUBLICATION_EXISTS, &[&name]).await? == 0 {
             exec(&src, "create publication", &sql::create_publication(id, &p.tables, cells)).await?;
@@ -153,18 +170,29 @@ async fn copy(m: &Migration, pairs: &[DbPair], id: &str, cells: &[CellIndex], na
             exec(&dst, "create subscription", &sql::create_subscription(id, &conninfo)).await?;
         }
     }
+    // MongoDB: a first full copy while writes go on (the cutover re-syncs what changed).
+    let docs = super::mongo::sync(state, &pairs.docs, cells).await?;
+    m.update(|d| d.rows_copied = docs);
     Ok(())
 }
 
 /// 3. Catch up: every table copied (state 'r'eady) and the slot close to the source's WAL.
-async fn catch_up(m: &Migration, pairs: &[DbPair], cells: &[CellIndex], name: &str) -> Result<(), MigrateError> {
-    set(m, pairs, |d| d.state = State::CatchingUp).await;
+async fn catch_up(
+    state: &dyn Host,
+    m: &Migration,
+    pairs: &Pairs,
+    cells: &[CellIndex],
+    name: &str,
+) -> Result<(), MigrateError> {
+    set(state, m, pairs, |d| d.state = State::CatchingUp).await;
+    // MongoDB: one more pass, so the pass under the cutover's hold has little left to do.
+    let docs = super::mongo::sync(state, &pairs.docs, cells).await?;
     loop {
         check_abort(m)?;
         let mut ready = true;
         let mut lag = 0u64;
-        let mut copied = 0u64;
-        for p in pairs {
+        let mut copied = docs;
+        for p in &pairs.sql {
             let dst = connect(&p.target).await?;
             ready &= count(&dst, "copy progress", sql::SUBSCRIPTION_NOT_READY, &[&name]).await? == 0;
             for (t, col) in &p.tables {
@@ -190,11 +218,11 @@ async fn catch_up(m: &Migration, pairs: &[DbPair], cells: &[CellIndex], name: &s
 async fn cutover(
     state: &Arc<dyn Host>,
     m: &Arc<Migration>,
-    pairs: &[DbPair],
+    pairs: &Pairs,
     cells: &[CellIndex],
     name: &str,
 ) -> Result<(), MigrateError> {
-    set(m, pairs, |d| d.state = State::Cutover).await;
+    set(state.as_ref(), m, pairs, |d| d.state = State::Cutover).await;
     check_abort(m)?;
     hold_writes(state.as_ref(), m, cells).await;
     // The map that moves the cells is the next one (or the serving one, if a crash came after
@@ -203,22 +231,28 @@ async fn cutover(
         let snap = state.pin();
         if owned_by_target(&snap.map, cells, &m.record().to) { snap.map.version().0 } else { snap.map.version().0 + 1 }
     };
-    let fence_lsns = fence_source(m, pairs, cells, fence_version).await?;
+    let fence_lsns = fence_source(state.as_ref(), m, pairs, cells, fence_version).await?;
     super::failpoint::hit("after_fence")?;
+    // MongoDB: the final copy, after the fence and its grace: the source's documents of the
+    // cells no longer change.
+    let docs = super::mongo::sync(state.as_ref(), &pairs.docs, cells).await?;
+    m.update(|d| d.rows_copied = d.rows_copied.max(docs));
     // Last point where an abort can give the cells back to the source: the next step lifts the
     // target's fence from an earlier move away, which an undo would not put back.
     check_abort(m)?;
     wait_applied(pairs, cells, name, &fence_lsns).await?;
+    super::mongo::lift_target(state.as_ref(), &pairs.docs, cells).await?;
     let version = publish(state.as_ref(), m, cells).await?;
     if version != fence_version {
-        for p in pairs {
+        for p in &pairs.sql {
             let src = connect(&p.source).await?;
             src.execute(sql::FENCE_SET_VERSION, &[&m.record().id, &(version as i64)])
                 .await
                 .map_err(|e| MigrateError::pg("fence version", &e))?;
         }
+        super::mongo::set_fence_version(state.as_ref(), &pairs.docs, &m.record().id, version).await?;
     }
-    set(m, pairs, |d| d.map_version_after = Some(version)).await;
+    set(state.as_ref(), m, pairs, |d| d.map_version_after = Some(version)).await;
     // 4e. Release held writes: they re-route on the new map, to the target.
     release(state.as_ref(), m).await;
     Ok(())
@@ -234,27 +268,29 @@ async fn hold_writes(state: &dyn Host, m: &Migration, cells: &[CellIndex]) {
 
 /// 4b. Fence the source; returns each database's WAL position after its fence.
 async fn fence_source(
+    state: &dyn Host,
     m: &Migration,
-    pairs: &[DbPair],
+    pairs: &Pairs,
     cells: &[CellIndex],
     map_version: u64,
 ) -> Result<Vec<String>, MigrateError> {
     let id = m.record().id;
     let mut lsns = Vec::new();
-    for p in pairs {
+    for p in &pairs.sql {
         let src = connect(&p.source).await?;
         exec(&src, "fence", &sql::fence(&p.tables, cells, &id, map_version)).await?;
         let lsn: String = src.query_one(sql::CURRENT_LSN, &[]).await.map_err(|e| MigrateError::pg("fence", &e))?.get(0);
         lsns.push(lsn);
     }
-    set(m, pairs, |d| d.fenced = true).await;
+    super::mongo::fence(state, &pairs.docs, &id, cells, map_version).await?;
+    set(state, m, pairs, |d| d.fenced = true).await;
     Ok(lsns)
 }
 
 /// 4c. Wait until the target has applied everything up to the fence; then the target lifts a
 /// fence it may hold from an earlier move away (it becomes the owner).
-async fn wait_applied(pairs: &[DbPair], cells: &[CellIndex], name: &str, lsns: &[String]) -> Result<(), MigrateError> {
-    for (p, lsn) in pairs.iter().zip(lsns) {
+async fn wait_applied(pairs: &Pairs, cells: &[CellIndex], name: &str, lsns: &[String]) -> Result<(), MigrateError> {
+    for (p, lsn) in pairs.sql.iter().zip(lsns) {
         let src = connect(&p.source).await?;
         loop {
             let done: Option<bool> = src
@@ -313,16 +349,23 @@ async fn publish(state: &dyn Host, m: &Migration, cells: &[CellIndex]) -> Result
 }
 
 /// 5. Clean up replication objects; the fence and both triggers stay on the source.
-async fn finish(m: &Migration, pairs: &[DbPair], name: &str) -> Result<(), MigrateError> {
+async fn finish(
+    state: &dyn Host,
+    m: &Migration,
+    pairs: &Pairs,
+    cells: &[CellIndex],
+    name: &str,
+) -> Result<(), MigrateError> {
     drop_replication(pairs, &m.record().id, name).await?;
-    for p in pairs {
+    super::mongo::finish(state, &pairs.docs, cells).await?;
+    for p in &pairs.sql {
         let src = connect(&p.source).await?;
         for (t, _) in &p.tables {
             // Best effort: FULL only costs WAL volume.
             let _ = src.batch_execute(&sql::replica_identity(t, false)).await;
         }
     }
-    set(m, pairs, |d| {
+    set(state, m, pairs, |d| {
         d.state = State::Done;
         d.error = None;
     })
@@ -330,8 +373,8 @@ async fn finish(m: &Migration, pairs: &[DbPair], name: &str) -> Result<(), Migra
     Ok(())
 }
 
-async fn drop_replication(pairs: &[DbPair], id: &str, name: &str) -> Result<(), MigrateError> {
-    for p in pairs {
+async fn drop_replication(pairs: &Pairs, id: &str, name: &str) -> Result<(), MigrateError> {
+    for p in &pairs.sql {
         let dst = connect(&p.target).await?;
         if has_subscription(&dst, name).await? {
             // Dropping the subscription also drops its slot on the source.
@@ -349,7 +392,7 @@ async fn drop_replication(pairs: &[DbPair], id: &str, name: &str) -> Result<(), 
 /// from the target, the source's fence lifted (it owns the cells again), writes released.
 /// Every part is attempted even when an earlier one fails; the first failure is returned. The
 /// state is the caller's to set.
-pub(super) async fn undo(state: &dyn Host, m: &Migration, pairs: &[DbPair]) -> Result<(), MigrateError> {
+pub(super) async fn undo(state: &dyn Host, m: &Migration, pairs: &Pairs) -> Result<(), MigrateError> {
     let doc = m.record();
     let cells = cells_of(&doc);
     let mut first: Option<MigrateError> = None;
@@ -360,7 +403,7 @@ pub(super) async fn undo(state: &dyn Host, m: &Migration, pairs: &[DbPair]) -> R
         }
     };
     note(drop_replication(pairs, &doc.id, &sql::object_name(&doc.id)).await);
-    for p in pairs {
+    for p in &pairs.sql {
         note(
             async {
                 let dst = connect(&p.target).await?;
@@ -386,6 +429,7 @@ pub(super) async fn undo(state: &dyn Host, m: &Migration, pairs: &[DbPair]) -> R
             .await,
         );
     }
+    note(super::mongo::undo(state, &pairs.docs, &doc.id, &cells).await);
     if first.is_none() {
         m.update(|d| d.fenced = false);
     }
@@ -399,7 +443,7 @@ pub(super) async fn undo(state: &dyn Host, m: &Migration, pairs: &[DbPair]) -> R
 
 /// [`undo`] with retries of transient failures (a shard restarting, a deadlock): three attempts,
 /// 1 s and 2 s apart. A permanent one (a missing privilege) is returned at once.
-pub(super) async fn undo_with_retries(state: &dyn Host, m: &Migration, pairs: &[DbPair]) -> Result<(), MigrateError> {
+pub(super) async fn undo_with_retries(state: &dyn Host, m: &Migration, pairs: &Pairs) -> Result<(), MigrateError> {
     let mut wait = Duration::from_secs(1);
     let mut attempt = 1;
     loop {

@@ -114,6 +114,27 @@ impl Stack {
         extra_conf: Vec<(String, String)>,
         tweak: impl FnOnce(&mut String),
     ) -> Stack {
+        Self::start_full(shards, replicas, extra_replica, extra_conf, |_| {}, tweak).await
+    }
+
+    /// `start` with the map text edited by `map_tweak` before cellgate starts.
+    pub async fn start_map(
+        shards: usize,
+        replicas: usize,
+        map_tweak: impl FnOnce(&mut String),
+        tweak: impl FnOnce(&mut String),
+    ) -> Stack {
+        Self::start_full(shards, replicas, None, Vec::new(), map_tweak, tweak).await
+    }
+
+    async fn start_full(
+        shards: usize,
+        replicas: usize,
+        extra_replica: Option<&str>,
+        extra_conf: Vec<(String, String)>,
+        map_tweak: impl FnOnce(&mut String),
+        tweak: impl FnOnce(&mut String),
+    ) -> Stack {
         logs();
         let cluster = tokio::task::spawn_blocking(move || {
             Cluster::start(ClusterSpec {
@@ -135,7 +156,9 @@ impl Stack {
         }
         let dir = std::env::temp_dir().join(format!("cellgate-test-{}-{}", std::process::id(), rand_suffix()));
         std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(dir.join("map.toml"), map_toml(&cluster, extra_replica)).unwrap();
+        let mut map = map_toml(&cluster, extra_replica);
+        map_tweak(&mut map);
+        std::fs::write(dir.join("map.toml"), map).unwrap();
         let mut cfg = config_text(&dir);
         tweak(&mut cfg);
         let config = Config::parse(&cfg).expect("test config");
@@ -148,6 +171,19 @@ impl Stack {
     /// Start one more instance on the same map file (a fleet member); `tweak` edits its config.
     pub async fn add_instance(&mut self, tweak: impl FnOnce(&mut String)) -> usize {
         let mut cfg = config_text(&self.dir);
+        tweak(&mut cfg);
+        let server = server::start(Config::parse(&cfg).expect("config"), false).await.expect("instance starts");
+        self.extra.push(server);
+        self.extra.len() - 1
+    }
+
+    /// Start one more instance on its own copy of today's map file, which nothing updates (an
+    /// instance that never hears of a change); `tweak` edits its config.
+    pub async fn add_instance_with_own_map(&mut self, tweak: impl FnOnce(&mut String)) -> usize {
+        let own = self.dir.join(format!("own-{}", self.extra.len()));
+        std::fs::create_dir_all(&own).unwrap();
+        std::fs::copy(self.dir.join("map.toml"), own.join("map.toml")).unwrap();
+        let mut cfg = config_text(&own);
         tweak(&mut cfg);
         let server = server::start(Config::parse(&cfg).expect("config"), false).await.expect("instance starts");
         self.extra.push(server);

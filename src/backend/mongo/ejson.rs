@@ -12,6 +12,8 @@ use bson::{Bson, Document};
 use serde::de::{self, Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde::ser::{Serialize, SerializeMap, SerializeSeq, Serializer};
 
+use crate::geo::Region;
+
 /// Keys that make an object an Extended JSON type wrapper rather than a document. `$regex` is
 /// deliberately absent: in a filter it is the query operator.
 const WRAPPERS: &[&str] = &[
@@ -248,6 +250,33 @@ pub fn type_name(v: &Bson) -> &'static str {
         Bson::Int32(_) | Bson::Int64(_) | Bson::Double(_) | Bson::Decimal128(_) => "a number",
         _ => "a BSON value",
     }
+}
+
+/// A document's location from its GeoJSON Point field: `Ok(None)` if the field is absent.
+pub fn geo_point(doc: &Document, field: &str) -> Result<Option<Region>, String> {
+    get_path(doc, field).map(|v| geo_value(v, field)).transpose()
+}
+
+/// The location a GeoJSON Point value names (`field` is for messages).
+pub fn geo_value(v: &Bson, field: &str) -> Result<Region, String> {
+    let Bson::Document(g) = v else { return Err(format!("{field} is not a GeoJSON object")) };
+    if g.get_str("type").ok() != Some("Point") {
+        return Err(format!("{field} is not a GeoJSON Point"));
+    }
+    let coords = match g.get("coordinates") {
+        Some(Bson::Array(a)) if a.len() >= 2 => a,
+        _ => return Err(format!("{field}.coordinates must be [lng, lat]")),
+    };
+    let num = |b: &Bson| match b {
+        Bson::Double(d) => Some(*d),
+        Bson::Int32(i) => Some(f64::from(*i)),
+        Bson::Int64(i) => Some(*i as f64),
+        _ => None,
+    };
+    let (Some(lng), Some(lat)) = (num(&coords[0]), num(&coords[1])) else {
+        return Err(format!("{field}.coordinates must be numbers [lng, lat]"));
+    };
+    crate::geo::point(lat, lng).map(Region::Point).map_err(|e| format!("{field}: {e}"))
 }
 
 /// The value at a dotted path (`"a.b"`); missing fields are `None` (sorted as null).

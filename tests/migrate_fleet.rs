@@ -1,0 +1,360 @@
+//! Twenty cutovers back and forth under load through three instances — the orchestrator
+//! (current), one on the same map file without a watch or peer push, one on its own copy of the
+//! map that nothing ever updates — with inserts, updates, deletes and 2-statement batches into
+//! the moving cell and elsewhere. Every outcome is checked by reading both PostgreSQL primaries
+//! directly: acknowledged writes applied exactly once on the final owner, refused ones absent.
+#![allow(clippy::unwrap_used)] // tests, benches and examples may unwrap: a panic is the failure report
+
+mod support;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use support::*;
+
+const BARCELONA: (f64, f64) = (41.3874, 2.1686);
+
+/// The resolution-3 cell around Madrid: it moves; Barcelona (same shard) and Paris do not.
+fn moving_cell() -> String {
+    let p = cellgate::geo::point(MADRID.0, MADRID.1).unwrap();
+    cellgate::geo::owning_cell(p, h3o::Resolution::Three).to_string()
+}
+
+fn in_moving(at: (f64, f64)) -> bool {
+    let p = cellgate::geo::point(at.0, at.1).unwrap();
+    cellgate::geo::owning_cell(p, h3o::Resolution::Three).to_string() == moving_cell()
+}
+
+/// What the shards must hold for one row id, from the answers the writers got.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Fate {
+    /// Inserted (acknowledged) and `v` is its last acknowledged value.
+    Live(i64),
+    /// An acknowledged delete.
+    Deleted,
+    /// Its insert was refused: it must not exist.
+    NeverWritten,
+    /// An answer that does not say whether it ran (transport error, timeout): not checked.
+    Unknown,
+}
+
+#[derive(Default)]
+struct Writer {
+    rows: BTreeMap<i64, ((f64, f64), Fate)>,
+    live: Vec<i64>,
+    sent: u64,
+    acked: u64,
+    refused: u64,
+    unknown: u64,
+    statuses: BTreeMap<String, u64>,
+    /// Acknowledged writes whose effect was not what they asked for (0 rows from an old owner).
+    wrong: Vec<String>,
+}
+
+enum Op {
+    Insert(i64, (f64, f64)),
+    Update(i64, i64),
+    Delete(i64),
+    /// Insert of a new id next to an existing row, and an update of that row.
+    Batch(i64, i64, i64),
+}
+
+fn insert_stmt(id: i64, at: (f64, f64)) -> Value {
+    json!({"sql": "INSERT INTO items (id, name, v, lat, lng, h3) VALUES ($1, 'w', 0, $2, $3, $4)",
+           "params": [id, at.0, at.1, h3_of(at.0, at.1)]})
+}
+
+impl Writer {
+    fn at(&self, id: i64) -> (f64, f64) {
+        self.rows[&id].0
+    }
+
+    fn body(&self, op: &Op) -> (Value, u64) {
+        let region = |at: (f64, f64)| json!({"lat": at.0, "lng": at.1});
+        match op {
+            Op::Insert(id, at) => {
+                let mut b = insert_stmt(*id, *at);
+                b["region"] = region(*at);
+                (b, 1)
+            }
+            Op::Update(id, v) => (
+                json!({"region": region(self.at(*id)), "sql": "UPDATE items SET v = $2 WHERE id = $1", "params": [id, v]}),
+                1,
+            ),
+            Op::Delete(id) => {
+                (json!({"region": region(self.at(*id)), "sql": "DELETE FROM items WHERE id = $1", "params": [id]}), 1)
+            }
+            Op::Batch(new, id, v) => {
+                let at = self.at(*id);
+                (
+                    json!({"region": region(at), "batch": [insert_stmt(*new, at),
+                        {"sql": "UPDATE items SET v = $2 WHERE id = $1", "params": [id, v]}]}),
+                    2,
+                )
+            }
+        }
+    }
+
+    /// Record the answer: the fates of the ids the op touched.
+    fn record(&mut self, op: &Op, status: u16, v: &Value, want_rows: u64) {
+        let code = v["error"]["code"].as_str().unwrap_or("").to_string();
+        *self.statuses.entry(if status == 200 { "200".into() } else { format!("{status} {code}") }).or_default() += 1;
+        self.sent += 1;
+        // cells_frozen: held past the hold, or refused by a fence (rolled back): nothing ran.
+        let refused = status == 503 && code == "cells_frozen";
+        let ok = status == 200;
+        if ok {
+            self.acked += 1;
+            if v["rows_affected"] != want_rows {
+                self.wrong.push(format!("{} rows {} (want {want_rows}): {v}", self.describe(op), v["rows_affected"]));
+            }
+        } else if refused {
+            self.refused += 1;
+        } else {
+            self.unknown += 1;
+        }
+        let batch_at = match op {
+            Op::Batch(_, id, _) => Some(self.rows[id].0),
+            _ => None,
+        };
+        let mut set = |id: i64, at: Option<(f64, f64)>, fate: Fate| {
+            let at = at.unwrap_or_else(|| self.rows[&id].0);
+            self.rows.insert(id, (at, fate));
+            match fate {
+                Fate::Live(_) => {
+                    if !self.live.contains(&id) {
+                        self.live.push(id);
+                    }
+                }
+                _ => self.live.retain(|x| *x != id),
+            }
+        };
+        match *op {
+            Op::Insert(id, at) => set(
+                id,
+                Some(at),
+                if ok {
+                    Fate::Live(0)
+                } else if refused {
+                    Fate::NeverWritten
+                } else {
+                    Fate::Unknown
+                },
+            ),
+            Op::Update(id, nv) => {
+                if ok {
+                    set(id, None, Fate::Live(nv));
+                } else if !refused {
+                    set(id, None, Fate::Unknown);
+                }
+            }
+            Op::Delete(id) => {
+                if ok {
+                    set(id, None, Fate::Deleted);
+                } else if !refused {
+                    set(id, None, Fate::Unknown);
+                }
+            }
+            Op::Batch(new, id, nv) => {
+                let at = batch_at.expect("batch");
+                if ok {
+                    set(new, Some(at), Fate::Live(0));
+                    set(id, None, Fate::Live(nv));
+                } else if refused {
+                    set(new, Some(at), Fate::NeverWritten);
+                } else {
+                    set(new, Some(at), Fate::Unknown);
+                    set(id, None, Fate::Unknown);
+                }
+            }
+        }
+    }
+
+    fn describe(&self, op: &Op) -> String {
+        match op {
+            Op::Insert(id, _) => format!("insert {id}"),
+            Op::Update(id, _) => format!("update {id}"),
+            Op::Delete(id) => format!("delete {id}"),
+            Op::Batch(n, id, _) => format!("batch insert {n} + update {id}"),
+        }
+    }
+}
+
+/// One writer task: its own ids, one request at a time, through the instances in turn.
+async fn write_loop(
+    w: u64,
+    http: reqwest::Client,
+    datas: Vec<String>,
+    period: Duration,
+    stop: Arc<AtomicBool>,
+) -> Writer {
+    let mut me = Writer::default();
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut n = 0u64;
+    let mut next_id = (w as i64 + 1) * 10_000_000;
+    while !stop.load(Ordering::Relaxed) {
+        tick.tick().await;
+        n += 1;
+        let jitter = ((n % 17) as f64 - 8.0) * 0.004;
+        let place = match n % 4 {
+            0 | 1 => (MADRID.0 + jitter, MADRID.1 - jitter),
+            2 => (BARCELONA.0 + jitter, BARCELONA.1),
+            _ => (PARIS.0 + jitter, PARIS.1),
+        };
+        let pick = |me: &Writer| me.live[(n as usize * 7919) % me.live.len()];
+        let op = match (n % 10, me.live.len()) {
+            (_, 0..=4) | (0..=3, _) => {
+                next_id += 1;
+                Op::Insert(next_id, place)
+            }
+            (4..=6, _) => Op::Update(pick(&me), n as i64),
+            (7, _) => Op::Delete(pick(&me)),
+            _ => {
+                next_id += 1;
+                Op::Batch(next_id, pick(&me), n as i64)
+            }
+        };
+        let (body, want) = me.body(&op);
+        let data = &datas[((w + n) % datas.len() as u64) as usize];
+        let r = http.post(format!("{data}/v1/sql/core/execute")).bearer_auth(WRITE_TOKEN).json(&body).send().await;
+        let (status, v) = match r {
+            Ok(r) => {
+                let s = r.status().as_u16();
+                (s, r.json::<Value>().await.unwrap_or(Value::Null))
+            }
+            Err(_) => (0, Value::Null),
+        };
+        me.record(&op, status, &v, want);
+    }
+    me
+}
+
+async fn admin_post(st: &Stack, path: &str, body: Value) -> (u16, Value) {
+    let r = st.http.post(format!("{}{path}", st.admin())).bearer_auth(ADMIN_TOKEN).json(&body).send().await.unwrap();
+    let s = r.status().as_u16();
+    (s, r.json().await.unwrap())
+}
+
+async fn wait_done(st: &Stack, id: &str, within: Duration) -> Value {
+    let t = Instant::now();
+    loop {
+        let r =
+            st.http.get(format!("{}/admin/migrations/{id}", st.admin())).bearer_auth(ADMIN_TOKEN).send().await.unwrap();
+        let v: Value = r.json().await.unwrap();
+        match v["state"].as_str().unwrap_or("") {
+            "done" => return v,
+            "failed" | "aborted" => panic!("migration ended {}: {v}", v["state"]),
+            _ => {}
+        }
+        assert!(t.elapsed() < within, "migration not done in {within:?}: {v}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// id → v of every row on a primary.
+fn rows_on(node: &cellgate_harness::Node) -> HashMap<i64, i64> {
+    let out = node.psql("core", "SELECT id, coalesce(v, -1) FROM items").unwrap();
+    out.lines()
+        .filter(|l| !l.is_empty())
+        .map(|l| {
+            let (id, v) = l.split_once('|').unwrap();
+            (id.parse().unwrap(), v.parse().unwrap())
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twenty_cutovers_through_three_instances_lose_no_acknowledged_write() {
+    let mut st = Stack::start(2, 0, |_| {}).await;
+    // The same map file, but no watch and no peer push: it learns from fences (and re-reads the file).
+    let no_watch = st.add_instance(|c| *c = c.replacen("\" }\n[listen]", "\", watch = false }\n[listen]", 1)).await;
+    // Its own copy of map v1, never updated: after a fence it can only refuse (cells_frozen).
+    let own_copy =
+        st.add_instance_with_own_map(|c| *c = c.replacen("\" }\n[listen]", "\", watch = false }\n[listen]", 1)).await;
+    let datas = vec![st.data(), st.data_of(no_watch), st.data_of(own_copy)];
+    let workers = 16u64;
+    let rate = 360u64;
+    let period = Duration::from_micros(1_000_000 * workers / rate);
+    let stop = Arc::new(AtomicBool::new(false));
+    let tasks: Vec<_> = (0..workers)
+        .map(|w| tokio::spawn(write_loop(w, st.http.clone(), datas.clone(), period, stop.clone())))
+        .collect();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let t0 = Instant::now();
+    let mut owner = "a";
+    let mut holds = Vec::new();
+    for round in 0..20 {
+        let to = if owner == "a" { "b" } else { "a" };
+        let (s, doc) =
+            admin_post(&st, "/admin/migrations", json!({"cells": [moving_cell()], "to": to, "hold_ms": 2000})).await;
+        assert_eq!(s, 202, "round {round}: {doc}");
+        let done = wait_done(&st, doc["id"].as_str().unwrap(), Duration::from_secs(90)).await;
+        holds.push(done["hold_ms_max"].as_u64().unwrap_or(0));
+        owner = to;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let took = t0.elapsed();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut all = Vec::new();
+    for t in tasks {
+        all.push(t.await.unwrap());
+    }
+    // Read both primaries directly.
+    let (a, b) = (rows_on(&st.cluster.shards[0].primary), rows_on(&st.cluster.shards[1].primary));
+    let final_owner = if owner == "a" { &a } else { &b };
+    let mut problems = Vec::new();
+    let (mut sent, mut acked, mut refused, mut unknown) = (0, 0, 0, 0);
+    let mut statuses: BTreeMap<String, u64> = BTreeMap::new();
+    let mut checked = 0;
+    for w in &all {
+        sent += w.sent;
+        acked += w.acked;
+        refused += w.refused;
+        unknown += w.unknown;
+        for (k, n) in &w.statuses {
+            *statuses.entry(k.clone()).or_default() += n;
+        }
+        problems.extend(w.wrong.iter().cloned());
+        for (id, (at, fate)) in &w.rows {
+            let (home, other) = if in_moving(*at) {
+                (final_owner, if owner == "a" { &b } else { &a })
+            } else if at.0 > 45.0 {
+                (&b, &a)
+            } else {
+                (&a, &b)
+            };
+            match fate {
+                Fate::Live(v) => match home.get(id) {
+                    Some(got) if got == v => {}
+                    got => problems.push(format!("row {id} at {at:?}: want v={v}, owner has {got:?}")),
+                },
+                Fate::Deleted | Fate::NeverWritten => {
+                    if home.contains_key(id) {
+                        problems.push(format!("row {id} at {at:?} is {fate:?} but exists on its owner"));
+                    }
+                }
+                Fate::Unknown => continue,
+            }
+            // Outside the moving cell nothing is ever on the other shard (moved-cell rows may
+            // stay behind on an old owner: docs/migrations.md step 6).
+            if !in_moving(*at) && other.contains_key(id) {
+                problems.push(format!("row {id} at {at:?} is on the wrong shard too"));
+            }
+            checked += 1;
+        }
+    }
+    let secs = t0.elapsed().as_secs_f64().max(took.as_secs_f64());
+    eprintln!(
+        "20 cutovers in {took:?}: write pauses (hold_ms_max) {holds:?} ms; writes sent {sent} ({:.0}/s), acknowledged {acked}, refused {refused}, unknown {unknown}; {checked} rows checked on the primaries; statuses {statuses:?}",
+        sent as f64 / secs
+    );
+    assert!(problems.is_empty(), "{} problems, first: {:?}", problems.len(), &problems[..problems.len().min(10)]);
+    assert_eq!(unknown, 0, "answers that do not say whether the write ran: {statuses:?}");
+    assert!(acked > 1000, "{statuses:?}");
+    st.stop().await;
+}

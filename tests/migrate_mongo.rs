@@ -1,0 +1,382 @@
+//! Migrations of a mixed shard: PostgreSQL `core` (logical replication) and MongoDB `profiles`
+//! (documents copied by their `geo_field`, fenced on the old owner) move together, back and
+//! forth, under inserts, updates and deletes of both kinds through three instances (current,
+//! file without watch, own never-updated map). Checked by reading every server directly: each
+//! acknowledged write applied exactly once on the final owner, refused ones absent, no document
+//! of the moved cell left on the old owner. Runs on both MongoDB peers (CongoDB, SecantusDB).
+#![allow(clippy::unwrap_used)] // tests, benches and examples may unwrap: a panic is the failure report
+
+mod support;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use bson::{Document, doc};
+use futures_util::TryStreamExt;
+use serde_json::{Value, json};
+use support::mongo::{Peer, PeerKind};
+use support::*;
+use tokio::sync::Mutex;
+
+const BARCELONA: (f64, f64) = (41.3874, 2.1686);
+
+/// One test at a time: each drives two shards of both kinds on a 2-core machine.
+static SERIAL: Mutex<()> = Mutex::const_new(());
+
+fn moving_cell() -> String {
+    let p = cellgate::geo::point(MADRID.0, MADRID.1).unwrap();
+    cellgate::geo::owning_cell(p, h3o::Resolution::Three).to_string()
+}
+
+fn in_moving(at: (f64, f64)) -> bool {
+    let p = cellgate::geo::point(at.0, at.1).unwrap();
+    cellgate::geo::owning_cell(p, h3o::Resolution::Three).to_string() == moving_cell()
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Fate {
+    Live(i64),
+    Deleted,
+    NeverWritten,
+    Unknown,
+}
+
+#[derive(Default)]
+struct Writer {
+    /// MongoDB documents by business key `k`.
+    docs: BTreeMap<i64, ((f64, f64), Fate)>,
+    live: Vec<i64>,
+    /// PostgreSQL rows (inserts only).
+    rows: BTreeMap<i64, ((f64, f64), Fate)>,
+    statuses: BTreeMap<String, u64>,
+    wrong: Vec<String>,
+}
+
+impl Writer {
+    fn fate(status: u16, v: &Value) -> Result<(), bool> {
+        // Ok: acknowledged; Err(true): refused (nothing ran); Err(false): unknown.
+        if status == 200 { Ok(()) } else { Err(status == 503 && v["error"]["code"] == "cells_frozen") }
+    }
+
+    fn set(&mut self, k: i64, at: (f64, f64), fate: Fate) {
+        self.docs.insert(k, (at, fate));
+        self.live.retain(|x| *x != k);
+        if let Fate::Live(_) = fate {
+            self.live.push(k);
+        }
+    }
+}
+
+async fn post(http: &reqwest::Client, url: String, body: Value) -> (u16, Value) {
+    match http.post(url).bearer_auth(WRITE_TOKEN).json(&body).send().await {
+        Ok(r) => {
+            let s = r.status().as_u16();
+            (s, r.json::<Value>().await.unwrap_or(Value::Null))
+        }
+        Err(_) => (0, Value::Null),
+    }
+}
+
+async fn write_loop(
+    w: u64,
+    http: reqwest::Client,
+    datas: Vec<String>,
+    period: Duration,
+    stop: Arc<AtomicBool>,
+) -> Writer {
+    let mut me = Writer::default();
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut n = 0u64;
+    let mut next = (w as i64 + 1) * 10_000_000;
+    while !stop.load(Ordering::Relaxed) {
+        tick.tick().await;
+        n += 1;
+        let data = &datas[((w + n) % datas.len() as u64) as usize];
+        let jitter = ((n % 17) as f64 - 8.0) * 0.004;
+        let place = match n % 4 {
+            0 | 1 => (MADRID.0 + jitter, MADRID.1 - jitter),
+            2 => (BARCELONA.0 + jitter, BARCELONA.1),
+            _ => (PARIS.0 + jitter, PARIS.1),
+        };
+        let region = |at: (f64, f64)| json!({"lat": at.0, "lng": at.1});
+        let (label, status, v) = if n.is_multiple_of(3) {
+            // PostgreSQL insert on the same shard as the documents.
+            next += 1;
+            let id = next;
+            let (s, v) = post(
+                &http,
+                format!("{data}/v1/sql/core/execute"),
+                json!({"region": region(place),
+                "sql": "INSERT INTO items (id, name, lat, lng, h3) VALUES ($1, 'w', $2, $3, $4)",
+                "params": [id, place.0, place.1, h3_of(place.0, place.1)]}),
+            )
+            .await;
+            let fate = match Writer::fate(s, &v) {
+                Ok(()) => Fate::Live(0),
+                Err(true) => Fate::NeverWritten,
+                Err(false) => Fate::Unknown,
+            };
+            me.rows.insert(id, (place, fate));
+            ("sql insert", s, v)
+        } else if me.live.len() < 5 || n % 3 == 1 && n.is_multiple_of(2) {
+            next += 1;
+            let k = next;
+            // No region: the document's own location routes it.
+            let (s, v) = post(
+                &http,
+                format!("{data}/v1/docs/profiles/people/insert"),
+                json!({"documents": [
+                {"k": k, "v": 0, "loc": {"type": "Point", "coordinates": [place.1, place.0]}}]}),
+            )
+            .await;
+            let fate = match Writer::fate(s, &v) {
+                Ok(()) => {
+                    if v["inserted_count"] != 1 {
+                        me.wrong.push(format!("insert {k}: {v}"));
+                    }
+                    Fate::Live(0)
+                }
+                Err(true) => Fate::NeverWritten,
+                Err(false) => Fate::Unknown,
+            };
+            me.set(k, place, fate);
+            ("doc insert", s, v)
+        } else {
+            let k = me.live[(n as usize * 7919) % me.live.len()];
+            let at = me.docs[&k].0;
+            if n.is_multiple_of(5) {
+                let (s, v) = post(
+                    &http,
+                    format!("{data}/v1/docs/profiles/people/delete"),
+                    json!({"region": region(at), "filter": {"k": k}}),
+                )
+                .await;
+                match Writer::fate(s, &v) {
+                    Ok(()) => {
+                        if v["deleted"] != 1 {
+                            me.wrong.push(format!("delete {k} acknowledged without its effect: {v}"));
+                        }
+                        me.set(k, at, Fate::Deleted);
+                    }
+                    Err(true) => {}
+                    Err(false) => me.set(k, at, Fate::Unknown),
+                }
+                ("doc delete", s, v)
+            } else {
+                let nv = n as i64;
+                let (s, v) = post(
+                    &http,
+                    format!("{data}/v1/docs/profiles/people/update"),
+                    json!({"region": region(at), "filter": {"k": k}, "update": {"$set": {"v": nv}}}),
+                )
+                .await;
+                match Writer::fate(s, &v) {
+                    Ok(()) => {
+                        if v["matched"] != 1 {
+                            me.wrong.push(format!("update {k} acknowledged without its effect: {v}"));
+                        }
+                        me.set(k, at, Fate::Live(nv));
+                    }
+                    Err(true) => {}
+                    Err(false) => me.set(k, at, Fate::Unknown),
+                }
+                ("doc update", s, v)
+            }
+        };
+        let code = v["error"]["code"].as_str().unwrap_or("");
+        *me.statuses.entry(format!("{label} {status} {code}").trim().to_string()).or_default() += 1;
+    }
+    me
+}
+
+/// k → (copies, v) of every document on a server, read directly.
+async fn docs_on(peer: &Peer) -> HashMap<i64, (usize, i64)> {
+    let c = peer.client().await;
+    let all: Vec<Document> = c
+        .database("profiles")
+        .collection::<Document>("people")
+        .find(doc! {})
+        .await
+        .unwrap()
+        .try_collect()
+        .await
+        .unwrap();
+    let mut out: HashMap<i64, (usize, i64)> = HashMap::new();
+    for d in all {
+        let k = d.get_i64("k").or_else(|_| d.get_i32("k").map(i64::from)).unwrap();
+        let v = d.get_i64("v").or_else(|_| d.get_i32("v").map(i64::from)).unwrap_or(-1);
+        let e = out.entry(k).or_insert((0, v));
+        e.0 += 1;
+        e.1 = v;
+    }
+    out
+}
+
+fn rows_on(node: &cellgate_harness::Node) -> HashMap<i64, i64> {
+    let out = node.psql("core", "SELECT id, 0 FROM items").unwrap();
+    out.lines().filter(|l| !l.is_empty()).map(|l| (l.split_once('|').unwrap().0.parse().unwrap(), 0)).collect()
+}
+
+async fn mixed_shard_migrations_under_load(kind: PeerKind) {
+    let _serial = SERIAL.lock().await;
+    let peers = [Peer::start(kind), Peer::start(kind)];
+    let uris: Vec<String> = peers.iter().map(Peer::uri).collect();
+    let mut st = Stack::start_map(
+        2,
+        0,
+        |map| {
+            // Each shard also holds the `profiles` MongoDB database on its own peer.
+            for (id, uri) in ["a", "b"].iter().zip(&uris) {
+                let at = map.find(&format!("id = \"{id}\"")).unwrap();
+                let end = map[at..].find("[[").map(|i| at + i).unwrap_or(map.len());
+                map.insert_str(
+                    end,
+                    &format!("  [shards.databases.profiles]\n  kind = \"mongodb\"\n  uri = \"{uri}\"\n"),
+                );
+            }
+            map.push_str("[tables.profiles.people]\ngeo_field = \"loc\"\n");
+        },
+        |_| {},
+    )
+    .await;
+    let off = |c: &mut String| *c = c.replacen("\" }\n[listen]", "\", watch = false }\n[listen]", 1);
+    let no_watch = st.add_instance(off).await;
+    let own_copy = st.add_instance_with_own_map(off).await;
+    let datas = vec![st.data(), st.data_of(no_watch), st.data_of(own_copy)];
+    let (workers, rate) = (12u64, 240u64);
+    let period = Duration::from_micros(1_000_000 * workers / rate);
+    let stop = Arc::new(AtomicBool::new(false));
+    let tasks: Vec<_> = (0..workers)
+        .map(|w| tokio::spawn(write_loop(w, st.http.clone(), datas.clone(), period, stop.clone())))
+        .collect();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let t0 = Instant::now();
+    let mut owner = 0usize;
+    let mut report = Vec::new();
+    for round in 0..6 {
+        let to = if owner == 0 { "b" } else { "a" };
+        let r = st
+            .http
+            .post(format!("{}/admin/migrations", st.admin()))
+            .bearer_auth(ADMIN_TOKEN)
+            .json(&json!({"cells": [moving_cell()], "to": to, "hold_ms": 3000}))
+            .send()
+            .await
+            .unwrap();
+        let (s, doc): (u16, Value) = (r.status().as_u16(), r.json().await.unwrap());
+        assert_eq!(s, 202, "round {round}: {doc}");
+        assert!(doc["tables"].as_array().unwrap().contains(&json!("profiles.people")), "{doc}");
+        let id = doc["id"].as_str().unwrap().to_string();
+        let done = loop {
+            let v: Value = st
+                .http
+                .get(format!("{}/admin/migrations/{id}", st.admin()))
+                .bearer_auth(ADMIN_TOKEN)
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            match v["state"].as_str().unwrap() {
+                "done" => break v,
+                "failed" | "aborted" => panic!("round {round}: {v}"),
+                _ => {}
+            }
+            assert!(t0.elapsed() < Duration::from_secs(300), "{v}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        report.push(format!(
+            "{}→{to}: hold {} ms, {} rows+docs",
+            if owner == 0 { "a" } else { "b" },
+            done["hold_ms_max"],
+            done["rows_copied"]
+        ));
+        owner = 1 - owner;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let took = t0.elapsed();
+    stop.store(true, Ordering::Relaxed);
+    let mut all = Vec::new();
+    for t in tasks {
+        all.push(t.await.unwrap());
+    }
+    let docs = [docs_on(&peers[0]).await, docs_on(&peers[1]).await];
+    let rows = [rows_on(&st.cluster.shards[0].primary), rows_on(&st.cluster.shards[1].primary)];
+    let home_of = |at: (f64, f64)| {
+        if in_moving(at) {
+            owner
+        } else if at.0 > 45.0 {
+            1
+        } else {
+            0
+        }
+    };
+    let mut problems = Vec::new();
+    let mut statuses: BTreeMap<String, u64> = BTreeMap::new();
+    let (mut checked_docs, mut checked_rows) = (0, 0);
+    for w in &all {
+        problems.extend(w.wrong.iter().cloned());
+        for (k, n) in &w.statuses {
+            *statuses.entry(k.clone()).or_default() += n;
+        }
+        for (k, (at, fate)) in &w.docs {
+            let home = home_of(*at);
+            let (here, there) = (docs[home].get(k), docs[1 - home].get(k));
+            match fate {
+                Fate::Live(v) => {
+                    if here != Some(&(1, *v)) {
+                        problems.push(format!(
+                            "document k={k} at {at:?}: want one with v={v} on its owner, found {here:?}"
+                        ));
+                    }
+                }
+                Fate::Deleted | Fate::NeverWritten => {
+                    if here.is_some() {
+                        problems.push(format!("document k={k} at {at:?} is {fate:?} but its owner has {here:?}"));
+                    }
+                }
+                Fate::Unknown => continue,
+            }
+            // Documents are removed from the old owner once a migration is done: nothing of
+            // the moved cell (or anything else) stays on the other shard.
+            if there.is_some() {
+                problems.push(format!("document k={k} at {at:?} also on the non-owner: {there:?}"));
+            }
+            checked_docs += 1;
+        }
+        for (id, (at, fate)) in &w.rows {
+            let home = home_of(*at);
+            match fate {
+                Fate::Live(_) if !rows[home].contains_key(id) => {
+                    problems.push(format!("row {id} at {at:?} missing on its owner"))
+                }
+                Fate::NeverWritten if rows[home].contains_key(id) => problems.push(format!("refused row {id} exists")),
+                _ => {}
+            }
+            checked_rows += 1;
+        }
+    }
+    eprintln!(
+        "{kind:?}: 6 cutovers of a PostgreSQL + MongoDB shard in {took:?} [{}]; {checked_docs} documents and {checked_rows} rows checked on the servers; {statuses:?}",
+        report.join("; ")
+    );
+    assert!(problems.is_empty(), "{} problems, first: {:?}", problems.len(), &problems[..problems.len().min(10)]);
+    let unknown: u64 =
+        statuses.iter().filter(|(k, _)| !k.contains(" 200") && !k.contains("cells_frozen")).map(|(_, n)| n).sum();
+    assert_eq!(unknown, 0, "answers that do not say whether the write ran: {statuses:?}");
+    st.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mixed_shard_migrations_under_load_congodb() {
+    mixed_shard_migrations_under_load(PeerKind::Congo).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mixed_shard_migrations_under_load_secantusdb() {
+    mixed_shard_migrations_under_load(PeerKind::Secantus).await;
+}
