@@ -399,6 +399,7 @@ pub async fn insert(state: &AppState, plan: &InsertPlan, out: &mut Outcome) -> R
         let deadline = Instant::now() + state.config.request_timeout();
         let version = snap.map.version().0;
         let mut views = BTreeMap::new();
+        let mut failed = BTreeMap::new();
         let mut fenced = None;
         for s in groups.keys() {
             let m = mongo_db(&snap, *s, &plan.db)?;
@@ -411,7 +412,11 @@ pub async fn insert(state: &AppState, plan: &InsertPlan, out: &mut Outcome) -> R
                     fenced = Some((snap.map.shard(*s).id.to_string(), cells[0], e));
                     break;
                 }
-                Err(e) => return Err(ApiError::from_backend(e, snap.map.shard(*s).id.as_str())),
+                // The shard cannot be asked (down): its group fails as its insert would have,
+                // and the other groups still go (a 207), as before fences existed.
+                Err(e) => {
+                    failed.insert(*s, e);
+                }
             }
         }
         if let Some((id, cell, e)) = fenced {
@@ -425,15 +430,22 @@ pub async fn insert(state: &AppState, plan: &InsertPlan, out: &mut Outcome) -> R
             hold::refresh_after_fence(state, seen, &id, cell).await?;
             continue;
         }
-        return insert_groups(&snap, plan, groups, views, deadline, out).await;
+        return insert_groups(&snap, plan, groups, Checked { views, failed }, deadline, out).await;
     }
+}
+
+/// The fence check of each group of an insert: the view to confirm with, or why the shard could
+/// not be checked.
+struct Checked {
+    views: BTreeMap<ShardIdx, (FenceView, Vec<h3o::CellIndex>)>,
+    failed: BTreeMap<ShardIdx, BackendError>,
 }
 
 async fn insert_groups(
     snap: &Snapshot,
     plan: &InsertPlan,
     groups: BTreeMap<ShardIdx, Vec<Document>>,
-    mut views: BTreeMap<ShardIdx, (FenceView, Vec<h3o::CellIndex>)>,
+    mut checked: Checked,
     deadline: Instant,
     out: &mut Outcome,
 ) -> Result<InsertResult, ApiError> {
@@ -443,8 +455,17 @@ async fn insert_groups(
         let m = mongo_db(snap, s, &plan.db)?;
         let info = shard_info(snap, s, m, Role::Primary);
         let coll = plan.collection.as_str();
-        let (view, cells) = views.remove(&s).expect("every group passed its fences");
+        let checked = match checked.failed.remove(&s) {
+            Some(e) => Err(e),
+            None => Ok(checked.views.remove(&s).expect("every group was checked")),
+        };
         futs.push(async move {
+            let (view, cells) = match checked {
+                Ok(v) => v,
+                Err(e) => {
+                    return (info, mongo::InsertOutcome { inserted_ids: Vec::new(), error: Some(e), op_time: None });
+                }
+            };
             let mut o = m.insert(coll, ds, deadline).await;
             if !o.inserted_ids.is_empty()
                 && let Err(e) = m.confirm_fences(&view, &cells, version, deadline).await

@@ -1,7 +1,8 @@
-//! Live migration of cells between PostgreSQL shards (design §5): plan → copy (logical
-//! replication with a row filter) → catch up → cutover (hold writes, fence the source, wait for
-//! the target to apply past the fence, publish map v+1 everywhere, release) → clean up.
-//! Progress is persisted in `cellgate.migrations` on both shards so a crashed orchestrator's
+//! Live migration of cells between shards (design §5): plan → copy (PostgreSQL: logical
+//! replication with a row filter; MongoDB: documents by geo field, `mongo.rs`) → catch up →
+//! cutover (hold writes, fence the source, wait for the target to apply past the fence, publish
+//! map v+1 everywhere, release) → clean up. Progress is persisted on both shards
+//! (`cellgate.migrations`, `cellgate_migrations`) so a crashed orchestrator's
 //! migration can be resumed or aborted. This file owns the control surface (start, abort,
 //! resume, recover), the registry of migrations and their orchestrator tasks, and the cutover
 //! hold. Owns no routing (it changes the map via the reload loop) and knows no HTTP: its errors
