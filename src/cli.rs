@@ -1,8 +1,10 @@
-//! Command-line interface (design §4): argument types and the offline commands (`map`, `locate`).
-//! Must not start servers itself: `serve` is handed to the server module.
+//! Command-line interface (design §4): argument types, the offline commands (`map`, `locate`)
+//! and the admin API clients (`map push`, `migrate`, with `migrate start --wait` polling until
+//! the migration ends). Must not start servers itself: `serve` is handed to the server module.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
@@ -40,7 +42,7 @@ pub enum Command {
     /// Demo data tools.
     #[command(subcommand)]
     Demo(DemoCommand),
-    /// Live migration of cells between PostgreSQL shards (admin API).
+    /// Live migration of cells between shards, PostgreSQL and MongoDB databases (admin API).
     Migrate {
         /// Admin base URL, e.g. http://127.0.0.1:9090
         #[arg(long, global = true, default_value = "http://127.0.0.1:9090")]
@@ -48,6 +50,11 @@ pub enum Command {
         /// Admin token (or CELLGATE_ADMIN_TOKEN).
         #[arg(long, global = true, env = "CELLGATE_ADMIN_TOKEN", hide_env_values = true)]
         token: Option<String>,
+        /// Read the admin token from this file: the bare token, or a line
+        /// `authorization: Bearer <token>` (a header file for `curl -H @FILE`). Keeps the token
+        /// off the command line; used instead of --token / CELLGATE_ADMIN_TOKEN.
+        #[arg(long, global = true, value_name = "PATH")]
+        token_file: Option<PathBuf>,
         #[command(subcommand)]
         action: MigrateAction,
     },
@@ -61,6 +68,10 @@ pub enum MigrateAction {
         to: String,
         #[arg(long, default_value_t = 2000)]
         hold_ms: u64,
+        /// Poll until the migration ends (progress on stderr); print its final record and exit 0
+        /// only if it is `done`. Also stops when it halts in a state that needs the operator.
+        #[arg(long)]
+        wait: bool,
         #[arg(required = true)]
         cells: Vec<String>,
     },
@@ -72,10 +83,51 @@ pub enum MigrateAction {
     Resume { id: String },
 }
 
+/// The admin token of `migrate`: from `--token-file` when given (then `--token` and
+/// CELLGATE_ADMIN_TOKEN are not used), else `--token` / CELLGATE_ADMIN_TOKEN.
+pub fn admin_token(token: Option<String>, token_file: Option<&Path>) -> Result<Option<String>, String> {
+    match token_file {
+        None => Ok(token),
+        Some(path) => {
+            let text = std::fs::read_to_string(path).map_err(|e| format!("--token-file {}: {e}", path.display()))?;
+            token_from_file(&text).map(Some).map_err(|e| format!("--token-file {}: {e}", path.display()))
+        }
+    }
+}
+
+/// The token in a token file: the bare token (one non-empty line), or the value of its one
+/// `authorization: Bearer <token>` line (header name and scheme case-insensitive; other header
+/// lines are ignored). Errors never quote the file, which holds a secret.
+fn token_from_file(text: &str) -> Result<String, String> {
+    let lines: Vec<&str> = text.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
+    fn header(l: &str) -> Option<&str> {
+        let (name, value) = l.split_once(':')?;
+        name.trim().eq_ignore_ascii_case("authorization").then(|| value.trim())
+    }
+    let auth: Vec<&str> = lines.iter().filter_map(|l| header(l)).collect();
+    let token = match (auth.as_slice(), lines.as_slice()) {
+        ([value], _) => {
+            let (scheme, token) = value.split_once(char::is_whitespace).unwrap_or((value, ""));
+            if !scheme.eq_ignore_ascii_case("bearer") {
+                return Err("the authorization line is not `authorization: Bearer <token>`".into());
+            }
+            token.trim()
+        }
+        ([], [one]) if !one.contains(':') => one,
+        ([], _) => return Err("expected the token alone, or a line `authorization: Bearer <token>`".into()),
+        _ => return Err("more than one authorization line".into()),
+    };
+    if token.is_empty() || token.contains(char::is_whitespace) {
+        return Err("the token is empty or contains whitespace".into());
+    }
+    Ok(token.to_string())
+}
+
 /// `cellgate migrate ...`: one admin API call, the JSON answer printed; exit 1 unless 2xx.
+/// `start --wait` then follows the migration to its end ([`wait_for`]).
 pub fn migrate(admin: &str, token: Option<&str>, action: &MigrateAction) -> ExitCode {
     let (method, path, body) = match action {
-        MigrateAction::Start { to, hold_ms, cells } => (
+        MigrateAction::Start { to, hold_ms, cells, .. } => (
             http::Method::POST,
             "/admin/migrations".to_string(),
             serde_json::json!({"cells": cells, "to": to, "hold_ms": hold_ms}).to_string(),
@@ -85,12 +137,109 @@ pub fn migrate(admin: &str, token: Option<&str>, action: &MigrateAction) -> Exit
         MigrateAction::Abort { id } => (http::Method::POST, format!("/admin/migrations/{id}/abort"), String::new()),
         MigrateAction::Resume { id } => (http::Method::POST, format!("/admin/migrations/{id}/resume"), String::new()),
     };
+    if let MigrateAction::Start { wait: true, .. } = action {
+        return match runtime() {
+            Ok(rt) => rt.block_on(start_and_wait(admin, token, body)),
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let status = matches!(action, MigrateAction::Status { .. });
     admin_call_then(admin, method, &path, "application/json", body, token, |answer| {
         if status {
             print_next_steps(answer);
         }
     })
+}
+
+/// How often `--wait` asks for the migration's record.
+const WAIT_POLL: Duration = Duration::from_millis(200);
+/// Consecutive failed polls (the admin listener out of reach) after which `--wait` gives up.
+const WAIT_MAX_FAILED_POLLS: u32 = 25;
+
+/// `migrate start --wait`: start, then poll `GET /admin/migrations/{id}` until the record is
+/// terminal, or stopped without an orchestrator task (`running: false`: it waits for the
+/// operator's `resume` or `abort`). Progress on stderr, the final record on stdout.
+async fn start_and_wait(admin: &str, token: Option<&str>, body: String) -> ExitCode {
+    let (status, answer) =
+        match admin_request(admin, http::Method::POST, "/admin/migrations", "application/json", body, token).await {
+            Ok(r) => r,
+            Err(e) => {
+                eprintln!("error: {admin}: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+    let started = serde_json::from_slice::<serde_json::Value>(&answer).ok();
+    let id = started.as_ref().and_then(|v| v["id"].as_str()).map(str::to_string);
+    let (true, Some(id)) = ((200..300).contains(&status), id) else {
+        println!("{}", String::from_utf8_lossy(&answer));
+        return ExitCode::FAILURE;
+    };
+    eprintln!("migration {id}: started");
+    wait_for(admin, token, &id).await
+}
+
+async fn wait_for(admin: &str, token: Option<&str>, id: &str) -> ExitCode {
+    let path = format!("/admin/migrations/{id}");
+    let mut last_state = None;
+    let mut failed_polls = 0;
+    loop {
+        tokio::time::sleep(WAIT_POLL).await;
+        let (status, answer) = match admin_request(
+            admin,
+            http::Method::GET,
+            &path,
+            "application/json",
+            String::new(),
+            token,
+        )
+        .await
+        {
+            Ok(r) => r,
+            Err(e) => {
+                failed_polls += 1;
+                if failed_polls >= WAIT_MAX_FAILED_POLLS {
+                    eprintln!(
+                        "error: {admin}: {e} ({failed_polls} polls in a row failed; the migration may still run: `cellgate migrate status {id}`)"
+                    );
+                    return ExitCode::FAILURE;
+                }
+                continue;
+            }
+        };
+        failed_polls = 0;
+        let value = serde_json::from_slice::<serde_json::Value>(&answer).ok();
+        let doc = value.as_ref().and_then(|v| {
+            let mut d = serde_json::from_value::<crate::migrate::Doc>(v.clone()).ok()?;
+            // Reported by the server but never deserialised (persisted records do not run).
+            d.running = v["running"] == true;
+            Some(d)
+        });
+        let Some(doc) = doc.filter(|_| (200..300).contains(&status)) else {
+            println!("{}", String::from_utf8_lossy(&answer));
+            eprintln!("error: GET {path} answered {status}");
+            return ExitCode::FAILURE;
+        };
+        if last_state != Some(doc.state) {
+            eprintln!("migration {id}: {} (rows copied: {})", doc.state, doc.rows_copied);
+            last_state = Some(doc.state);
+        }
+        if let Some(done) = wait_outcome(&doc) {
+            println!("{}", String::from_utf8_lossy(&answer));
+            if !done {
+                eprintln!("{id} {}: next: {}", doc.state, doc.next_step());
+            }
+            return if done { ExitCode::SUCCESS } else { ExitCode::FAILURE };
+        }
+    }
+}
+
+/// Has `--wait` seen the end: `Some(true)` for `done`, `Some(false)` for another terminal state or
+/// a migration no task works on (it waits for the operator), `None` while it runs.
+fn wait_outcome(doc: &crate::migrate::Doc) -> Option<bool> {
+    (doc.terminal() || !doc.running).then_some(doc.state == crate::migrate::State::Done)
 }
 
 /// After the JSON of `migrate status`: one line per migration saying what to do next (on
@@ -129,23 +278,14 @@ fn admin_call_then(
     token: Option<&str>,
     then: impl FnOnce(&[u8]),
 ) -> ExitCode {
-    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let rt = match runtime() {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("error: tokio runtime: {e}");
+            eprintln!("error: {e}");
             return ExitCode::FAILURE;
         }
     };
-    let r = rt.block_on(crate::fleet::call(
-        admin,
-        method,
-        path,
-        content_type,
-        bytes::Bytes::from(body),
-        token,
-        std::time::Duration::from_secs(120),
-    ));
-    match r {
+    match rt.block_on(admin_request(admin, method, path, content_type, body, token)) {
         Ok((status, bytes)) => {
             println!("{}", String::from_utf8_lossy(&bytes));
             if !(200..300).contains(&status) {
@@ -159,6 +299,23 @@ fn admin_call_then(
             ExitCode::FAILURE
         }
     }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, String> {
+    tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| format!("tokio runtime: {e}"))
+}
+
+/// One admin API request: the status and the body.
+async fn admin_request(
+    admin: &str,
+    method: http::Method,
+    path: &str,
+    content_type: &str,
+    body: String,
+    token: Option<&str>,
+) -> Result<(u16, bytes::Bytes), String> {
+    crate::fleet::call(admin, method, path, content_type, bytes::Bytes::from(body), token, Duration::from_secs(120))
+        .await
 }
 
 #[derive(Debug, Subcommand)]
@@ -435,5 +592,113 @@ pub fn map_push(file: &PathBuf, admin: &str, token: Option<&str>, if_version: Op
         Some(v) => {
             admin_call(admin, http::Method::PUT, &format!("/admin/map?if_match={v}"), "application/toml", body, token)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_file_holds_the_bare_token_or_an_authorization_header() {
+        assert_eq!(token_from_file("demo-abc\n").unwrap(), "demo-abc");
+        assert_eq!(token_from_file("  demo-abc  \r\n\n").unwrap(), "demo-abc");
+        // The demo's $WORK/auth.header, as `curl -H @FILE` reads it.
+        assert_eq!(token_from_file("authorization: Bearer demo-abc\n").unwrap(), "demo-abc");
+        assert_eq!(token_from_file("Authorization:bearer   demo-abc\r\n").unwrap(), "demo-abc");
+        // Other headers next to it are ignored.
+        assert_eq!(token_from_file("accept: application/json\nAUTHORIZATION: BEARER t1\n").unwrap(), "t1");
+    }
+
+    #[test]
+    fn token_file_errors_never_quote_the_secret() {
+        for bad in [
+            "",
+            "\n\n",
+            "two\nlines\n",
+            "a token with spaces",
+            "authorization: Basic c2VjcmV0\n",
+            "authorization: Bearer\n",
+            "authorization: Bearer a b\n",
+            "authorization: Bearer t1\nauthorization: Bearer t2\n",
+            "x-other: secret\n",
+        ] {
+            let e = token_from_file(bad).expect_err(bad);
+            for word in ["secret", "c2VjcmV0", "t1", "t2", "lines"] {
+                assert!(!e.contains(word), "{bad:?}: {e}");
+            }
+        }
+    }
+
+    #[test]
+    fn token_file_replaces_token_and_env() {
+        let dir = std::env::temp_dir().join(format!("cellgate-cli-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("auth.header");
+        std::fs::write(&f, "authorization: Bearer from-file\n").unwrap();
+        assert_eq!(admin_token(Some("flag".into()), Some(&f)).unwrap().as_deref(), Some("from-file"));
+        assert_eq!(admin_token(Some("flag".into()), None).unwrap().as_deref(), Some("flag"));
+        assert_eq!(admin_token(None, None).unwrap(), None);
+        let missing = dir.join("missing");
+        assert!(admin_token(None, Some(&missing)).unwrap_err().contains("--token-file"));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn wait_ends_on_done_on_other_terminal_states_and_on_a_stopped_migration() {
+        use crate::migrate::{Doc, State};
+        let mut d: Doc = serde_json::from_value(serde_json::json!({
+            "id": "m1", "state": "copying", "cells": [], "from": "a", "to": "b", "tables": [],
+            "rows_copied": 0, "lag_bytes": null, "hold_ms": 1, "hold_ms_max": null,
+            "map_version_before": 1, "map_version_after": null, "error": null, "fenced": false
+        }))
+        .unwrap();
+        d.running = true;
+        for s in [State::Planned, State::Copying, State::CatchingUp, State::Cutover, State::Aborting] {
+            d.state = s;
+            assert_eq!(wait_outcome(&d), None, "{s}");
+        }
+        d.state = State::Done;
+        assert_eq!(wait_outcome(&d), Some(true));
+        for s in [State::Aborted, State::Failed] {
+            d.state = s;
+            assert_eq!(wait_outcome(&d), Some(false), "{s}");
+        }
+        // Stopped after its fence with no task: it needs `resume` or `abort`, so waiting ends.
+        d.state = State::Cutover;
+        d.running = false;
+        assert_eq!(wait_outcome(&d), Some(false));
+    }
+
+    #[test]
+    fn migrate_start_takes_wait_and_a_global_token_file() {
+        let cli = Cli::try_parse_from([
+            "cellgate",
+            "migrate",
+            "--admin",
+            "http://127.0.0.1:1",
+            "--token-file",
+            "/tmp/auth.header",
+            "start",
+            "--wait",
+            "--to",
+            "am-1",
+            "8130bffffffffff",
+        ])
+        .unwrap();
+        let Command::Migrate { token_file, action: MigrateAction::Start { wait, to, cells, hold_ms }, .. } =
+            cli.command
+        else {
+            panic!("not migrate start");
+        };
+        assert_eq!(token_file.as_deref(), Some(Path::new("/tmp/auth.header")));
+        assert!(wait);
+        assert_eq!((to.as_str(), cells.as_slice(), hold_ms), ("am-1", &["8130bffffffffff".to_string()][..], 2000));
+        // The global option also goes after the subcommand.
+        let cli = Cli::try_parse_from(["cellgate", "migrate", "status", "--token-file", "f"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Migrate { token_file: Some(_), action: MigrateAction::Status { id: None }, .. }
+        ));
     }
 }

@@ -27,7 +27,13 @@ fn main() -> ExitCode {
                 schema.as_ref(),
             )
         }
-        Command::Migrate { admin, token, action } => cli::migrate(&admin, token.as_deref(), &action),
+        Command::Migrate { admin, token, token_file, action } => match cli::admin_token(token, token_file.as_deref()) {
+            Ok(token) => cli::migrate(&admin, token.as_deref(), &action),
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::from(2)
+            }
+        },
         Command::TokenHash { token } => {
             let token = match token {
                 Some(t) => t,

@@ -2,7 +2,9 @@
 # The local demo: real PostgreSQL shards (3 × primary + 1 streaming replica) on loopback, a
 # SecantusDB (MongoDB wire-protocol server on WiredTiger, from PyPI) per shard for the `profiles`
 # database when Python 3.11 with venv is available, the musician-marketplace data, and cellgate
-# serving shard-maps/demo.toml.
+# serving a copy of shard-maps/demo.toml (live migrations rewrite the map file they serve).
+# Prints ready-to-paste examples, among them one live migration (a busy cell moved to another
+# shard and back), which scripts/demo-smoke.sh runs as printed under the goose load.
 # Ctrl-C / SIGTERM stops all.
 # Usage: bash deploy/local/demo.sh [--data-port 8080] [--admin-port 9090]
 set -euo pipefail
@@ -57,11 +59,16 @@ trap 'exit 130' INT
 trap 'exit 143' TERM
 
 # Secrets travel in the environment or 0600 files, never on a command line (`ps` shows those to
-# every local user). The superuser password is random per run (cellgate-cluster's default); the
-# demo does not need it, and it is only in the 0600 state file's admin URLs.
+# every local user). The superuser password is random per run, given to cellgate-cluster in its
+# environment (it is also in the 0600 state file's admin URLs); the demo uses it once, to create
+# the migration role, and cellgate never sees it.
+SUPERUSER_PASSWORD="su-$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n')"
 export CELLGATE_DEMO_PG_PASSWORD="demo-$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n')"
+# The migration role's password: the map's `admin` connections (shard-maps/demo.toml) use it.
+export CELLGATE_DEMO_MIGRATOR_PASSWORD="migrator-$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n')"
 echo "== starting 3 shards x (primary + 1 replica)"
-CELLGATE_CLUSTER_APP_PASSWORD="$CELLGATE_DEMO_PG_PASSWORD" ./target/release/cellgate-cluster up --shards 3 --replicas 1 \
+CELLGATE_CLUSTER_APP_PASSWORD="$CELLGATE_DEMO_PG_PASSWORD" CELLGATE_CLUSTER_SUPERUSER_PASSWORD="$SUPERUSER_PASSWORD" \
+  ./target/release/cellgate-cluster up --shards 3 --replicas 1 \
   --state-file "$WORK/cluster.json" > "$WORK/cluster.out" 2> "$WORK/cluster.err" &
 CLUSTER_PID=$!
 for _ in $(seq 1 900); do
@@ -76,6 +83,29 @@ for s in AM1 EU1 AS1; do
   export "CELLGATE_DEMO_${s}_REPLICA_PORT=$(jq -r ".shards[$i].replicas[0].port" "$WORK/cluster.json")"
   i=$((i + 1))
 done
+
+# The role of the map's `admin` connections, which live migrations use (docs/migrations.md,
+# "Privileges"), on every primary (the replicas get it by streaming). PostgreSQL 15 lets only a
+# superuser run CREATE SUBSCRIPTION, and every demo shard can be a migration's target, so the
+# role is SUPERUSER: nothing less works on 15. From PostgreSQL 16 a role without SUPERUSER would
+# do: LOGIN REPLICATION, `GRANT pg_create_subscription`, CREATE on the database, membership in
+# the tables' owner `app`, and `GRANT SET ON PARAMETER session_replication_role`. The
+# application role `app` (the map's primary and replica URLs) gets nothing new.
+# The SQL (with the password) goes to psql on stdin and the superuser password in PGPASSWORD:
+# neither is on a command line.
+PSQL="${CELLGATE_PG_BINDIR:+$CELLGATE_PG_BINDIR/}psql"
+[ -x "$PSQL" ] || PSQL=psql
+for port in $(jq -r '.shards[].primary.port' "$WORK/cluster.json"); do
+  printf "CREATE ROLE cellgate_migrator LOGIN SUPERUSER PASSWORD '%s';\n" "$CELLGATE_DEMO_MIGRATOR_PASSWORD" |
+    PGPASSWORD="$SUPERUSER_PASSWORD" "$PSQL" -X -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$port" -U postgres -d core
+done
+unset SUPERUSER_PASSWORD
+PG_MAJOR=$(PGPASSWORD="$CELLGATE_DEMO_MIGRATOR_PASSWORD" "$PSQL" -X -qAt -h 127.0.0.1 -p "$CELLGATE_DEMO_AM1_PRIMARY_PORT" \
+  -U cellgate_migrator -d core -c 'SHOW server_version_num' | cut -c1-2)
+echo "== migration role cellgate_migrator created on every primary (SUPERUSER: PostgreSQL $PG_MAJOR)"
+if [ "$PG_MAJOR" -ge 16 ]; then
+  echo "   (PostgreSQL $PG_MAJOR would allow a role without SUPERUSER: docs/migrations.md, Privileges)"
+fi
 
 if [ "$MONGO" = 1 ]; then
   echo "== starting a SecantusDB per shard (MongoDB wire protocol on WiredTiger) for the profiles database"
@@ -101,8 +131,11 @@ echo "== loading the marketplace (50,000 musicians around real cities)"
 ./target/release/cellgate demo load --map shard-maps/demo.toml
 
 TOKEN="demo-$(head -c 12 /dev/urandom | od -An -tx1 | tr -d ' \n')"
+# cellgate serves a copy: a live migration publishes map v+1 by rewriting the file it serves, and
+# the repository's map stays as committed.
+cp shard-maps/demo.toml "$WORK/demo.toml"
 cat > "$WORK/cellgate.toml" <<TOML
-map = { path = "$PWD/shard-maps/demo.toml" }
+map = { path = "$WORK/demo.toml" }
 [listen]
 data = "127.0.0.1:$DATA_PORT"
 admin = "127.0.0.1:$ADMIN_PORT"
@@ -176,6 +209,30 @@ curl -s "$A/admin/locate?lat=-33.8688&lng=151.2093" -H @$AUTH
 # shard health, lag and pools
 curl -s $A/admin/shards -H @$AUTH
 TXT
+if [ "$MONGO" = 1 ]; then
+  # A busy cell: the resolution-1 cell around Shanghai (also Nanjing, Hangzhou, Suzhou, Qingdao),
+  # where about 3% of the goose load test's writes land (they are placed by city population).
+  MOVE_CELL=8130bffffffffff
+  MOVE_FROM=$(./target/release/cellgate locate --map "$WORK/demo.toml" --cell "$MOVE_CELL" --json |
+    jq -r 'select(.shards | length == 1) | .shards[0]')
+  [ -n "$MOVE_FROM" ] || { echo "cell $MOVE_CELL is not owned by one shard in the demo map" >&2; exit 1; }
+  MOVE_TO=am-1
+  [ "$MOVE_FROM" = am-1 ] && MOVE_TO=eu-1
+  cat <<TXT
+
+# live migration (docs/migrations.md): move the busy cell around Shanghai from $MOVE_FROM to $MOVE_TO,
+# then back. Each line waits until its migration is \`done\` (exit 0; the final record on stdout):
+# rows (PostgreSQL) and profiles (MongoDB) copied, the map published as the next version. At the
+# cutover writes to the cell are held (a little over 1 s: the MongoDB fence's grace is 1 s), for
+# at most --hold-ms; past that a held write gets a retryable 503 cells_frozen.
+./target/release/cellgate migrate --admin $A --token-file $AUTH start --wait --hold-ms 5000 --to $MOVE_TO $MOVE_CELL
+./target/release/cellgate migrate --admin $A --token-file $AUTH start --wait --hold-ms 5000 --to $MOVE_FROM $MOVE_CELL
+TXT
+else
+  echo
+  echo "# (no live migration example: a migration moves the cell's MongoDB profiles too, and the"
+  echo "#  MongoDB profiles database is not running)"
+fi
 echo
 echo "cellgate demo ready: data=$D admin=$A token=$TOKEN"
 wait "$CELLGATE_PID"
