@@ -374,10 +374,15 @@ pub async fn recover(state: &Arc<dyn Host>) {
         }
     }
     drop(snap);
+    // Connect and query under one 3 s bound: a shard that accepts but never answers must not
+    // hold up the start.
     let reads = endpoints.into_iter().map(|ep| async move {
-        let c = tokio::time::timeout(Duration::from_secs(3), steps::connect(&ep)).await.ok()?.ok()?;
-        let rows = c.query(sql::UNFINISHED, &[]).await.ok()?;
-        Some(rows.into_iter().filter_map(|r| serde_json::from_value::<Doc>(r.get(0)).ok()).collect::<Vec<_>>())
+        let read = async {
+            let c = steps::connect(&ep).await.ok()?;
+            let rows = c.query(sql::UNFINISHED, &[]).await.ok()?;
+            Some(rows.into_iter().filter_map(|r| serde_json::from_value::<Doc>(r.get(0)).ok()).collect::<Vec<_>>())
+        };
+        tokio::time::timeout(Duration::from_secs(3), read).await.ok().flatten()
     });
     let mut found: Vec<Doc> = futures_util::future::join_all(reads).await.into_iter().flatten().flatten().collect();
     found.extend(mongo::unfinished(state.as_ref()).await);
