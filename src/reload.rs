@@ -218,6 +218,9 @@ async fn apply(state: &impl Host, source: Source) -> Outcome {
     outcome(state, ReloadResult::Published, version, vec![], &trigger)
 }
 
+/// The symlink a Kubernetes ConfigMap (or Secret) volume swaps atomically on every update.
+const KUBERNETES_DATA_LINK: &str = "..data";
+
 /// Watch the map file's directory (editors and Kubernetes ConfigMaps replace files by rename,
 /// so the file itself is the wrong thing to watch). File events come in bursts (write, rename,
 /// chmod): a debounce task waits for 200 ms of quiet, then asks the reload loop once, so the
@@ -232,7 +235,14 @@ pub fn watch(path: &Path, tx: Sender) -> notify::Result<(notify::RecommendedWatc
         if ev.kind.is_access() {
             return;
         }
-        if ev.paths.iter().any(|p| p.file_name().map(|n| n.to_os_string()) == name) {
+        // A Kubernetes ConfigMap volume never touches `map.toml` (a fixed symlink to
+        // `..data/map.toml`): the kubelet publishes an update by renaming a new symlink
+        // `..data_tmp` over `..data`, so that rename is the only event naming our file's data.
+        let ours = |p: &PathBuf| {
+            let n = p.file_name().map(|n| n.to_os_string());
+            n == name || n.as_deref() == Some(std::ffi::OsStr::new(KUBERNETES_DATA_LINK))
+        };
+        if ev.paths.iter().any(ours) {
             // Full channel = an event is already pending; one reload reads the newest file.
             let _ = ev_tx.try_send(());
         }
