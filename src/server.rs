@@ -1,5 +1,8 @@
 //! `cellgate serve`: load config and map, build backends, publish the first snapshot, start both
 //! listeners, and shut down in order on SIGTERM (readiness false → stop accepting → drain).
+//! Under systemd (`Type=notify`, deploy/systemd/) the service manager hears `READY=1` when
+//! `/readyz` turns true, `RELOADING=1` … `READY=1` around a SIGHUP reload, and `STOPPING=1` when
+//! the drain begins.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -33,6 +36,7 @@ impl Running {
     pub async fn shutdown(self) {
         // 1. Readiness turns false first so load balancers stop sending.
         self.state.accepting.store(false, Ordering::Relaxed);
+        systemd_notify(&[sd_notify::NotifyState::Stopping]);
         // 2. Listeners stop accepting; open connections finish their in-flight requests.
         let _ = self.stop.send(true);
         for t in self.tasks {
@@ -104,17 +108,29 @@ pub async fn start(cfg: Config, insecure_no_auth: bool) -> Result<Running, Start
     let (stop, rx) = watch::channel(false);
     let reload_rx = reload_rx;
     let mut background = vec![crate::tasks::spawn("reload", crate::reload::run(state.clone(), reload_rx))];
-    // SIGHUP re-reads the map file, like the watcher and POST /admin/map/reload.
+    let ready_sent = Arc::new(AtomicBool::new(false));
+    // SIGHUP re-reads the map file, like the watcher and POST /admin/map/reload. After READY=1
+    // the reload is bracketed by RELOADING=1 … READY=1 (whatever its outcome: a refused map
+    // leaves the old one serving); a SIGHUP before it is a plain reload.
     if let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
-        let tx = state.reload_tx.clone();
+        let (tx, state, ready_sent) = (state.reload_tx.clone(), state.clone(), ready_sent.clone());
         background.push(crate::tasks::spawn("sighup", async move {
             while hup.recv().await.is_some() {
-                let _ = tx
-                    .send(crate::reload::Request {
-                        source: crate::reload::Source::File { trigger: "sighup" },
-                        reply: None,
-                    })
-                    .await;
+                let bracket = ready_sent.load(Ordering::Acquire);
+                if bracket {
+                    let now = sd_notify::NotifyState::monotonic_usec_now();
+                    let mut states = vec![sd_notify::NotifyState::Reloading];
+                    states.extend(now.ok());
+                    systemd_notify(&states);
+                }
+                let source = crate::reload::Source::File { trigger: "sighup" };
+                let outcome = crate::reload::request(&tx, source).await;
+                if bracket {
+                    let result = outcome.map_or("not run", |o| o.result.as_str());
+                    let version = state.pin().map.version().0;
+                    let status = format!("serving map version {version} (last reload: {result})");
+                    systemd_notify(&[sd_notify::NotifyState::Ready, sd_notify::NotifyState::Status(&status)]);
+                }
             }
         }));
     }
@@ -139,6 +155,20 @@ pub async fn start(cfg: Config, insecure_no_auth: bool) -> Result<Running, Start
         crate::tasks::spawn("listener_data", http::serve(data, Plane::Data, state.clone(), rx.clone(), grace)),
         crate::tasks::spawn("listener_admin", http::serve(admin, Plane::Admin, state.clone(), rx, grace)),
     ];
+    // systemd: READY=1 once `/readyz` would answer 200 (listeners bound and serving, first
+    // snapshot published, every endpoint probed once), so `systemctl start` returns when the
+    // instance can serve. Spawned last: the SIGHUP handler is in place before systemd may send it.
+    background.push(crate::tasks::spawn("sd_notify_ready", {
+        let (state, ready_sent) = (state.clone(), ready_sent.clone());
+        async move {
+            while !http::admin::ready(&state) {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            let status = format!("serving map version {}", state.pin().map.version().0);
+            systemd_notify(&[sd_notify::NotifyState::Ready, sd_notify::NotifyState::Status(&status)]);
+            ready_sent.store(true, Ordering::Release);
+        }
+    }));
     tracing::info!(%data_addr, %admin_addr, map_version = state.pin().map.version().0, "cellgate serving");
     Ok(Running { data_addr, admin_addr, state, stop, tasks, background, _watcher: watcher })
 }
@@ -146,9 +176,10 @@ pub async fn start(cfg: Config, insecure_no_auth: bool) -> Result<Running, Start
 /// The `serve` command: run until SIGTERM (graceful) or SIGINT (fast).
 pub async fn run(config_path: &Path, insecure_no_auth: bool) -> Result<(), StartError> {
     let cfg = Config::load(config_path)?;
-    let running = start(cfg, insecure_no_auth).await?;
+    // Installed before `start`, so a SIGTERM right after READY=1 already drains.
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|e| StartError::Backends(format!("signal handler: {e}")))?;
+    let running = start(cfg, insecure_no_auth).await?;
     tokio::select! {
         _ = term.recv() => {
             tracing::info!("SIGTERM: draining");
@@ -156,7 +187,16 @@ pub async fn run(config_path: &Path, insecure_no_auth: bool) -> Result<(), Start
         }
         _ = tokio::signal::ctrl_c() => {
             tracing::info!("SIGINT: stopping now");
+            systemd_notify(&[sd_notify::NotifyState::Stopping]);
         }
     }
     Ok(())
+}
+
+/// Tell the service manager about a state change (sd_notify(3)). A no-op when `NOTIFY_SOCKET` is
+/// unset (tests, the demo, a shell); a failed send is logged, never fatal.
+fn systemd_notify(states: &[sd_notify::NotifyState<'_>]) {
+    if let Err(e) = sd_notify::notify(states) {
+        tracing::warn!(error = %e, "sd_notify: cannot reach the service manager");
+    }
 }
