@@ -42,6 +42,15 @@ pub enum Command {
     /// Demo data tools.
     #[command(subcommand)]
     Demo(DemoCommand),
+    /// GET <ADMIN>/livez; exit 0 on 200, else 1. For container health checks in images
+    /// without a shell or curl (Dockerfile HEALTHCHECK, exec probes).
+    Healthcheck {
+        /// Admin base URL.
+        #[arg(long, default_value = "http://127.0.0.1:9090")]
+        admin: String,
+        #[arg(long, default_value_t = 2000)]
+        timeout_ms: u64,
+    },
     /// Live migration of cells between shards, PostgreSQL and MongoDB databases (admin API).
     Migrate {
         /// Admin base URL, e.g. http://127.0.0.1:9090
@@ -152,6 +161,31 @@ pub fn migrate(admin: &str, token: Option<&str>, action: &MigrateAction) -> Exit
             print_next_steps(answer);
         }
     })
+}
+
+/// `cellgate healthcheck`: one `GET /livez` on the admin listener (open, no token).
+pub fn healthcheck(admin: &str, timeout: Duration) -> ExitCode {
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(livez(admin, timeout)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("unhealthy: {admin}/livez: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn livez(admin: &str, timeout: Duration) -> Result<(), String> {
+    let (status, _) =
+        crate::fleet::call(admin, http::Method::GET, "/livez", "text/plain", bytes::Bytes::new(), None, timeout)
+            .await?;
+    if status == 200 { Ok(()) } else { Err(format!("answered {status}")) }
 }
 
 /// How often `--wait` asks for the migration's record.
@@ -668,6 +702,35 @@ mod tests {
         d.state = State::Cutover;
         d.running = false;
         assert_eq!(wait_outcome(&d), Some(false));
+    }
+
+    /// A one-connection HTTP server answering `status_line`; its base URL.
+    fn answer_once(status_line: &'static str) -> String {
+        use std::io::{Read, Write};
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", l.local_addr().unwrap());
+        std::thread::spawn(move || {
+            let (mut c, _) = l.accept().unwrap();
+            let mut buf = [0u8; 1024];
+            let _ = c.read(&mut buf);
+            let _ = write!(c, "HTTP/1.1 {status_line}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
+        });
+        url
+    }
+
+    #[test]
+    fn healthcheck_passes_only_on_200() {
+        let rt = runtime().unwrap();
+        let t = Duration::from_secs(2);
+        assert_eq!(rt.block_on(livez(&answer_once("200 OK"), t)), Ok(()));
+        assert!(rt.block_on(livez(&answer_once("503 Service Unavailable"), t)).unwrap_err().contains("503"));
+        // Nothing listening: a closed port fails, it does not hang.
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+        assert!(rt.block_on(livez(&format!("http://{closed}"), t)).is_err());
+        let cli = Cli::try_parse_from(["cellgate", "healthcheck"]).unwrap();
+        assert!(
+            matches!(cli.command, Command::Healthcheck { ref admin, timeout_ms: 2000 } if admin == "http://127.0.0.1:9090")
+        );
     }
 
     #[test]

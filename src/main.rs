@@ -34,6 +34,9 @@ fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         },
+        Command::Healthcheck { admin, timeout_ms } => {
+            cli::healthcheck(&admin, std::time::Duration::from_millis(timeout_ms))
+        }
         Command::TokenHash { token } => {
             let token = match token {
                 Some(t) => t,
