@@ -220,11 +220,13 @@ fn rows_on(node: &cellgate_harness::Node) -> HashMap<i64, i64> {
     out.lines().filter(|l| !l.is_empty()).map(|l| (l.split_once('|').unwrap().0.parse().unwrap(), 0)).collect()
 }
 
-async fn mixed_shard_migrations_under_load(kind: PeerKind) {
-    let _serial = SERIAL.lock().await;
+/// Two shards, each with PostgreSQL `core` and MongoDB `profiles` (on its own peer). Without
+/// `sql_moves`, `core` has no `[tables]` entry with a cell column: migrations move MongoDB only
+/// (and keep their records only on MongoDB).
+async fn mixed_stack(kind: PeerKind, sql_moves: bool) -> (Stack, [Peer; 2]) {
     let peers = [Peer::start(kind), Peer::start(kind)];
     let uris: Vec<String> = peers.iter().map(Peer::uri).collect();
-    let mut st = Stack::start_map(
+    let st = Stack::start_map(
         2,
         0,
         |map| {
@@ -238,10 +240,19 @@ async fn mixed_shard_migrations_under_load(kind: PeerKind) {
                 );
             }
             map.push_str("[tables.profiles.people]\ngeo_field = \"loc\"\n");
+            if !sql_moves {
+                *map = map.replace("[tables.core.items]\ncell_column = \"h3\"\n", "");
+            }
         },
         |_| {},
     )
     .await;
+    (st, peers)
+}
+
+async fn mixed_shard_migrations_under_load(kind: PeerKind) {
+    let _serial = SERIAL.lock().await;
+    let (mut st, peers) = mixed_stack(kind, true).await;
     let off = |c: &mut String| *c = c.replacen("\" }\n[listen]", "\", watch = false }\n[listen]", 1);
     let no_watch = st.add_instance(off).await;
     let own_copy = st.add_instance_with_own_map(off).await;
@@ -379,4 +390,161 @@ async fn mixed_shard_migrations_under_load_congodb() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mixed_shard_migrations_under_load_secantusdb() {
     mixed_shard_migrations_under_load(PeerKind::Secantus).await;
+}
+
+async fn admin(st: &Stack, method: reqwest::Method, path: &str, body: Option<Value>) -> (u16, Value) {
+    let mut r = st.http.request(method, format!("{}{path}", st.admin())).bearer_auth(ADMIN_TOKEN);
+    if let Some(b) = body {
+        r = r.json(&b);
+    }
+    let r = r.send().await.unwrap();
+    (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
+}
+
+async fn wait_for(st: &Stack, id: &str, pred: impl Fn(&Value) -> bool, what: &str) -> Value {
+    let t = Instant::now();
+    loop {
+        let (_, v) = admin(st, reqwest::Method::GET, &format!("/admin/migrations/{id}"), None).await;
+        if pred(&v) {
+            return v;
+        }
+        assert!(t.elapsed() < Duration::from_secs(60), "{what}: {v}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The orchestrating process "crashes" and a new one starts on the same config.
+async fn restart(st: &mut Stack) {
+    st.server.take().unwrap().shutdown().await;
+    let cfg = cellgate::config::Config::parse(&config_text(&st.dir)).unwrap();
+    st.server = Some(cellgate::server::start(cfg, false).await.unwrap());
+    st.wait_ready().await;
+}
+
+/// k of the documents on a server whose location is in the moving cell, and how many fences it holds.
+async fn moving_docs_and_fences(peer: &Peer) -> (Vec<i64>, u64) {
+    let c = peer.client().await;
+    let db = c.database("profiles");
+    let all: Vec<Document> =
+        db.collection::<Document>("people").find(doc! {}).await.unwrap().try_collect().await.unwrap();
+    let mut ks: Vec<i64> = all
+        .iter()
+        .filter(|d| {
+            let c = d.get_document("loc").unwrap().get_array("coordinates").unwrap();
+            in_moving((c[1].as_f64().unwrap(), c[0].as_f64().unwrap()))
+        })
+        .map(|d| d.get_i64("k").or_else(|_| d.get_i32("k").map(i64::from)).unwrap())
+        .collect();
+    ks.sort_unstable();
+    let fences = db.collection::<Document>("cellgate_fences").count_documents(doc! {}).await.unwrap();
+    (ks, fences)
+}
+
+async fn insert_doc(st: &Stack, k: i64, at: (f64, f64)) -> (u16, Value) {
+    post(
+        &st.http,
+        format!("{}/v1/docs/profiles/people/insert", st.data()),
+        json!({"documents": [
+        {"k": k, "v": 0, "loc": {"type": "Point", "coordinates": [at.1, at.0]}}]}),
+    )
+    .await
+}
+
+/// A crash of the orchestrator after the fence: while it is down the old owner refuses document
+/// writes to the cell; after a restart, resume moves every document (and nothing stays on the
+/// source); a second crash on the way back is aborted: the copies go, the fence is lifted, the
+/// documents stay where they were. Each server read directly.
+async fn crash_after_fence_then_resume_or_abort(kind: PeerKind, sql_moves: bool) {
+    let _serial = SERIAL.lock().await;
+    let (mut st, peers) = mixed_stack(kind, sql_moves).await;
+    let mut moving = Vec::new();
+    for k in 1..=30i64 {
+        let at = (MADRID.0 + (k % 10) as f64 * 0.003, MADRID.1);
+        let (s, v) = insert_doc(&st, k, at).await;
+        assert_eq!(s, 200, "{v}");
+        moving.push(k);
+    }
+    for k in 101..=110i64 {
+        assert_eq!(insert_doc(&st, k, BARCELONA).await.0, 200);
+    }
+    cellgate::migrate::arm_failpoint("after_fence");
+    let (s, doc) = admin(
+        &st,
+        reqwest::Method::POST,
+        "/admin/migrations",
+        Some(json!({"cells": [moving_cell()], "to": "b", "hold_ms": 1000})),
+    )
+    .await;
+    assert_eq!(s, 202, "{doc}");
+    if !sql_moves {
+        assert_eq!(doc["tables"], json!(["profiles.people"]), "MongoDB alone moves: {doc}");
+    }
+    let id = doc["id"].as_str().unwrap().to_string();
+    wait_for(&st, &id, |v| v["fenced"] == true && v["state"] == "cutover", "fence").await;
+    restart(&mut st).await;
+    let v = wait_for(&st, &id, |v| v["state"] == "cutover", "recovered").await;
+    assert!(v["error"].as_str().unwrap_or("").contains("interrupted"), "{v}");
+    // The orchestrator is gone and the map not published: the source's fence refuses the write.
+    let (s, v) = insert_doc(&st, 999, MADRID).await;
+    assert_eq!((s, v["error"]["code"].as_str()), (503, Some("cells_frozen")), "{v}");
+    let (s, v) = post(
+        &st.http,
+        format!("{}/v1/docs/profiles/people/update", st.data()),
+        json!({"region": {"lat": MADRID.0, "lng": MADRID.1}, "filter": {"k": 1}, "update": {"$set": {"v": 5}}}),
+    )
+    .await;
+    assert_eq!((s, v["error"]["code"].as_str()), (503, Some("cells_frozen")), "{v}");
+    let (s, v) = admin(&st, reqwest::Method::POST, &format!("/admin/migrations/{id}/resume"), None).await;
+    assert_eq!(s, 200, "{v}");
+    wait_for(&st, &id, |v| v["state"] == "done", "resume").await;
+    let (on_a, fences_a) = moving_docs_and_fences(&peers[0]).await;
+    let (on_b, _) = moving_docs_and_fences(&peers[1]).await;
+    assert_eq!(on_b, moving, "every acknowledged document on the new owner");
+    assert!(on_a.is_empty(), "nothing of the cell left on the old owner: {on_a:?}");
+    assert!(fences_a >= 1, "the old owner keeps its fence");
+    assert_eq!(docs_on(&peers[0]).await.len(), 10, "other documents stay");
+    let (s, v) = insert_doc(&st, 1000, MADRID).await;
+    assert_eq!((s, v["shards"][0]["id"].as_str()), (200, Some("b")), "{v}");
+
+    // Second crash on the way back, then abort.
+    cellgate::migrate::arm_failpoint("after_fence");
+    let (s, doc) = admin(
+        &st,
+        reqwest::Method::POST,
+        "/admin/migrations",
+        Some(json!({"cells": [moving_cell()], "to": "a", "hold_ms": 1000})),
+    )
+    .await;
+    assert_eq!(s, 202, "{doc}");
+    let id2 = doc["id"].as_str().unwrap().to_string();
+    wait_for(&st, &id2, |v| v["fenced"] == true, "fence 2").await;
+    restart(&mut st).await;
+    let (s, v) = admin(&st, reqwest::Method::POST, &format!("/admin/migrations/{id2}/abort"), None).await;
+    assert_eq!(s, 200, "{v}");
+    wait_for(&st, &id2, |v| v["state"] == "aborted", "abort").await;
+    let (on_a, _) = moving_docs_and_fences(&peers[0]).await;
+    let (on_b, fences_b) = moving_docs_and_fences(&peers[1]).await;
+    assert!(on_a.is_empty(), "the undo removed the copies from a: {on_a:?}");
+    assert_eq!(on_b.len(), 31, "b keeps every document of the cell");
+    assert_eq!(fences_b, 0, "b's fence of the aborted migration is lifted");
+    let (s, v) = insert_doc(&st, 1001, MADRID).await;
+    assert_eq!((s, v["shards"][0]["id"].as_str()), (200, Some("b")), "b serves the cell again: {v}");
+    st.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_after_fence_then_resume_or_abort_congodb() {
+    crash_after_fence_then_resume_or_abort(PeerKind::Congo, true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_after_fence_then_resume_or_abort_secantusdb() {
+    crash_after_fence_then_resume_or_abort(PeerKind::Secantus, true).await;
+}
+
+/// The same with MongoDB alone moving: the record survives the crash on MongoDB
+/// (`cellgate_migrations`), so the restarted process finds it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_after_fence_then_resume_or_abort_mongodb_only_secantusdb() {
+    crash_after_fence_then_resume_or_abort(PeerKind::Secantus, false).await;
 }
