@@ -103,8 +103,10 @@ impl Writer {
         let code = v["error"]["code"].as_str().unwrap_or("").to_string();
         *self.statuses.entry(if status == 200 { "200".into() } else { format!("{status} {code}") }).or_default() += 1;
         self.sent += 1;
-        // cells_frozen: held past the hold, or refused by a fence (rolled back): nothing ran.
-        let refused = status == 503 && code == "cells_frozen";
+        // Nothing ran: cells_frozen (held past the hold, or refused by a fence and rolled back),
+        // or request_timeout (the server never read the request: a keep-alive connection it
+        // closed for idling as the client reused it).
+        let refused = (status == 503 && code == "cells_frozen") || (status == 408 && code == "request_timeout");
         let ok = status == 200;
         if ok {
             self.acked += 1;
