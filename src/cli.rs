@@ -506,14 +506,19 @@ pub fn map_check(files: &[PathBuf]) -> ExitCode {
     let mut failed = false;
     for f in files {
         match load(f) {
-            Ok(m) => println!(
-                "{}: ok (version {}, resolution {}, {} shards, {} assigned cells)",
-                f.display(),
-                m.version(),
-                u8::from(m.resolution()),
-                m.shards().len(),
-                m.assigned_count()
-            ),
+            Ok(m) => {
+                println!(
+                    "{}: ok (version {}, resolution {}, {} shards, {} assigned cells)",
+                    f.display(),
+                    m.version(),
+                    u8::from(m.resolution()),
+                    m.shards().len(),
+                    m.assigned_count()
+                );
+                for w in tls_warnings(&m) {
+                    eprintln!("{}: warning: {w}", f.display());
+                }
+            }
             Err(e) => {
                 failed = true;
                 eprintln!("{e}");
@@ -521,6 +526,44 @@ pub fn map_check(files: &[PathBuf]) -> ExitCode {
         }
     }
     if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS }
+}
+
+/// PostgreSQL endpoints off loopback whose `sslmode` does not verify the server certificate
+/// (and connection strings cellgate would refuse). Never shows credentials.
+fn tls_warnings(map: &ShardMap) -> Vec<String> {
+    use crate::backend::postgres::{endpoint_label, tls};
+    use tokio_postgres::config::Host;
+    let mut out = Vec::new();
+    for shard in map.shards() {
+        for (db, spec) in &shard.databases {
+            let shardmap::DatabaseSpec::Postgres { primary, replicas, admin } = spec else { continue };
+            let all = std::iter::once(("primary".to_string(), primary))
+                .chain(replicas.iter().enumerate().map(|(i, r)| (format!("replica {i}"), r)))
+                .chain(admin.iter().map(|a| ("admin".to_string(), a)));
+            for (what, conn) in all {
+                let at = format!("shard {} database {db} {what}", shard.id);
+                let info = match tls::parse(conn.expose()) {
+                    Ok(i) => i,
+                    Err(e) => {
+                        out.push(format!("{at}: {e}"));
+                        continue;
+                    }
+                };
+                let remote = info.config.get_hosts().iter().any(|h| match h {
+                    Host::Tcp(h) => h != "localhost" && !h.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback()),
+                    Host::Unix(_) => false,
+                });
+                if remote && info.tls.mode < tls::SslMode::VerifyCa {
+                    out.push(format!(
+                        "{at} ({}): sslmode={} does not verify the server; use verify-full with sslrootcert",
+                        endpoint_label(&info.config),
+                        info.tls.mode.as_str()
+                    ));
+                }
+            }
+        }
+    }
+    out
 }
 
 pub fn map_diff(old: &PathBuf, new: &PathBuf) -> ExitCode {
@@ -632,6 +675,35 @@ pub fn map_push(file: &PathBuf, admin: &str, token: Option<&str>, if_version: Op
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn map_check_warns_about_unverified_remote_postgres() {
+        let map = |primary: &str, replica: &str| {
+            shardmap::compile_str(&format!(
+                "version = 1\nresolution = 3\n[[shards]]\nid = \"a\"\n[shards.databases.core]\nkind = \"postgres\"\n\
+                 primary = \"{primary}\"\nreplicas = [\"{replica}\"]\n[fallback]\nmode = \"reject\"\n"
+            ))
+            .map_err(|e| format!("{:?}", e.0.iter().map(|e| e.kind.to_string()).collect::<Vec<_>>()))
+            .unwrap()
+        };
+        let w = tls_warnings(&map(
+            "postgres://u:pw-canary@db.internal:5432/core?sslmode=require",
+            "postgres://u:pw-canary@127.0.0.1:5432/core",
+        ));
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(w[0].contains("shard a database core primary (db.internal:5432/core): sslmode=require"), "{w:?}");
+        let w = tls_warnings(&map(
+            "postgres://u:pw-canary@db.internal/core?sslmode=verify-full&sslrootcert=/ca.pem",
+            "postgres://u:pw-canary@db2.internal/core?sslmode=verify-ca&sslrootcert=/ca.pem",
+        ));
+        assert!(w.is_empty(), "{w:?}");
+        let w = tls_warnings(&map(
+            "postgres://u:pw-canary@db.internal/core?sslmode=allow",
+            "postgres://u:pw-canary@localhost/core",
+        ));
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(w[0].contains("sslmode \"allow\" is not supported") && !w[0].contains("pw-canary"), "{w:?}");
+    }
 
     #[test]
     fn token_file_holds_the_bare_token_or_an_authorization_header() {

@@ -35,6 +35,58 @@ pub struct Config {
     pub shutdown: Shutdown,
     #[serde(default)]
     pub sql: Sql,
+    #[serde(default)]
+    pub tls: Tls,
+}
+
+/// TLS policy for connections cellgate opens (docs/configuration.md `[tls]`).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Tls {
+    /// The weakest PostgreSQL `sslmode` a map endpoint may use; a weaker endpoint is refused
+    /// when the map is built (startup, reload). Default `disable` (no minimum). An endpoint
+    /// without `sslmode` counts as `prefer`, libpq's default.
+    pub backends: SslMode,
+}
+
+/// libpq's `sslmode` values, weakest first (so `<` means "weaker than").
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SslMode {
+    /// Plaintext only.
+    #[default]
+    Disable,
+    /// TLS if the server offers it, else plaintext; the certificate is not checked.
+    Prefer,
+    /// TLS required; the certificate is not checked (unless `sslrootcert` is given, as libpq).
+    Require,
+    /// TLS; the certificate chain must lead to `sslrootcert`; the host name is not checked.
+    VerifyCa,
+    /// TLS; chain and host name are checked.
+    VerifyFull,
+}
+
+impl SslMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SslMode::Disable => "disable",
+            SslMode::Prefer => "prefer",
+            SslMode::Require => "require",
+            SslMode::VerifyCa => "verify-ca",
+            SslMode::VerifyFull => "verify-full",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<SslMode> {
+        Some(match s {
+            "disable" => SslMode::Disable,
+            "prefer" => SslMode::Prefer,
+            "require" => SslMode::Require,
+            "verify-ca" => SslMode::VerifyCa,
+            "verify-full" => SslMode::VerifyFull,
+            _ => return None,
+        })
+    }
 }
 
 /// Statement policy (docs/statements.md): what the SQL classifier refuses beyond its defaults.

@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 use chrono::NaiveDate;
 use h3o::LatLng;
 use postgres_types::{IsNull, ToSql, Type, to_sql_checked};
+use tokio_postgres::Transaction;
 use tokio_postgres::binary_copy::BinaryCopyInWriter;
-use tokio_postgres::{NoTls, Transaction};
 
 use crate::geo;
 use crate::routing;
@@ -158,6 +158,8 @@ pub enum DemoError {
     MissingDatabase { shard: String, db: String, rows: usize },
     #[error("shard {shard}: the primary connection string of database {db:?} is invalid")]
     BadConnectionString { shard: String, db: String },
+    #[error("shard {shard}: database {db:?}: {reason}")]
+    Tls { shard: String, db: String, reason: String },
     #[error("shard {shard}: {step}: {error}")]
     Postgres { shard: String, step: &'static str, error: tokio_postgres::Error },
 }
@@ -583,12 +585,16 @@ async fn load_shard(
     let start = Instant::now();
     let err = |step: &'static str| move |error| DemoError::Postgres { shard: shard.to_string(), step, error };
     // Parse errors are replaced wholesale: their text could quote part of the secret.
-    let mut config: tokio_postgres::Config = primary
-        .expose()
-        .parse()
-        .map_err(|_| DemoError::BadConnectionString { shard: shard.to_string(), db: db.to_string() })?;
+    let bad = || DemoError::BadConnectionString { shard: shard.to_string(), db: db.to_string() };
+    let crate::backend::postgres::tls::ConnInfo { mut config, tls } =
+        crate::backend::postgres::tls::parse(primary.expose()).map_err(|_| bad())?;
+    let connector = tls.connector().map_err(|e| DemoError::Tls {
+        shard: shard.to_string(),
+        db: db.to_string(),
+        reason: e.to_string(),
+    })?;
     config.connect_timeout(Duration::from_secs(10)).application_name("cellgate-demo-load");
-    let (mut client, connection) = config.connect(NoTls).await.map_err(err("connect to the primary"))?;
+    let (mut client, connection) = config.connect(connector).await.map_err(err("connect to the primary"))?;
     let conn = crate::tasks::spawn("demo_connection", connection);
 
     client.batch_execute(schema_sql).await.map_err(err("create the schema"))?;

@@ -221,7 +221,7 @@ impl Build<'_> {
         let (cfg, timeout) = (self.cfg, self.request_timeout);
         match spec {
             DatabaseSpec::Postgres { primary, replicas, .. } => {
-                let make = |conn: &Secret, role| PgEndpoint::new(conn, role, &cfg.pool, &cfg.limits);
+                let make = |conn: &Secret, role| PgEndpoint::new(conn, role, &cfg.pool, &cfg.limits, cfg.tls.backends);
                 let set = replica_set(primary, replicas, &ctx, &self.reuse.pg, &mut self.fresh, make, Fresh::Pg);
                 let db = Arc::new(set.map_err(|e| self.errors.extend(e)).ok()?);
                 self.tasks

@@ -5,7 +5,6 @@
 //! Knows nothing of HTTP or routing; never formats a connection string.
 
 use std::collections::HashMap;
-use std::str::FromStr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -13,11 +12,12 @@ use std::time::Duration;
 use bb8_postgres::PostgresConnectionManager;
 use serde_json::Value;
 use tokio::time::Instant;
+use tokio_postgres::Statement;
 use tokio_postgres::types::Type;
-use tokio_postgres::{NoTls, Statement};
 
 use super::health::EndpointHealth;
 pub mod prober;
+pub mod tls;
 pub mod types;
 
 use super::{BackendError, Role};
@@ -65,7 +65,7 @@ impl PgConn {
 }
 
 pub struct PgManager {
-    inner: PostgresConnectionManager<NoTls>,
+    inner: PostgresConnectionManager<tls::Connector>,
 }
 
 impl bb8::ManageConnection for PgManager {
@@ -95,6 +95,8 @@ pub struct PgEndpoint {
     pub health: Arc<EndpointHealth>,
     /// Connection parameters for the health prober (its own connection, not pooled).
     pub(crate) pg_config: tokio_postgres::Config,
+    /// The TLS connector of this endpoint's `sslmode` / `sslrootcert` (every connection uses it).
+    pub(crate) tls: tls::Connector,
     checkout_timeout: Duration,
     /// SHA-256 of the connection string: identifies the endpoint across reloads without
     /// keeping the secret text around.
@@ -208,12 +210,20 @@ pub fn endpoint_label(cfg: &tokio_postgres::Config) -> String {
 
 impl PgEndpoint {
     /// Build an endpoint and its (lazy) pool. Must run inside a tokio runtime (bb8 spawns).
-    pub fn new(conn: &Secret, role: Role, pool: &config::Pool, limits: &config::Limits) -> Result<Self, String> {
+    /// `min_tls`: the weakest `sslmode` allowed (`[tls] backends`).
+    pub fn new(
+        conn: &Secret,
+        role: Role,
+        pool: &config::Pool,
+        limits: &config::Limits,
+        min_tls: config::SslMode,
+    ) -> Result<Self, String> {
         // The server enforces the request deadline too, so an abandoned statement cannot run on.
         let statement_timeout = Duration::from_millis(limits.request_timeout_ms);
-        // The parse error of tokio_postgres does not echo the input; still, report it generically.
-        let mut cfg = tokio_postgres::Config::from_str(conn.expose())
-            .map_err(|e| format!("invalid PostgreSQL connection string: {e}"))?;
+        // Neither tokio_postgres' parse errors nor ours echo values.
+        let tls::ConnInfo { config: mut cfg, tls } = tls::parse(conn.expose()).map_err(|e| e.to_string())?;
+        tls.check_minimum(min_tls).map_err(|e| e.to_string())?;
+        let connector = tls.connector().map_err(|e| e.to_string())?;
         let label: Arc<str> = Arc::from(endpoint_label(&cfg));
         cfg.connect_timeout(Duration::from_millis(pool.connect_timeout_ms));
         cfg.application_name("cellgate");
@@ -228,7 +238,7 @@ impl PgEndpoint {
             read_config.options(format!("{opts} -c default_transaction_read_only=on"));
         }
         let health = Arc::new(EndpointHealth::new(role));
-        let manager = PgManager { inner: PostgresConnectionManager::new(cfg.clone(), NoTls) };
+        let manager = PgManager { inner: PostgresConnectionManager::new(cfg.clone(), connector.clone()) };
         let pool_obj = super::pool::builder(pool, &label, &health).build_unchecked(manager);
         let pipeline = (pool.pipeline_connections > 0).then(|| Pipeline {
             slots: (0..pool.pipeline_connections).map(|_| tokio::sync::Mutex::new(None)).collect(),
@@ -250,13 +260,15 @@ impl PgEndpoint {
             pool: pool_obj,
             health,
             pg_config: cfg,
+            tls: connector,
             checkout_timeout: Duration::from_millis(pool.checkout_timeout_ms),
         })
     }
 
     /// Open a fresh connection and run a trivial query (reload pre-check).
     pub async fn check(&self) -> Result<(), String> {
-        let (client, conn) = self.pg_config.connect(NoTls).await.map_err(|e| crate::backend::error_chain(&e))?;
+        let (client, conn) =
+            self.pg_config.connect(self.tls.clone()).await.map_err(|e| crate::backend::error_chain(&e))?;
         let task = crate::tasks::spawn("pg_check_connection", conn);
         let r = client.simple_query("SELECT 1").await.map(|_| ()).map_err(|e| e.to_string());
         drop(client);
@@ -349,7 +361,7 @@ impl PgEndpoint {
         let stmt = conn.prepare(sql).await.map_err(|e| self.classify(e))?;
         let bound = pg_types::bind_params(stmt.params(), params).map_err(BackendError::Params)?;
         conn.busy = true;
-        let cancel = CancelOnDrop::new(&conn.client);
+        let cancel = CancelOnDrop::new(&conn.client, &self.tls);
         // Pipelined: BEGIN, the statement and COMMIT leave in one write. If the statement
         // fails, the COMMIT of the aborted transaction rolls back without an error.
         let begin = conn.client.batch_execute("BEGIN READ ONLY");
@@ -358,7 +370,7 @@ impl PgEndpoint {
             // Over the limits: stop the statement now, before COMMIT's answer (which queues
             // behind the rest of the rows) is awaited.
             if matches!(r, Err(Collect::Limit(_))) {
-                cancel_query(conn.client.cancel_token());
+                cancel_query(conn.client.cancel_token(), &self.tls);
             }
             r
         };
@@ -410,7 +422,7 @@ impl PgEndpoint {
         if matches!(r, Err(Collect::Limit(_))) {
             // This statement is the one streaming rows (at the head of the connection), so the
             // cancel stops it; the rows already sent are discarded by the connection task.
-            cancel_query(conn.client.cancel_token());
+            cancel_query(conn.client.cancel_token(), &self.tls);
         }
         r.map(|(rows, _)| rows).map_err(|e| self.collect_error(e))
     }
@@ -477,7 +489,7 @@ impl PgEndpoint {
         }
         // Boxed: a connect (startup, SCRAM) is rare and its state is large; inline it would
         // size every pipelined read's future.
-        let connect = Box::pin(self.read_config.connect(NoTls));
+        let connect = Box::pin(self.read_config.connect(self.tls.clone()));
         let (client, connection) = match tokio::time::timeout(self.checkout_timeout, connect).await {
             Ok(Ok(pair)) => pair,
             Ok(Err(e)) => return Err(self.classify(e)),
@@ -678,12 +690,12 @@ fn json_size(v: &Value) -> usize {
 /// Cancels the statement running on a connection at the server unless disarmed: an abandoned
 /// exclusive read (the request's deadline dropped its future) must not keep running there.
 struct CancelOnDrop {
-    token: Option<tokio_postgres::CancelToken>,
+    token: Option<(tokio_postgres::CancelToken, tls::Connector)>,
 }
 
 impl CancelOnDrop {
-    fn new(client: &tokio_postgres::Client) -> Self {
-        Self { token: Some(client.cancel_token()) }
+    fn new(client: &tokio_postgres::Client, tls: &tls::Connector) -> Self {
+        Self { token: Some((client.cancel_token(), tls.clone())) }
     }
 
     fn disarm(mut self) {
@@ -693,17 +705,18 @@ impl CancelOnDrop {
 
 impl Drop for CancelOnDrop {
     fn drop(&mut self) {
-        if let Some(token) = self.token.take() {
-            cancel_query(token);
+        if let Some((token, tls)) = self.token.take() {
+            cancel_query(token, &tls);
         }
     }
 }
 
 /// Ask the server to cancel what the token's connection is running (a new connection of its
-/// own; nothing waits for it).
-fn cancel_query(token: tokio_postgres::CancelToken) {
+/// own, over the endpoint's TLS setting; nothing waits for it).
+fn cancel_query(token: tokio_postgres::CancelToken, tls: &tls::Connector) {
+    let tls = tls.clone();
     crate::tasks::spawn("pg_cancel", async move {
-        let _ = token.cancel_query(NoTls).await;
+        let _ = token.cancel_query(tls).await;
     });
 }
 

@@ -3,13 +3,13 @@
 //! use, and build map v+1. No I/O.
 
 use std::collections::BTreeMap;
-use std::str::FromStr;
 
 use h3o::CellIndex;
 
 use super::MigrateError;
 use super::doc::{Doc, State};
 use super::mongo::DocPair;
+use crate::backend::postgres::tls::{self, ConnInfo, TlsSettings};
 use crate::geo;
 use crate::routing;
 use crate::shardmap::{DatabaseSpec, DbKind, ShardMap};
@@ -19,6 +19,8 @@ use crate::shardmap::{DatabaseSpec, DbKind, ShardMap};
 pub(super) struct Endpoint {
     pub shard: String,
     pub config: tokio_postgres::Config,
+    /// `sslmode` / `sslrootcert` / client certificate of the connection string.
+    pub tls: TlsSettings,
 }
 
 /// One logical database moved between two shards.
@@ -60,9 +62,9 @@ pub(super) fn admin_config(map: &ShardMap, shard: &str, db: &str) -> Result<Endp
     match map.shard(idx).databases.get(db) {
         Some(DatabaseSpec::Postgres { primary, admin, .. }) => {
             let s = admin.as_ref().unwrap_or(primary);
-            let config = tokio_postgres::Config::from_str(s.expose())
+            let ConnInfo { config, tls } = tls::parse(s.expose())
                 .map_err(|e| MigrateError::InvalidRequest(format!("shard {shard} database {db}: {e}")))?;
-            Ok(Endpoint { shard: shard.to_string(), config })
+            Ok(Endpoint { shard: shard.to_string(), config, tls })
         }
         Some(other) => {
             Err(MigrateError::Unsupported(format!("shard {shard} database {db} is {}", other.kind().as_str())))

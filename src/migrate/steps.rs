@@ -7,7 +7,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use h3o::CellIndex;
-use tokio_postgres::NoTls;
 use tracing::Instrument;
 
 use super::Host;
@@ -21,7 +20,8 @@ pub(super) async fn connect(e: &Endpoint) -> Result<tokio_postgres::Client, Migr
     let mut cfg = e.config.clone();
     cfg.connect_timeout(Duration::from_secs(5));
     let unavailable = |reason: String| MigrateError::ShardUnavailable { shard: e.shard.clone(), reason };
-    let (client, conn) = cfg.connect(NoTls).await.map_err(|err| match err.as_db_error() {
+    let connector = e.tls.connector().map_err(|err| unavailable(err.to_string()))?;
+    let (client, conn) = cfg.connect(connector).await.map_err(|err| match err.as_db_error() {
         Some(d) => unavailable(format!("{} (SQLSTATE {})", d.message(), d.code().code())),
         None => unavailable(err.to_string()),
     })?;
@@ -166,7 +166,7 @@ async fn copy(
                 cfg.get_dbname().unwrap_or(&p.db),
                 cfg.get_user().unwrap_or("postgres"),
                 password.as_deref(),
-            );
+            ) + &p.source.tls.conninfo_params();
             exec(&dst, "create subscription", &sql::create_subscription(id, &conninfo)).await?;
         }
     }

@@ -6,7 +6,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::time::Instant;
-use tokio_postgres::NoTls;
 
 use super::{PgDatabase, PgEndpoint, parse_lsn};
 use crate::backend::health::{Meta, Probe, Probed, run_loop};
@@ -29,7 +28,7 @@ impl Probed for PgEndpoint {
         let fut = async {
             if slot.as_ref().is_none_or(|c| c.is_closed()) {
                 let (client, conn) =
-                    self.pg_config.connect(NoTls).await.map_err(|e| crate::backend::error_chain(&e))?;
+                    self.pg_config.connect(self.tls.clone()).await.map_err(|e| crate::backend::error_chain(&e))?;
                 crate::tasks::spawn("pg_probe_connection", async move {
                     let _ = conn.await;
                 });
