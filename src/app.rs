@@ -1,5 +1,6 @@
 //! The application state every listener and task shares: the published snapshot, process
-//! config, auth, the in-flight counter, the reload channel and the migration registry and freeze.
+//! config, auth, the in-flight counter, the reload channel, the migration registry and freeze, and
+//! the listeners' TLS.
 //! Holds state; owns no behaviour beyond pinning a snapshot.
 
 use std::sync::Arc;
@@ -27,6 +28,8 @@ pub struct AppState {
     /// classifications of the SQL texts seen, each text parsed once.
     pub sql_policy: crate::sqlclass::Policy,
     pub sql_classes: crate::sqlclass::ClassCache,
+    /// HTTPS of the two listeners (`None` each = cleartext): serving pairs and reload status.
+    pub listen_tls: crate::listen_tls::Listeners,
 }
 
 impl AppState {

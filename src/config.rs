@@ -111,6 +111,23 @@ pub struct Listen {
     /// Admin plane. Default `127.0.0.1:9090`.
     #[serde(default = "default_admin")]
     pub admin: SocketAddr,
+    /// HTTPS on the data listener (`[listen.data_tls]`). Default none: cleartext h1 + h2c.
+    #[serde(default)]
+    pub data_tls: Option<ListenTls>,
+    /// HTTPS on the admin listener (`[listen.admin_tls]`). Default none: cleartext h1 + h2c.
+    #[serde(default)]
+    pub admin_tls: Option<ListenTls>,
+}
+
+/// A listener's certificate and key (docs/configuration.md `[listen.data_tls]`). Both files are
+/// re-read when they change; relative paths are relative to the config file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenTls {
+    /// PEM certificate chain, leaf first.
+    pub cert: PathBuf,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1) matching the leaf; readable by its owner only.
+    pub key: PathBuf,
 }
 
 fn default_data() -> SocketAddr {
@@ -122,7 +139,7 @@ fn default_admin() -> SocketAddr {
 
 impl Default for Listen {
     fn default() -> Self {
-        Self { data: default_data(), admin: default_admin() }
+        Self { data: default_data(), admin: default_admin(), data_tls: None, admin_tls: None }
     }
 }
 
@@ -314,6 +331,15 @@ impl Config {
         {
             cfg.map.path = dir.join(&cfg.map.path);
         }
+        if let Some(dir) = path.parent() {
+            for tls in [&mut cfg.listen.data_tls, &mut cfg.listen.admin_tls].into_iter().flatten() {
+                for p in [&mut tls.cert, &mut tls.key] {
+                    if p.is_relative() {
+                        *p = dir.join(&*p);
+                    }
+                }
+            }
+        }
         Ok(cfg)
     }
 
@@ -354,5 +380,28 @@ impl Config {
 
     pub fn request_timeout(&self) -> Duration {
         Duration::from_millis(self.limits.request_timeout_ms)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn listener_tls_paths_are_relative_to_the_config_file() {
+        let dir = std::env::temp_dir().join(format!("cellgate-config-tls-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let path = dir.join("cellgate.toml");
+        let text = "map = { path = \"map.toml\" }\n[listen.data_tls]\ncert = \"tls/c.pem\"\nkey = \"/abs/k.pem\"\n";
+        std::fs::write(&path, text).expect("write");
+        let cfg = Config::load(&path).expect("valid");
+        let tls = cfg.listen.data_tls.expect("data_tls");
+        assert_eq!(tls.cert, dir.join("tls/c.pem"));
+        assert_eq!(tls.key, PathBuf::from("/abs/k.pem"));
+        assert!(cfg.listen.admin_tls.is_none());
+        assert!(Config::parse("map = { path = \"m\" }\n").expect("valid").listen.data_tls.is_none());
+        let missing_key = "map = { path = \"m\" }\n[listen.admin_tls]\ncert = \"c\"\n";
+        assert!(Config::parse(missing_key).is_err());
+        std::fs::remove_dir_all(&dir).expect("cleanup");
     }
 }

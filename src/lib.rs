@@ -14,6 +14,7 @@ pub mod geo;
 pub mod http;
 pub mod ids;
 pub mod kmerge;
+pub mod listen_tls;
 pub mod locate;
 pub mod migrate;
 pub mod reload;

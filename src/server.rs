@@ -1,5 +1,6 @@
 //! `cellgate serve`: load config and map, build backends, publish the first snapshot, start both
-//! listeners, and shut down in order on SIGTERM (readiness false → stop accepting → drain).
+//! listeners (HTTPS where `[listen.*_tls]` is set, with the certificate poll), and shut down in
+//! order on SIGTERM (readiness false → stop accepting → drain).
 //! Under systemd (`Type=notify`, deploy/systemd/) the service manager hears `READY=1` when
 //! `/readyz` turns true, `RELOADING=1` … `READY=1` around a SIGHUP reload, and `STOPPING=1` when
 //! the drain begins.
@@ -59,6 +60,8 @@ pub enum StartError {
     Backends(String),
     #[error("refusing to listen on non-loopback {0} without tokens (configure [[tokens]] or pass --insecure-no-auth)")]
     NoAuth(SocketAddr),
+    #[error("listen.{listener}_tls: {source}")]
+    Tls { listener: &'static str, source: crate::listen_tls::TlsError },
     #[error("bind {addr}: {source}")]
     Bind { addr: SocketAddr, source: std::io::Error },
 }
@@ -82,6 +85,23 @@ pub async fn start(cfg: Config, insecure_no_auth: bool) -> Result<Running, Start
             return Err(StartError::NoAuth(addr));
         }
     }
+    // A listener's certificate and key are checked before anything binds or connects.
+    let listen_tls = crate::listen_tls::Listeners {
+        data: cfg
+            .listen
+            .data_tls
+            .as_ref()
+            .map(crate::listen_tls::ListenerTls::load)
+            .transpose()
+            .map_err(|source| StartError::Tls { listener: "data", source })?,
+        admin: cfg
+            .listen
+            .admin_tls
+            .as_ref()
+            .map(crate::listen_tls::ListenerTls::load)
+            .transpose()
+            .map_err(|source| StartError::Tls { listener: "admin", source })?,
+    };
     let snapshot = load_snapshot(&cfg.map.path, &cfg)?;
     metrics::gauge!(crate::telemetry::names::MAP_VERSION).set(snapshot.map.version().0 as f64);
     let data =
@@ -99,6 +119,7 @@ pub async fn start(cfg: Config, insecure_no_auth: bool) -> Result<Running, Start
         migrations: Default::default(),
         sql_policy: crate::sqlclass::Policy::with_extra(&cfg.sql.deny_functions),
         sql_classes: Default::default(),
+        listen_tls,
         snapshot: ArcSwap::from_pointee(snapshot),
         auth: crate::auth::Auth::new(&cfg.tokens),
         config: cfg,
@@ -151,9 +172,18 @@ pub async fn start(cfg: Config, insecure_no_auth: bool) -> Result<Running, Start
             }
         }
     };
+    let (data_tls, admin_tls) = (state.listen_tls.data.clone(), state.listen_tls.admin.clone());
+    if data_tls.is_some() || admin_tls.is_some() {
+        background
+            .push(crate::tasks::spawn("tls_reload", crate::listen_tls::poll_loop(data_tls.clone(), admin_tls.clone())));
+    }
+    let (data_tls, admin_tls) = (data_tls.map(|t| t.acceptor()), admin_tls.map(|t| t.acceptor()));
     let tasks = vec![
-        crate::tasks::spawn("listener_data", http::serve(data, Plane::Data, state.clone(), rx.clone(), grace)),
-        crate::tasks::spawn("listener_admin", http::serve(admin, Plane::Admin, state.clone(), rx, grace)),
+        crate::tasks::spawn(
+            "listener_data",
+            http::serve(data, Plane::Data, data_tls, state.clone(), rx.clone(), grace),
+        ),
+        crate::tasks::spawn("listener_admin", http::serve(admin, Plane::Admin, admin_tls, state.clone(), rx, grace)),
     ];
     // systemd: READY=1 once `/readyz` would answer 200 (listeners bound and serving, first
     // snapshot published, every endpoint probed once), so `systemctl start` returns when the

@@ -18,7 +18,7 @@ FLOORS = [
     ["routing", "locate", "shardmap::diff"],
     ["backend"],
     ["error", "state"],
-    ["reload", "fleet", "migrate"],
+    ["reload", "fleet", "migrate", "listen_tls"],
     ["app"],
     ["dataplane"],
     ["http", "demo"],

@@ -1,5 +1,6 @@
 //! Admin-plane handler (design §4): liveness, readiness, metrics, map (secrets redacted) and its
-//! pushes and reloads, shard health (what each endpoint serves), locate, migrations, freezes.
+//! pushes and reloads, shard health (what each endpoint serves), locate, migrations, freezes,
+//! the listeners' TLS certificates.
 //! Requires the `admin` scope when tokens are configured. Parses and renders; the work is the
 //! control plane's.
 
@@ -53,6 +54,7 @@ pub async fn handle(state: &Arc<AppState>, req: Request<Incoming>) -> Response<B
             reload_response(crate::reload::request(&state.reload_tx, src).await)
         }
         (&Method::GET, "/admin/shards") => json_response(StatusCode::OK, &shards_json(state)),
+        (&Method::GET, "/admin/tls") => json_response(StatusCode::OK, &state.listen_tls.status_json()),
         (&Method::GET, "/admin/migrations") => json_response(StatusCode::OK, &state.migrations.list()),
         (&Method::POST, "/admin/migrations") => match read_json::<crate::migrate::StartRequest>(req).await {
             Ok(r) => match crate::migrate::start(&host(state), r).await {
@@ -104,7 +106,7 @@ pub async fn handle(state: &Arc<AppState>, req: Request<Incoming>) -> Response<B
             Ok(v) => json_response(StatusCode::OK, &v),
             Err(e) => e.into_response(),
         },
-        (_, "/metrics" | "/admin/map" | "/admin/shards" | "/admin/locate") => {
+        (_, "/metrics" | "/admin/map" | "/admin/shards" | "/admin/locate" | "/admin/tls") => {
             ApiError::MethodNotAllowed.into_response()
         }
         _ => ApiError::NotFound.into_response(),

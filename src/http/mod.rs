@@ -1,6 +1,8 @@
 //! Listeners and connection handling for both planes: accept, read the request head under a
 //! deadline and size limit (408 / 431), HTTP/1.1 + h2c via hyper-util, body limits (413), in-flight
-//! limit (429), request deadline (504), auth, the request span and metrics.
+//! limit (429), request deadline (504), auth, the request span and metrics. With
+//! `[listen.*_tls]` a listener speaks HTTPS (handshake bounded by the header timeout, ALPN `h2`
+//! and `http/1.1`; certificates from `crate::listen_tls`), then serves exactly as in cleartext.
 
 pub mod admin;
 pub mod api;
@@ -24,7 +26,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tracing::Instrument;
 
@@ -52,15 +54,15 @@ impl Plane {
 
 /// A stream that first replays the bytes we already read (the request head), then the socket.
 /// On the way out it gives hyper's own error answers a JSON body (`json_error_for_hyper_answer`).
-struct Rewind {
+struct Rewind<S> {
     prefix: Bytes,
-    inner: TcpStream,
+    inner: S,
     /// A rewritten answer not yet fully written to the socket.
     pending: Bytes,
 }
 
-impl Rewind {
-    fn new(prefix: Bytes, inner: TcpStream) -> Self {
+impl<S: AsyncRead + AsyncWrite + Unpin> Rewind<S> {
+    fn new(prefix: Bytes, inner: S) -> Self {
         Rewind { prefix, inner, pending: Bytes::new() }
     }
 
@@ -118,7 +120,7 @@ fn json_error_for_hyper_answer(buf: &[u8]) -> Option<Bytes> {
     Some(Bytes::from(bytes))
 }
 
-impl AsyncRead for Rewind {
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for Rewind<S> {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
         if !self.prefix.is_empty() {
             let n = self.prefix.len().min(buf.remaining());
@@ -130,7 +132,7 @@ impl AsyncRead for Rewind {
     }
 }
 
-impl AsyncWrite for Rewind {
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for Rewind<S> {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
         std::task::ready!(self.poll_drain(cx))?;
         if let Some(p) = self.poll_write_checked(cx, buf) {
@@ -177,7 +179,7 @@ enum Head {
 
 /// Read until the first request head is complete (or an h2c preface arrived), within the header
 /// timeout and size limit. hyper's own header timeout closes silently; we answer 408 instead.
-async fn read_first_head(stream: &mut TcpStream, limit: usize, timeout: Duration) -> Head {
+async fn read_first_head<S: AsyncRead + Unpin>(stream: &mut S, limit: usize, timeout: Duration) -> Head {
     let mut buf = BytesMut::with_capacity(1024);
     let read = async {
         loop {
@@ -204,7 +206,7 @@ async fn read_first_head(stream: &mut TcpStream, limit: usize, timeout: Duration
     tokio::time::timeout(timeout, read).await.unwrap_or(Head::TimedOut)
 }
 
-async fn write_raw_error(stream: &mut TcpStream, e: ApiError) {
+async fn write_raw_error<S: AsyncWrite + Unpin>(stream: &mut S, e: ApiError) {
     let status = e.status();
     let resp = e.into_response();
     let body = resp.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
@@ -223,6 +225,7 @@ async fn write_raw_error(stream: &mut TcpStream, e: ApiError) {
 pub async fn serve(
     listener: TcpListener,
     plane: Plane,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     state: Arc<AppState>,
     mut shutdown: watch::Receiver<bool>,
     grace: Duration,
@@ -248,7 +251,7 @@ pub async fn serve(
     let builder = Arc::new(builder);
     let graceful = GracefulShutdown::new();
     loop {
-        let (mut stream, _peer) = tokio::select! {
+        let (stream, _peer) = tokio::select! {
             r = listener.accept() => match r {
                 Ok(c) => c,
                 Err(e) => {
@@ -264,26 +267,24 @@ pub async fn serve(
         let state = state.clone();
         let builder = builder.clone();
         let watcher = graceful.watcher();
+        let tls = tls.clone();
         crate::tasks::spawn(plane.connection_task(), async move {
-            let prefix = match read_first_head(
-                &mut stream,
-                limits.max_header_bytes,
-                Duration::from_millis(limits.header_timeout_ms),
-            )
-            .await
-            {
-                Head::Ready(p) => p,
-                Head::Closed => return,
-                Head::TimedOut => return write_raw_error(&mut stream, ApiError::RequestTimeout).await,
-                Head::TooLarge => return write_raw_error(&mut stream, ApiError::HeadersTooLarge).await,
+            let timeout = Duration::from_millis(state.config.limits.header_timeout_ms);
+            let Some(tls) = tls else {
+                return connection(stream, plane, state, builder, watcher, timeout).await;
             };
-            let io = TokioIo::new(Rewind::new(prefix, stream));
-            let svc = hyper::service::service_fn(move |req| {
-                let state = state.clone();
-                async move { Ok::<_, std::convert::Infallible>(handle(state, plane, req).await) }
-            });
-            let conn = builder.serve_connection(io, svc).into_owned();
-            let _ = watcher.watch(conn).await;
+            // The handshake and the first request head share the header timeout.
+            let started = tokio::time::Instant::now();
+            match tokio::time::timeout(timeout, tls.accept(stream)).await {
+                Ok(Ok(stream)) => {
+                    let left = timeout.saturating_sub(started.elapsed());
+                    connection(stream, plane, state, builder, watcher, left).await
+                }
+                // Cleartext HTTP on this port, a client that does not trust us, a scanner:
+                // the connection is closed (rustls has sent its alert where one applies).
+                Ok(Err(e)) => tracing::debug!(error = %e, "TLS handshake failed"),
+                Err(_) => tracing::debug!("TLS handshake timed out"),
+            }
         });
     }
     drop(listener);
@@ -291,6 +292,32 @@ pub async fn serve(
         _ = graceful.shutdown() => {}
         _ = tokio::time::sleep(grace) => tracing::warn!("grace period over; closing remaining connections"),
     }
+}
+
+/// Serve one connection (TCP or TLS): the first head under `head_timeout` (408 / 431), then hyper.
+async fn connection<S>(
+    mut stream: S,
+    plane: Plane,
+    state: Arc<AppState>,
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    watcher: hyper_util::server::graceful::Watcher,
+    head_timeout: Duration,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let prefix = match read_first_head(&mut stream, state.config.limits.max_header_bytes, head_timeout).await {
+        Head::Ready(p) => p,
+        Head::Closed => return,
+        Head::TimedOut => return write_raw_error(&mut stream, ApiError::RequestTimeout).await,
+        Head::TooLarge => return write_raw_error(&mut stream, ApiError::HeadersTooLarge).await,
+    };
+    let io = TokioIo::new(Rewind::new(prefix, stream));
+    let svc = hyper::service::service_fn(move |req| {
+        let state = state.clone();
+        async move { Ok::<_, std::convert::Infallible>(handle(state, plane, req).await) }
+    });
+    let conn = builder.serve_connection(io, svc).into_owned();
+    let _ = watcher.watch(conn).await;
 }
 
 /// Read the whole body, refusing more than `limit` bytes without buffering past it.

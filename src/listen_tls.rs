@@ -1,0 +1,254 @@
+//! TLS for cellgate's own listeners (`[listen.data_tls]`, `[listen.admin_tls]`): loading a
+//! certificate chain and private key (key file owner-only, the key must match the leaf), the
+//! rustls `ServerConfig` (aws-lc provider, ALPN `h2` + `http/1.1`), a certificate resolver backed
+//! by an `ArcSwap` so new handshakes pick up a rotated pair, the once-a-second poll that reloads
+//! the pair when its files change, and the status `GET /admin/tls` shows.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use arc_swap::ArcSwap;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::{ClientHello, ResolvesServerCert, ServerConfig};
+use rustls::sign::CertifiedKey;
+
+use crate::config::ListenTls;
+
+/// How often the certificate and key files are checked for a change.
+pub const POLL_INTERVAL: Duration = Duration::from_secs(1);
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("certificate {path}: {problem}")]
+    Cert { path: String, problem: String },
+    /// `problem` never quotes the key file's content.
+    #[error("key {path}: {problem}")]
+    Key { path: String, problem: String },
+    #[error("certificate {cert} and key {key} do not form a usable pair: {problem}")]
+    Pair { cert: String, key: String, problem: String },
+    #[error("TLS server configuration: {0}")]
+    Config(String),
+}
+
+/// What the serving certificate is, for `/admin/tls`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct CertInfo {
+    pub subject: String,
+    /// Hex, colon-separated, as `openssl x509 -serial` shows it (lower case).
+    pub serial: String,
+    /// RFC 3339, UTC.
+    pub not_after: String,
+}
+
+/// The last reload attempt of one listener's pair.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Attempt {
+    /// RFC 3339, UTC.
+    pub at: String,
+    /// `loaded` or `refused` (the previous pair stays in use).
+    pub result: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// One listener's status as `GET /admin/tls` shows it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Status {
+    pub cert_file: String,
+    pub key_file: String,
+    pub serving: CertInfo,
+    /// When the serving pair was loaded (RFC 3339, UTC).
+    pub loaded_at: String,
+    /// The last reload after start (`None` before the files first changed).
+    pub last_reload: Option<Attempt>,
+    /// The most recent refused pair's error, kept after later successes with its time.
+    pub last_error: Option<Attempt>,
+}
+
+/// The pair currently handed to new handshakes.
+#[derive(Debug)]
+struct Resolver(ArcSwap<CertifiedKey>);
+
+impl ResolvesServerCert for Resolver {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.load_full())
+    }
+}
+
+/// TLS of one listener: the acceptor's config and the swappable pair behind it.
+pub struct ListenerTls {
+    cert: PathBuf,
+    key: PathBuf,
+    resolver: Arc<Resolver>,
+    config: Arc<ServerConfig>,
+    status: Mutex<Status>,
+    /// The files' identity when the serving pair (or the last refused one) was read.
+    seen: Mutex<Option<Fingerprint>>,
+}
+
+/// The TLS of both listeners (`None` = cleartext).
+#[derive(Default)]
+pub struct Listeners {
+    pub data: Option<Arc<ListenerTls>>,
+    pub admin: Option<Arc<ListenerTls>>,
+}
+
+impl Listeners {
+    pub fn status_json(&self) -> serde_json::Value {
+        let one = |l: &Option<Arc<ListenerTls>>| match l {
+            Some(l) => serde_json::to_value(l.status()).unwrap_or(serde_json::Value::Null),
+            None => serde_json::Value::Null,
+        };
+        serde_json::json!({"data": one(&self.data), "admin": one(&self.admin)})
+    }
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
+}
+
+fn now_rfc3339() -> String {
+    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
+/// Size, modification time and inode of both files after symlinks: a rewrite in place and a
+/// Kubernetes secret's symlink swap both change it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Fingerprint([(u64, Option<SystemTime>, u64); 2]);
+
+fn fingerprint(cert: &Path, key: &Path) -> Option<Fingerprint> {
+    use std::os::unix::fs::MetadataExt;
+    let one = |p: &Path| std::fs::metadata(p).ok().map(|m| (m.len(), m.modified().ok(), m.ino()));
+    Some(Fingerprint([one(cert)?, one(key)?]))
+}
+
+/// Read and check a pair: PEM chain (leaf first) and PEM private key (PKCS#8, PKCS#1 or SEC1),
+/// the key file readable by its owner only, the key matching the leaf.
+fn load_pair(cert: &Path, key: &Path) -> Result<(Arc<CertifiedKey>, CertInfo), TlsError> {
+    let cert_path = cert.display().to_string();
+    let key_path = key.display().to_string();
+    let cert_err = |problem: String| TlsError::Cert { path: cert_path.clone(), problem };
+    let pem = std::fs::read(cert).map_err(|e| cert_err(e.kind().to_string()))?;
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&pem)
+        .collect::<Result<_, _>>()
+        .map_err(|e| cert_err(format!("not PEM: {e}")))?;
+    let Some(leaf) = chain.first() else { return Err(cert_err("no CERTIFICATE block".into())) };
+    let info = cert_info(leaf).map_err(cert_err)?;
+    // Owner-only mode, absolute path, size limit: the same rule as `${file:...}` secrets.
+    let abs = std::path::absolute(key).map_err(|e| TlsError::Key { path: key_path.clone(), problem: e.to_string() })?;
+    let text = crate::shardmap::secret::read_secret_file(&abs.display().to_string()).map_err(|e| match e {
+        crate::shardmap::secret::ExpandError::File { problem, .. } => TlsError::Key { path: key_path.clone(), problem },
+        other => TlsError::Key { path: key_path.clone(), problem: other.to_string() },
+    })?;
+    // The parser's error names the PEM section problem, never the key bytes.
+    let der = PrivateKeyDer::from_pem_slice(text.as_bytes())
+        .map_err(|_| TlsError::Key { path: key_path.clone(), problem: "no usable PEM private key".into() })?;
+    let ck = CertifiedKey::from_der(chain, der, &provider()).map_err(|e| TlsError::Pair {
+        cert: cert_path.clone(),
+        key: key_path.clone(),
+        problem: e.to_string(),
+    })?;
+    Ok((Arc::new(ck), info))
+}
+
+fn cert_info(der: &CertificateDer<'_>) -> Result<CertInfo, String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref()).map_err(|e| format!("not X.509: {e}"))?;
+    let ts = cert.validity().not_after.timestamp();
+    let not_after = chrono::DateTime::from_timestamp(ts, 0)
+        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
+        .unwrap_or_else(|| ts.to_string());
+    Ok(CertInfo {
+        subject: cert.subject().to_string(),
+        serial: cert.raw_serial_as_string().to_ascii_lowercase(),
+        not_after,
+    })
+}
+
+impl ListenerTls {
+    /// Load the pair (any problem refuses the start) and build the server config.
+    pub fn load(files: &ListenTls) -> Result<Arc<ListenerTls>, TlsError> {
+        let seen = fingerprint(&files.cert, &files.key);
+        let (ck, info) = load_pair(&files.cert, &files.key)?;
+        let resolver = Arc::new(Resolver(ArcSwap::new(ck)));
+        let mut config = ServerConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| TlsError::Config(e.to_string()))?
+            .with_no_client_auth()
+            .with_cert_resolver(resolver.clone());
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        Ok(Arc::new(ListenerTls {
+            cert: files.cert.clone(),
+            key: files.key.clone(),
+            resolver,
+            config: Arc::new(config),
+            status: Mutex::new(Status {
+                cert_file: files.cert.display().to_string(),
+                key_file: files.key.display().to_string(),
+                serving: info,
+                loaded_at: now_rfc3339(),
+                last_reload: None,
+                last_error: None,
+            }),
+            seen: Mutex::new(seen),
+        }))
+    }
+
+    pub fn acceptor(&self) -> tokio_rustls::TlsAcceptor {
+        tokio_rustls::TlsAcceptor::from(self.config.clone())
+    }
+
+    pub fn status(&self) -> Status {
+        self.status.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Reload the pair if its files changed since the last look. A refused pair leaves the
+    /// serving one in place; it is tried again only when the files change again.
+    pub fn poll(&self, listener: &'static str) {
+        let now = fingerprint(&self.cert, &self.key);
+        {
+            let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+            // A file missing mid-swap: wait for both to be there.
+            if now.is_none() || *seen == now {
+                return;
+            }
+            *seen = now;
+        }
+        let attempt = load_pair(&self.cert, &self.key);
+        let mut st = self.status.lock().unwrap_or_else(|p| p.into_inner());
+        match attempt {
+            Ok((ck, info)) => {
+                self.resolver.0.store(ck);
+                tracing::info!(listener, serial = %info.serial, not_after = %info.not_after, "TLS certificate reloaded");
+                st.serving = info;
+                st.loaded_at = now_rfc3339();
+                st.last_reload = Some(Attempt { at: st.loaded_at.clone(), result: "loaded", error: None });
+            }
+            Err(e) => {
+                tracing::warn!(listener, error = %e, "TLS certificate reload refused; the previous pair stays in use");
+                let a = Attempt { at: now_rfc3339(), result: "refused", error: Some(e.to_string()) };
+                st.last_reload = Some(a.clone());
+                st.last_error = Some(a);
+            }
+        }
+    }
+}
+
+/// Check both listeners' files every [`POLL_INTERVAL`] until the task is dropped. Polling
+/// (rather than a file watch) follows rewrites in place and Kubernetes secret symlink swaps
+/// alike, and costs two `stat` calls per listener per second.
+pub async fn poll_loop(data: Option<Arc<ListenerTls>>, admin: Option<Arc<ListenerTls>>) {
+    let mut tick = tokio::time::interval(POLL_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        for (name, l) in [("data", &data), ("admin", &admin)] {
+            if let Some(l) = l {
+                let l = l.clone();
+                // File reads and key parsing off the async workers.
+                let _ = tokio::task::spawn_blocking(move || l.poll(name)).await;
+            }
+        }
+    }
+}
