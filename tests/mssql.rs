@@ -731,6 +731,8 @@ async fn live_migrations_refuse_sqlserver_databases() {
     assert_eq!(r.status(), 422);
     let v: Value = r.json().await.unwrap();
     assert_eq!(v["error"]["code"], "unsupported", "{v}");
+    let m = v["error"]["message"].as_str().unwrap();
+    assert!(m.contains("is sqlserver") && m.contains("database \""), "names the database and its kind: {v}");
     g.stop().await;
 }
 
