@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use http::{Method, Request, Response, StatusCode, header};
-use http_body_util::{BodyExt, Limited};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -321,19 +321,53 @@ async fn connection<S>(
 }
 
 /// Read the whole body, refusing more than `limit` bytes without buffering past it.
-async fn read_body(body: Incoming, headers: &http::HeaderMap, limit: usize) -> Result<Bytes, ApiError> {
+async fn read_body(mut body: Incoming, headers: &http::HeaderMap, limit: usize) -> Result<Bytes, ApiError> {
     if let Some(len) =
         headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok())
         && len > limit as u64
     {
+        // A client waiting for `100 Continue` has sent nothing: answer at once (polling the
+        // body would ask it to send).
+        let expects = headers.get(header::EXPECT).is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+        if !expects {
+            drain(body).await;
+        }
         return Err(ApiError::BodyTooLarge(limit));
     }
-    match Limited::new(body, limit).collect().await {
-        Ok(c) => Ok(c.to_bytes()),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(ApiError::BodyTooLarge(limit)),
-        Err(e) => Err(ApiError::InvalidJson(format!("could not read body: {e}"))),
+    let mut buf = BytesMut::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| ApiError::InvalidJson(format!("could not read body: {e}")))?;
+        if let Ok(data) = frame.into_data() {
+            if buf.len() + data.len() > limit {
+                drain(body).await;
+                return Err(ApiError::BodyTooLarge(limit));
+            }
+            buf.extend_from_slice(&data);
+        }
     }
+    Ok(buf.freeze())
 }
+
+/// After a body passed its limit: read and drop what the client is still sending, up to
+/// [`DRAIN_BYTES`] or [`DRAIN_TIME`], before the 413 goes out. Closing a socket with unread input
+/// makes the kernel send a reset, which can destroy the answer before the client reads it (the
+/// client sees a broken pipe instead of 413). Nothing is kept; a larger or slower body still gets
+/// its 413 once the bound is reached, and the connection is closed.
+async fn drain(mut body: Incoming) {
+    let mut dropped = 0usize;
+    let _ = tokio::time::timeout(DRAIN_TIME, async {
+        while let Some(Ok(frame)) = body.frame().await {
+            dropped += frame.data_ref().map_or(0, Bytes::len);
+            if dropped > DRAIN_BYTES {
+                break;
+            }
+        }
+    })
+    .await;
+}
+
+const DRAIN_BYTES: usize = 1 << 20;
+const DRAIN_TIME: Duration = Duration::from_secs(1);
 
 /// Data-plane bodies are JSON and must say so (`application/json`, parameters such as
 /// `; charset=utf-8` allowed, any case): a form or text body is refused before it is read, so a
