@@ -117,10 +117,15 @@ name = "admin"
 sha256 = "$(printf '%s\n' "$TOKEN" | "$BIN" token-hash)"
 scopes = ["admin"]
 TOML
+# Started directly (not through the as_root function, whose subshell would get the PID while
+# cellgate ran on as its child): chroot execs cellgate, so $! is cellgate's own PID (with sudo,
+# sudo's, which passes SIGTERM on).
+SUDO=()
+[ "$(id -u)" -eq 0 ] || SUDO=(sudo)
 if [ "$MODE" = podman ]; then
   "${RUN[@]}" > "$WORK/serve.log" 2>&1 &
 else
-  as_root chroot --userspec="$USER_ID:$USER_ID" "$ROOT" /usr/local/bin/cellgate serve \
+  "${SUDO[@]}" chroot --userspec="$USER_ID:$USER_ID" "$ROOT" /usr/local/bin/cellgate serve \
     --config /etc/cellgate/cellgate.toml --log-format json > "$WORK/serve.log" 2>&1 &
 fi
 SERVE_PID=$!
@@ -135,4 +140,12 @@ version=$(printf 'authorization: Bearer %s\n' "$TOKEN" | curl -fsS -H @- "http:/
 kill -TERM "$SERVE_PID"
 wait "$SERVE_PID" 2>/dev/null || true
 SERVE_PID=""
+# Nothing of it may be left running (the listener's port is the check: only it bound there).
+for _ in $(seq 1 50); do
+  curl -s -o /dev/null "http://127.0.0.1:$ADMIN_PORT/livez" 2>/dev/null || break
+  sleep 0.1
+done
+if curl -s -o /dev/null "http://127.0.0.1:$ADMIN_PORT/livez" 2>/dev/null; then
+  echo "the image's cellgate is still serving after SIGTERM" >&2; exit 1
+fi
 echo "image check ($MODE): /livez $live, /admin/map version $version, stopped on SIGTERM; image ${size} MiB"
