@@ -420,14 +420,8 @@ pub async fn insert(state: &AppState, plan: &InsertPlan, out: &mut Outcome) -> R
             }
         }
         if let Some((id, cell, e)) = fenced {
-            metrics::counter!(crate::telemetry::names::FENCE_HITS, "shard" => id.clone()).increment(1);
-            if refreshed {
-                return Err(ApiError::from_backend(e, &id));
-            }
-            refreshed = true;
-            let seen = snap.map.version();
-            drop(snap);
-            hold::refresh_after_fence(state, seen, &id, cell).await?;
+            let give_up = ApiError::from_backend(e, &id);
+            hold::after_fence_hit(state, snap, &mut refreshed, &id, cell, give_up).await?;
             continue;
         }
         return insert_groups(&snap, plan, groups, Checked { views, failed }, deadline, out).await;
@@ -530,14 +524,8 @@ pub async fn write(state: &AppState, plan: &WritePlan, out: &mut Outcome) -> Res
         let view = match m.check_fences(&[route.cell], version, deadline).await {
             Ok(v) => v,
             Err(e) if hold::is_fenced(&e) => {
-                metrics::counter!(crate::telemetry::names::FENCE_HITS, "shard" => id.clone()).increment(1);
-                if refreshed {
-                    return Err(ApiError::from_backend(e, &id));
-                }
-                refreshed = true;
-                let seen = snap.map.version();
-                drop(snap);
-                hold::refresh_after_fence(state, seen, &id, route.cell).await?;
+                let give_up = ApiError::from_backend(e, &id);
+                hold::after_fence_hit(state, snap, &mut refreshed, &id, route.cell, give_up).await?;
                 continue;
             }
             Err(e) => return Err(ApiError::from_backend(e, &id)),

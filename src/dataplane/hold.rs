@@ -10,6 +10,7 @@ use super::ApiError;
 use crate::app::AppState;
 use crate::backend::BackendError;
 use crate::migrate::Freeze;
+use crate::state::Snapshot;
 
 /// The cutover hold covering any of `cells`, if one is in force.
 pub fn frozen_for(state: &AppState, cells: &[CellIndex]) -> Option<Arc<Freeze>> {
@@ -38,15 +39,24 @@ pub fn is_fenced(e: &BackendError) -> bool {
     }
 }
 
-/// After a fence hit: ask the reload writer for the newest map. `Ok` when a newer map is
-/// published (the caller retries on it), `cells_frozen` otherwise. Called at most once per
-/// request, so a shard that keeps fencing cannot loop a request.
-pub async fn refresh_after_fence(
+/// A write of this request hit a migration fence on `shard` (nothing was written): count it;
+/// the first time, drop the pinned snapshot and ask the reload writer for the newest map — `Ok`
+/// when a newer map is published (the caller retries on it), `cells_frozen` otherwise; the
+/// second time, `give_up` is the answer, so a shard that keeps fencing cannot loop a request.
+pub async fn after_fence_hit(
     state: &AppState,
-    seen: crate::ids::MapVersion,
+    snap: Arc<Snapshot>,
+    refreshed: &mut bool,
     shard: &str,
     cell: CellIndex,
+    give_up: ApiError,
 ) -> Result<(), ApiError> {
+    metrics::counter!(crate::telemetry::names::FENCE_HITS, "shard" => shard.to_string()).increment(1);
+    if std::mem::replace(refreshed, true) {
+        return Err(give_up);
+    }
+    let seen = snap.map.version();
+    drop(snap);
     tracing::warn!(shard, %cell, "write hit a migration fence: refreshing the map");
     let _ = crate::reload::request(&state.reload_tx, crate::reload::Source::File { trigger: "fence" }).await;
     if state.pin().map.version() == seen {

@@ -256,17 +256,9 @@ pub async fn write(state: &AppState, plan: &WritePlan, out: &mut Outcome) -> Res
             }
             // 4. Nothing was written: the fence rejected the statement and its transaction.
             Err(e) if hold::is_fenced(&e) => {
-                metrics::counter!(crate::telemetry::names::FENCE_HITS, "shard" => id.clone()).increment(1);
-                if refreshed {
-                    return Err(ApiError::CellsFrozen(format!(
-                        "cell {} moved away from shard {id}; retry shortly",
-                        route.cell
-                    )));
-                }
-                refreshed = true;
-                let seen = snap.map.version();
-                drop(snap);
-                hold::refresh_after_fence(state, seen, &id, route.cell).await?;
+                let give_up =
+                    ApiError::CellsFrozen(format!("cell {} moved away from shard {id}; retry shortly", route.cell));
+                hold::after_fence_hit(state, snap, &mut refreshed, &id, route.cell, give_up).await?;
             }
             Err(e) => return Err(ApiError::from_backend(e, &id)),
         }
