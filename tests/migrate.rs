@@ -14,19 +14,6 @@ use serde_json::{Value, json};
 use support::*;
 use tokio::sync::Mutex;
 
-/// The resolution-3 cell around Madrid: it moves; Barcelona (same shard) and Paris do not.
-fn moving_cell() -> String {
-    let p = cellgate::geo::point(MADRID.0, MADRID.1).unwrap();
-    cellgate::geo::owning_cell(p, h3o::Resolution::Three).to_string()
-}
-
-const BARCELONA: (f64, f64) = (41.3874, 2.1686);
-
-fn in_moving(lat: f64, lng: f64) -> bool {
-    let p = cellgate::geo::point(lat, lng).unwrap();
-    cellgate::geo::owning_cell(p, h3o::Resolution::Three).to_string() == moving_cell()
-}
-
 /// The tests of this file run one at a time: each drives hundreds of writes per second through
 /// two shards on a 2-core machine, and overlapping them measures the machine, not cellgate.
 static SERIAL: Mutex<()> = Mutex::const_new(());
@@ -136,7 +123,7 @@ fn verify(st: &Stack, ledger: &Ledger, owner_of_moving: usize) -> (usize, usize)
     let moving_owner = if owner_of_moving == 0 { &on_a } else { &on_b };
     let mut found = 0;
     for (id, (lat, lng)) in &ledger.acked {
-        let home = if in_moving(*lat, *lng) {
+        let home = if in_moving((*lat, *lng)) {
             moving_owner
         } else if lat > &45.0 {
             &on_b
@@ -217,7 +204,7 @@ async fn migration_under_load_with_a_stale_instance() {
     assert!(done["hold_ms_max"].as_u64().unwrap() <= 2000 + 500, "{done}");
     // Reads of moved cells through both instances return the data (the stale one refreshed on
     // its first fenced write).
-    let moved: Vec<i64> = ledger.acked.iter().filter(|(_, (la, ln))| in_moving(*la, *ln)).map(|(i, _)| *i).collect();
+    let moved: Vec<i64> = ledger.acked.iter().filter(|(_, (la, ln))| in_moving((*la, *ln))).map(|(i, _)| *i).collect();
     for data in [st.data(), st.data_of(stale)] {
         let r = st
             .http
@@ -302,7 +289,7 @@ fn verify_pingpong(st: &Stack, ledger: &Ledger, owner: usize) -> (usize, usize) 
     let on: Vec<HashSet<i64>> = nodes.iter().map(|n| ids_on(n, "true").into_iter().collect()).collect();
     let mut found = 0;
     for (id, (lat, lng)) in &ledger.acked {
-        let home = if in_moving(*lat, *lng) {
+        let home = if in_moving((*lat, *lng)) {
             owner
         } else if *lat > 45.0 {
             1

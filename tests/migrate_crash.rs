@@ -15,11 +15,6 @@ async fn get(st: &Stack, path: &str) -> Value {
     serde_json::from_str(&body).unwrap()
 }
 
-fn moving_cell() -> String {
-    let p = cellgate::geo::point(MADRID.0, MADRID.1).unwrap();
-    cellgate::geo::owning_cell(p, h3o::Resolution::Three).to_string()
-}
-
 async fn restart(st: &mut Stack) {
     // 1. The "crash": the orchestrating instance goes away mid-migration (its held writes and
     //    in-memory state with it).

@@ -15,19 +15,6 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 use support::*;
 
-const BARCELONA: (f64, f64) = (41.3874, 2.1686);
-
-/// The resolution-3 cell around Madrid: it moves; Barcelona (same shard) and Paris do not.
-fn moving_cell() -> String {
-    let p = cellgate::geo::point(MADRID.0, MADRID.1).unwrap();
-    cellgate::geo::owning_cell(p, h3o::Resolution::Three).to_string()
-}
-
-fn in_moving(at: (f64, f64)) -> bool {
-    let p = cellgate::geo::point(at.0, at.1).unwrap();
-    cellgate::geo::owning_cell(p, h3o::Resolution::Three).to_string() == moving_cell()
-}
-
 /// What the shards must hold for one row id, from the answers the writers got.
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Fate {

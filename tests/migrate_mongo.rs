@@ -20,20 +20,8 @@ use support::mongo::{Peer, PeerKind};
 use support::*;
 use tokio::sync::Mutex;
 
-const BARCELONA: (f64, f64) = (41.3874, 2.1686);
-
 /// One test at a time: each drives two shards of both kinds on a 2-core machine.
 static SERIAL: Mutex<()> = Mutex::const_new(());
-
-fn moving_cell() -> String {
-    let p = cellgate::geo::point(MADRID.0, MADRID.1).unwrap();
-    cellgate::geo::owning_cell(p, h3o::Resolution::Three).to_string()
-}
-
-fn in_moving(at: (f64, f64)) -> bool {
-    let p = cellgate::geo::point(at.0, at.1).unwrap();
-    cellgate::geo::owning_cell(p, h3o::Resolution::Three).to_string() == moving_cell()
-}
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Fate {

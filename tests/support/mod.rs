@@ -64,6 +64,21 @@ pub struct Stack {
 pub const MADRID: (f64, f64) = (40.4168, -3.7038);
 pub const PARIS: (f64, f64) = (48.8566, 2.3522);
 pub const NOWHERE: (f64, f64) = (0.0, -140.0);
+/// On shard "a" with Madrid, outside the cell the migration tests move.
+pub const BARCELONA: (f64, f64) = (41.3874, 2.1686);
+
+/// The resolution-3 cell around Madrid that the migration tests move; Barcelona (same shard) and
+/// Paris do not lie in it.
+pub fn moving_cell() -> String {
+    let p = cellgate::geo::point(MADRID.0, MADRID.1).unwrap();
+    cellgate::geo::owning_cell(p, h3o::Resolution::Three).to_string()
+}
+
+/// Does the point (lat, lng) lie in [`moving_cell`]?
+pub fn in_moving(at: (f64, f64)) -> bool {
+    let p = cellgate::geo::point(at.0, at.1).unwrap();
+    cellgate::geo::owning_cell(p, h3o::Resolution::Three).to_string() == moving_cell()
+}
 
 pub fn map_toml(cluster: &Cluster, extra_replica: Option<&str>) -> String {
     let mut s = String::from("version = 1\nresolution = 5\n");
