@@ -1,6 +1,6 @@
 //! The application state every listener and task shares: the published snapshot, process
-//! config, auth, the in-flight counter, the reload channel, the migration registry and freeze, and
-//! the listeners' TLS.
+//! config, auth, the in-flight counter, the reload channel, the migration registry and freeze, the
+//! listeners' TLS and the read cache.
 //! Holds state; owns no behaviour beyond pinning a snapshot.
 
 use std::sync::Arc;
@@ -14,7 +14,8 @@ use crate::state::Snapshot;
 pub struct AppState {
     pub snapshot: ArcSwap<Snapshot>,
     pub config: Config,
-    pub auth: crate::auth::Auth,
+    /// Tokens, client identities and the peer token; reloaded without a restart.
+    pub credentials: Arc<crate::credentials::Credentials>,
     pub in_flight: AtomicUsize,
     /// False once shutdown starts (readiness turns false first, then listeners stop).
     pub accepting: AtomicBool,
@@ -30,6 +31,10 @@ pub struct AppState {
     pub sql_classes: crate::sqlclass::ClassCache,
     /// HTTPS of the two listeners (`None` each = cleartext): serving pairs and reload status.
     pub listen_tls: crate::listen_tls::Listeners,
+    /// The read cache (docs/cache.md); does nothing unless `[cache] enabled`.
+    pub cache: std::sync::Arc<crate::cache::Cache>,
+    /// The link to etcd in fleet mode (`map = { etcd = ... }`, docs/fleet.md); `None` in file mode.
+    pub etcd: Option<Arc<crate::etcd::Link>>,
 }
 
 impl AppState {
@@ -65,5 +70,14 @@ impl crate::migrate::Host for AppState {
     }
     fn migrations(&self) -> &crate::migrate::Registry {
         &self.migrations
+    }
+    fn peer_token(&self) -> Option<String> {
+        self.credentials.auth().peer_token().map(str::to_string)
+    }
+    fn cache(&self) -> &crate::cache::Cache {
+        &self.cache
+    }
+    fn etcd(&self) -> Option<&crate::etcd::Link> {
+        self.etcd.as_deref()
     }
 }

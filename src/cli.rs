@@ -1,6 +1,6 @@
 //! Command-line interface (design §4): argument types, the offline commands (`map`, `locate`)
 //! and the admin API clients (`map push`, `migrate`, with `migrate start --wait` polling until
-//! the migration ends). Must not start servers itself: `serve` is handed to the server module.
+//! the migration ends), and the etcd clients of fleet mode (`map push --etcd`, `fleet status`). Must not start servers itself: `serve` is handed to the server module.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -51,6 +51,9 @@ pub enum Command {
         #[arg(long, default_value_t = 2000)]
         timeout_ms: u64,
     },
+    /// Fleet mode on etcd (docs/fleet.md).
+    #[command(subcommand)]
+    Fleet(FleetCommand),
     /// Live migration of cells between shards, PostgreSQL and MongoDB databases (admin API).
     Migrate {
         /// Admin base URL, e.g. http://127.0.0.1:9090
@@ -182,9 +185,17 @@ pub fn healthcheck(admin: &str, timeout: Duration) -> ExitCode {
 }
 
 async fn livez(admin: &str, timeout: Duration) -> Result<(), String> {
-    let (status, _) =
-        crate::fleet::call(admin, http::Method::GET, "/livez", "text/plain", bytes::Bytes::new(), None, timeout)
-            .await?;
+    let (status, _) = crate::fleet::call(
+        admin,
+        &admin_tls(),
+        http::Method::GET,
+        "/livez",
+        "text/plain",
+        bytes::Bytes::new(),
+        None,
+        timeout,
+    )
+    .await?;
     if status == 200 { Ok(()) } else { Err(format!("answered {status}")) }
 }
 
@@ -348,8 +359,21 @@ async fn admin_request(
     body: String,
     token: Option<&str>,
 ) -> Result<(u16, bytes::Bytes), String> {
-    crate::fleet::call(admin, method, path, content_type, bytes::Bytes::from(body), token, Duration::from_secs(120))
-        .await
+    let body = bytes::Bytes::from(body);
+    crate::fleet::call(admin, &admin_tls(), method, path, content_type, body, token, Duration::from_secs(120)).await
+}
+
+/// TLS for an `https://` admin URL: the CA bundle in `CELLGATE_ADMIN_CA` (else the Mozilla
+/// roots), and a client certificate from `CELLGATE_ADMIN_CERT` / `CELLGATE_ADMIN_KEY` for an
+/// admin listener with `client_ca`.
+fn admin_tls() -> crate::config::Tls {
+    let path = |v: &str| std::env::var_os(v).map(PathBuf::from);
+    crate::config::Tls {
+        peer_ca: path("CELLGATE_ADMIN_CA"),
+        peer_cert: path("CELLGATE_ADMIN_CERT"),
+        peer_key: path("CELLGATE_ADMIN_KEY"),
+        ..Default::default()
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -437,12 +461,28 @@ pub enum MapCommand {
     },
     /// Cells that change owner between two maps, per from → to.
     Diff { old: PathBuf, new: PathBuf },
-    /// Publish a map on a running instance (PUT /admin/map); prints the outcome, exit 1 unless published.
+    /// Publish a map on a running instance (PUT /admin/map), or in etcd for a fleet (--etcd);
+    /// prints the outcome. Exit 0 published, 3 version conflict (etcd), 4 --wait timed out,
+    /// 1 anything else.
     Push {
         file: PathBuf,
         /// Admin base URL, e.g. http://127.0.0.1:9090
-        #[arg(long)]
-        admin: String,
+        #[arg(long, required_unless_present = "etcd", conflicts_with = "etcd")]
+        admin: Option<String>,
+        /// Fleet mode: etcd client URLs (comma-separated); the map is written at
+        /// `<prefix>/map` with a compare-and-swap.
+        #[arg(long, value_delimiter = ',', requires = "prefix")]
+        etcd: Vec<String>,
+        /// Fleet mode: the fleet's key prefix, e.g. /cellgate/prod.
+        #[arg(long, requires = "etcd")]
+        prefix: Option<String>,
+        /// Fleet mode: return only when every live instance serves the new version (default
+        /// timeout 30s; `--wait=2m`, `--wait=500ms`); names the ones that do not.
+        #[arg(long, requires = "etcd", num_args = 0..=1, require_equals = true, default_missing_value = "30s", value_name = "TIMEOUT")]
+        wait: Option<String>,
+        /// Fleet mode: deadline of each etcd call, ms.
+        #[arg(long, default_value_t = 2000)]
+        etcd_timeout_ms: u64,
         /// Admin token (or CELLGATE_ADMIN_TOKEN).
         #[arg(long, env = "CELLGATE_ADMIN_TOKEN", hide_env_values = true)]
         token: Option<String>,
@@ -466,6 +506,23 @@ pub enum MapCommand {
         cities: PathBuf,
         #[arg(long)]
         out: PathBuf,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum FleetCommand {
+    /// The live instances registered in etcd and the map version each serves; exit 0 when all
+    /// serve the version in etcd, 4 when some do not, 1 when etcd cannot be read.
+    Status {
+        /// etcd client URLs (comma-separated).
+        #[arg(long, value_delimiter = ',', required = true)]
+        etcd: Vec<String>,
+        /// The fleet's key prefix, e.g. /cellgate/prod.
+        #[arg(long)]
+        prefix: String,
+        /// Deadline of each etcd call, ms.
+        #[arg(long, default_value_t = 2000)]
+        etcd_timeout_ms: u64,
     },
 }
 
@@ -528,42 +585,91 @@ pub fn map_check(files: &[PathBuf]) -> ExitCode {
     if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS }
 }
 
-/// PostgreSQL endpoints off loopback whose `sslmode` does not verify the server certificate
-/// (and connection strings cellgate would refuse). Never shows credentials.
+/// Endpoints off loopback whose TLS does not verify the server certificate (below `verify-ca`
+/// in `[tls] backends` terms: PostgreSQL `sslmode`, MongoDB `tls*` options, SQL Server
+/// `encrypt`/`trust_server_certificate`), and connection strings cellgate would refuse. Never
+/// shows credentials.
 fn tls_warnings(map: &ShardMap) -> Vec<String> {
-    use crate::backend::postgres::{endpoint_label, tls};
+    use crate::backend::{mongo, mssql, postgres};
     use tokio_postgres::config::Host;
     let mut out = Vec::new();
+    let weak = |at: &str, label: &str, setting: String, fix: &str| {
+        format!("{at} ({label}): {setting} does not verify the server; {fix}")
+    };
     for shard in map.shards() {
         for (db, spec) in &shard.databases {
-            let shardmap::DatabaseSpec::Postgres { primary, replicas, admin } = spec else { continue };
-            let all = std::iter::once(("primary".to_string(), primary))
-                .chain(replicas.iter().enumerate().map(|(i, r)| (format!("replica {i}"), r)))
-                .chain(admin.iter().map(|a| ("admin".to_string(), a)));
-            for (what, conn) in all {
-                let at = format!("shard {} database {db} {what}", shard.id);
-                let info = match tls::parse(conn.expose()) {
-                    Ok(i) => i,
-                    Err(e) => {
-                        out.push(format!("{at}: {e}"));
-                        continue;
+            let at = |what: &str| format!("shard {} database {db} {what}", shard.id);
+            match spec {
+                shardmap::DatabaseSpec::Postgres { primary, replicas, admin } => {
+                    for (what, conn) in endpoints(primary, replicas).chain(admin.iter().map(|a| ("admin".into(), a))) {
+                        let info = match postgres::tls::parse(conn.expose()) {
+                            Ok(i) => i,
+                            Err(e) => {
+                                out.push(format!("{}: {e}", at(&what)));
+                                continue;
+                            }
+                        };
+                        let remote = info.config.get_hosts().iter().any(|h| match h {
+                            Host::Tcp(h) => !is_loopback_host(h),
+                            Host::Unix(_) => false,
+                        });
+                        if remote && info.tls.mode < postgres::tls::SslMode::VerifyCa {
+                            let setting = format!("sslmode={}", info.tls.mode.as_str());
+                            let label = postgres::endpoint_label(&info.config);
+                            out.push(weak(&at(&what), &label, setting, "use verify-full with sslrootcert"));
+                        }
                     }
-                };
-                let remote = info.config.get_hosts().iter().any(|h| match h {
-                    Host::Tcp(h) => h != "localhost" && !h.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback()),
-                    Host::Unix(_) => false,
-                });
-                if remote && info.tls.mode < tls::SslMode::VerifyCa {
-                    out.push(format!(
-                        "{at} ({}): sslmode={} does not verify the server; use verify-full with sslrootcert",
-                        endpoint_label(&info.config),
-                        info.tls.mode.as_str()
-                    ));
+                }
+                shardmap::DatabaseSpec::Sqlserver { primary, replicas } => {
+                    for (what, conn) in endpoints(primary, replicas) {
+                        let p = match mssql::parse_conn(conn.expose()) {
+                            Ok(p) => p,
+                            Err(e) => {
+                                out.push(format!("{}: {e}", at(&what)));
+                                continue;
+                            }
+                        };
+                        if !is_loopback_host(&p.host()) && p.tls.level() < crate::config::SslMode::VerifyCa {
+                            let fix = "use encrypt=required (or strict) with ca_file or the system roots";
+                            out.push(weak(&at(&what), &p.label, p.tls.describe(), fix));
+                        }
+                    }
+                }
+                shardmap::DatabaseSpec::Mongodb { uri } => {
+                    let conn = match mongo::parse_uri(uri) {
+                        Ok(c) => c,
+                        Err(e) => {
+                            out.push(format!("{}: {e}", at("uri")));
+                            continue;
+                        }
+                    };
+                    let tls = mongo::UriTls::of(&conn);
+                    if mongo::hosts(&conn).iter().any(|h| !is_loopback_host(h))
+                        && tls.level() < crate::config::SslMode::VerifyCa
+                    {
+                        let label = mongo::label_of(&conn, db);
+                        let setting = format!("MongoDB {}", tls.describe());
+                        out.push(weak(&at("uri"), &label, setting, "use tls=true with tlsCAFile"));
+                    }
                 }
             }
         }
     }
     out
+}
+
+/// A SQL database's endpoints, named as errors name them (`primary`, `replica 0`, ...).
+fn endpoints<'a>(
+    primary: &'a shardmap::Secret,
+    replicas: &'a [shardmap::Secret],
+) -> impl Iterator<Item = (String, &'a shardmap::Secret)> {
+    std::iter::once(("primary".to_string(), primary))
+        .chain(replicas.iter().enumerate().map(|(i, r)| (format!("replica {i}"), r)))
+}
+
+/// `localhost` or a loopback address: traffic that never leaves the machine.
+fn is_loopback_host(h: &str) -> bool {
+    h == "localhost" || h.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }
 
 pub fn map_diff(old: &PathBuf, new: &PathBuf) -> ExitCode {
@@ -672,6 +778,121 @@ pub fn map_push(file: &PathBuf, admin: &str, token: Option<&str>, if_version: Op
     }
 }
 
+/// A `--wait` timeout: `30s`, `500ms`, `2m`, or bare seconds.
+pub fn parse_timeout(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, unit) = match s.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => s.split_at(i),
+        None => (s, "s"),
+    };
+    let n: u64 = num.parse().map_err(|_| format!("timeout {s:?}: expected e.g. 30s, 500ms or 2m"))?;
+    let d = match unit {
+        "ms" => Duration::from_millis(n),
+        "s" => Duration::from_secs(n),
+        "m" => Duration::from_secs(n * 60),
+        _ => return Err(format!("timeout {s:?}: unit must be ms, s or m")),
+    };
+    if d.is_zero() { Err(format!("timeout {s:?} must be > 0")) } else { Ok(d) }
+}
+
+fn etcd_target(endpoints: &[String], prefix: &str, timeout_ms: u64) -> Result<crate::etcd::Target, String> {
+    if let Some(p) = crate::config::etcd_prefix_problem(prefix) {
+        return Err(format!("--prefix {prefix:?}: {p}"));
+    }
+    if timeout_ms == 0 {
+        return Err("--etcd-timeout-ms must be > 0".into());
+    }
+    Ok(crate::etcd::Target {
+        endpoints: endpoints.to_vec(),
+        prefix: prefix.to_string(),
+        timeout: Duration::from_millis(timeout_ms),
+    })
+}
+
+/// `cellgate map push FILE --etcd ... --prefix ... [--if-version N] [--wait[=T]]`: write the map
+/// with a compare-and-swap (exit 3 when another push won), then optionally wait for the fleet
+/// (exit 4 naming the instances that did not apply it in time).
+pub fn map_push_etcd(
+    file: &Path,
+    endpoints: &[String],
+    prefix: &str,
+    if_version: Option<u64>,
+    wait: Option<&str>,
+    timeout_ms: u64,
+) -> ExitCode {
+    let fail = |code: u8, msg: String| {
+        eprintln!("error: {msg}");
+        ExitCode::from(code)
+    };
+    let target = match etcd_target(endpoints, prefix, timeout_ms) {
+        Ok(t) => t,
+        Err(e) => return fail(2, e),
+    };
+    let wait = match wait.map(parse_timeout).transpose() {
+        Ok(w) => w,
+        Err(e) => return fail(2, format!("--wait: {e}")),
+    };
+    let text = match std::fs::read_to_string(file) {
+        Ok(t) => t,
+        Err(e) => return fail(1, format!("{}: {e}", file.display())),
+    };
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(e) => return fail(1, e),
+    };
+    rt.block_on(async {
+        let pushed = match crate::etcd::push_map(&target, &text, if_version).await {
+            Ok(p) => p,
+            Err(e) => return fail(e.exit_code(), e.to_string()),
+        };
+        println!("{}", serde_json::json!({"pushed": pushed}));
+        let Some(within) = wait else { return ExitCode::SUCCESS };
+        match crate::etcd::wait_for_version(&target, pushed.version, within).await {
+            Ok(view) => {
+                if view.instances.is_empty() {
+                    eprintln!("warning: no live instance is registered under {prefix}");
+                }
+                println!("{}", serde_json::json!({"applied": view}));
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(e.exit_code(), e.to_string()),
+        }
+    })
+}
+
+/// `cellgate fleet status`: the registrations and whether they agree with the map in etcd.
+pub fn fleet_status(endpoints: &[String], prefix: &str, timeout_ms: u64) -> ExitCode {
+    let target = match etcd_target(endpoints, prefix, timeout_ms) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(crate::etcd::fleet_status(&target)) {
+        Ok(view) => {
+            println!("{}", serde_json::to_string_pretty(&view).unwrap_or_default());
+            if view.agree {
+                ExitCode::SUCCESS
+            } else {
+                eprintln!("not every instance serves map version {:?}: {}", view.map_version, view.behind.join(", "));
+                ExitCode::from(4)
+            }
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(e.exit_code())
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -703,6 +924,64 @@ mod tests {
         ));
         assert_eq!(w.len(), 1, "{w:?}");
         assert!(w[0].contains("sslmode \"allow\" is not supported") && !w[0].contains("pw-canary"), "{w:?}");
+    }
+
+    #[test]
+    fn map_check_warns_about_unverified_remote_mongodb_and_sqlserver() {
+        let map = |mongo: &str, primary: &str, replica: &str| {
+            shardmap::compile_str(&format!(
+                "version = 1\nresolution = 3\n[[shards]]\nid = \"a\"\n[shards.databases.profiles]\nkind = \"mongodb\"\n\
+                 uri = \"{mongo}\"\n[shards.databases.orders]\nkind = \"sqlserver\"\nprimary = \"{primary}\"\n\
+                 replicas = [\"{replica}\"]\n[fallback]\nmode = \"reject\"\n"
+            ))
+            .map_err(|e| format!("{:?}", e.0.iter().map(|e| e.kind.to_string()).collect::<Vec<_>>()))
+            .unwrap()
+        };
+        let w = tls_warnings(&map(
+            "mongodb://u:pw-canary@db.internal:27017,127.0.0.1:27018/p?tls=true&tlsInsecure=true",
+            "sqlserver://u:pw-canary@ms.internal/orders?trust_server_certificate=true",
+            "server=tcp:ms2.internal,1433;user id=u;password=pw-canary;database=orders;encrypt=false",
+        ));
+        assert_eq!(w.len(), 3, "{w:?}");
+        assert!(
+            w.iter().any(|w| w.contains("shard a database profiles uri (db.internal:27017,127.0.0.1:27018/p): MongoDB TLS without certificate checks")),
+            "{w:?}"
+        );
+        assert!(
+            w.iter().any(|w| w.contains("database orders primary (ms.internal:1433/orders): encrypt=required with trust_server_certificate=true does not verify")),
+            "{w:?}"
+        );
+        assert!(
+            w.iter().any(|w| w.contains("database orders replica 0 (ms2.internal:1433/orders): encrypt=off")),
+            "{w:?}"
+        );
+        assert!(!w.iter().any(|w| w.contains("pw-canary")), "{w:?}");
+        // Verified, or loopback only: nothing to say.
+        let w = tls_warnings(&map(
+            "mongodb://u:pw@db.internal/p?tls=true&tlsCAFile=/ca.pem",
+            "sqlserver://u:pw@ms.internal/orders?ca_file=/ca.pem",
+            "sqlserver://u:pw@127.0.0.1/orders?encrypt=not_supported",
+        ));
+        assert!(w.is_empty(), "{w:?}");
+        let w = tls_warnings(&map(
+            "mongodb://localhost/p",
+            "sqlserver://u:pw@[::1]/o?encrypt=off",
+            "sqlserver://u:pw@localhost/o",
+        ));
+        assert!(w.is_empty(), "{w:?}");
+        // SRV resolves elsewhere: remote; a URI the driver refuses is reported.
+        let w = tls_warnings(&map(
+            "mongodb+srv://u:pw@cluster0.example.net/p?tls=false",
+            "sqlserver://u:pw@localhost/o",
+            "sqlserver://u:pw@localhost/o",
+        ));
+        assert!(w.len() == 1 && w[0].contains("srv:cluster0.example.net/p): MongoDB without TLS"), "{w:?}");
+        let w = tls_warnings(&map(
+            "mongodb://u:pw-canary@db.internal/p?tlsAllowInvalidHostnames=true",
+            "sqlserver://u:pw@localhost/o",
+            "sqlserver://u:pw@localhost/o",
+        ));
+        assert!(w.len() == 1 && w[0].contains("tlsAllowInvalidHostnames is not supported"), "{w:?}");
     }
 
     #[test]
@@ -835,5 +1114,38 @@ mod tests {
             cli.command,
             Command::Migrate { token_file: Some(_), action: MigrateAction::Status { id: None }, .. }
         ));
+    }
+
+    #[test]
+    fn wait_timeouts_parse_with_units() {
+        assert_eq!(parse_timeout("30s"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_timeout("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_timeout("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_timeout("7"), Ok(Duration::from_secs(7)));
+        for bad in ["", "0s", "5h", "s", "-1s", "1.5s"] {
+            assert!(parse_timeout(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn map_push_takes_admin_or_etcd_and_wait_only_with_etcd() {
+        let parse = |args: &[&str]| Cli::try_parse_from([&["cellgate", "map", "push", "m.toml"], args].concat());
+        assert!(parse(&["--admin", "http://a:1"]).is_ok());
+        assert!(parse(&[]).is_err(), "needs --admin or --etcd");
+        assert!(parse(&["--admin", "http://a:1", "--etcd", "http://e:1", "--prefix", "/p"]).is_err());
+        assert!(parse(&["--etcd", "http://e:1"]).is_err(), "--etcd needs --prefix");
+        assert!(parse(&["--admin", "http://a:1", "--wait"]).is_err(), "--wait is fleet mode only");
+        let Command::Map(MapCommand::Push { etcd, prefix, wait, .. }) =
+            parse(&["--etcd", "http://e:1,http://e:2", "--prefix", "/p", "--wait"]).expect("valid").command
+        else {
+            panic!("not a push")
+        };
+        assert_eq!((etcd.len(), prefix.as_deref(), wait.as_deref()), (2, Some("/p"), Some("30s")));
+        let Command::Map(MapCommand::Push { wait, .. }) =
+            parse(&["--etcd", "http://e:1", "--prefix", "/p", "--wait=5s"]).expect("valid").command
+        else {
+            panic!("not a push")
+        };
+        assert_eq!(wait.as_deref(), Some("5s"));
     }
 }

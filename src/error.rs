@@ -4,7 +4,8 @@
 
 use crate::backend::BackendError;
 
-#[derive(Debug)]
+/// `Clone`: one single-flight fill's failure is every waiting caller's answer (`cache::flight`).
+#[derive(Debug, Clone)]
 pub enum ApiError {
     InvalidJson(String),
     InvalidRegion(String),
@@ -13,6 +14,9 @@ pub enum ApiError {
     InvalidParams(String),
     Unauthorized,
     Forbidden(&'static str),
+    /// A client certificate whose identities (SAN URIs, DNS names, CN; public names, never
+    /// secrets) match no `[[clients]]` entry.
+    UnknownClient(Vec<String>),
     UnknownDatabase(String),
     NoShardForRegion(String),
     BodyTooLarge(usize),
@@ -54,6 +58,8 @@ pub enum ApiError {
     ResultTooLarge(String),
     /// A write reached a shard but may or may not count (a migration fence came meanwhile).
     OutcomeUnknown(String),
+    /// `Cache-Control: only-if-cached` and nothing usable is cached (RFC 9111: 504).
+    NotCached,
 }
 
 impl ApiError {

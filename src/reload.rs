@@ -1,6 +1,7 @@
-//! The only writer of the published snapshot. File watch, SIGHUP, `PUT /admin/map` and
-//! `POST /admin/map/reload` all send a [`Request`] on one channel; one task compiles, checks,
-//! reuses unchanged pools, and publishes — or publishes nothing and keeps the old map.
+//! The only writer of the published snapshot. File watch, SIGHUP, `PUT /admin/map`,
+//! `POST /admin/map/reload` and the etcd watch (fleet mode) all send a [`Request`] on one
+//! channel; one task compiles, checks, reuses unchanged pools, and publishes — or publishes
+//! nothing and keeps the old map.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -22,6 +23,9 @@ pub enum Source {
     File { trigger: &'static str },
     /// A map pushed over the admin API. `json`: the body is JSON (converted to TOML first).
     Push { body: String, json: bool, if_match: Option<u64> },
+    /// The map key in etcd as read or watched (fleet mode, `crate::etcd`): its text and the
+    /// revision that wrote it. Never persisted here: etcd is where it lives.
+    Etcd { text: String, revision: i64 },
 }
 
 pub struct Request {
@@ -147,16 +151,20 @@ pub fn write_atomic(path: &Path, text: &str) -> std::io::Result<()> {
 }
 
 async fn apply(state: &impl Host, source: Source) -> Outcome {
-    let path = state.config().map.path.clone();
+    use crate::config::MapSource;
     let current = state.snapshot().load_full();
-    let (trigger, text, if_match, persist) = match source {
-        Source::File { trigger } => match tokio::fs::read_to_string(&path).await {
-            Ok(t) => (trigger.to_string(), t, None, false),
+    // What the candidate is, where a published map is persisted (file mode pushes) and the
+    // snapshot's source label. A source that does not match the configured mode is refused:
+    // in etcd mode etcd is the only truth (a local push or file would be overwritten by the
+    // next watch event, and the fleet would disagree).
+    let (trigger, text, if_match, persist, label) = match (source, &state.config().map) {
+        (Source::File { trigger }, MapSource::File { path, .. }) => match tokio::fs::read_to_string(path).await {
+            Ok(t) => (trigger.to_string(), t, None, None, path.display().to_string()),
             Err(e) => {
                 return outcome(state, ReloadResult::Rejected, 0, vec![format!("{}: {e}", path.display())], trigger);
             }
         },
-        Source::Push { body, json, if_match } => {
+        (Source::Push { body, json, if_match }, MapSource::File { path, .. }) => {
             let text = if json {
                 match json_to_toml(&body) {
                     Ok(t) => t,
@@ -165,7 +173,29 @@ async fn apply(state: &impl Host, source: Source) -> Outcome {
             } else {
                 body
             };
-            ("push".to_string(), text, if_match, true)
+            ("push".to_string(), text, if_match, Some(path.clone()), path.display().to_string())
+        }
+        (Source::Etcd { text, revision }, MapSource::Etcd(e)) => {
+            let label = format!("etcd {}/map@{revision}", e.prefix);
+            (format!("etcd@{revision}"), text, None, None, label)
+        }
+        (Source::File { trigger }, MapSource::Etcd(e)) => {
+            let msg = format!(
+                "the map comes from etcd ({}/map): there is no map file to reload; it follows etcd by itself",
+                e.prefix
+            );
+            return outcome(state, ReloadResult::Rejected, 0, vec![msg], trigger);
+        }
+        (Source::Push { .. }, MapSource::Etcd(e)) => {
+            let msg = format!(
+                "the map comes from etcd ({}/map): push with `cellgate map push FILE --etcd ... --prefix {}`",
+                e.prefix, e.prefix
+            );
+            return outcome(state, ReloadResult::Rejected, 0, vec![msg], "push");
+        }
+        (Source::Etcd { revision, .. }, MapSource::File { .. }) => {
+            let msg = "a map from etcd, but this instance reads its map from a file".to_string();
+            return outcome(state, ReloadResult::Rejected, 0, vec![msg], &format!("etcd@{revision}"));
         }
     };
     // 1. Optimistic concurrency: If-Match names the version the pusher based its change on.
@@ -203,7 +233,9 @@ async fn apply(state: &impl Host, source: Source) -> Outcome {
         return outcome(state, ReloadResult::Rejected, version, errors, &trigger);
     }
     // 6. Persist a pushed map before publishing it: a restart must not go back in time.
-    if persist && let Err(e) = write_atomic(&path, &text) {
+    if let Some(path) = &persist
+        && let Err(e) = write_atomic(path, &text)
+    {
         return outcome(
             state,
             ReloadResult::Rejected,
@@ -213,7 +245,7 @@ async fn apply(state: &impl Host, source: Source) -> Outcome {
         );
     }
     // 7. Publish. Requests that pinned the old snapshot finish on it; new ones see this one.
-    state.snapshot().store(Arc::new(Snapshot::new(map, backends, text, path.display().to_string())));
+    state.snapshot().store(Arc::new(Snapshot::new(map, backends, text, label)));
     metrics::gauge!(crate::telemetry::names::MAP_VERSION).set(version as f64);
     outcome(state, ReloadResult::Published, version, vec![], &trigger)
 }

@@ -43,9 +43,13 @@ impl Running {
         for t in self.tasks {
             let _ = t.await;
         }
-        // 3. Then the reload loop and signal listeners.
+        // 3. Then the reload loop and signal listeners (and the etcd loop).
         for t in self.background {
             t.abort();
+        }
+        // 4. Fleet mode: leave the fleet (the registration goes at once, not at its TTL).
+        if let Some(link) = &self.state.etcd {
+            link.leave().await;
         }
     }
 }
@@ -58,12 +62,19 @@ pub enum StartError {
     Map { path: String, errors: String },
     #[error("backends: {0}")]
     Backends(String),
-    #[error("refusing to listen on non-loopback {0} without tokens (configure [[tokens]] or pass --insecure-no-auth)")]
+    #[error(
+        "refusing to listen on non-loopback {0} without tokens (configure [[tokens]] or [[clients]], or pass --insecure-no-auth)"
+    )]
     NoAuth(SocketAddr),
     #[error("listen.{listener}_tls: {source}")]
     Tls { listener: &'static str, source: crate::listen_tls::TlsError },
+    #[error(transparent)]
+    Cache(#[from] crate::cache::CacheError),
     #[error("bind {addr}: {source}")]
     Bind { addr: SocketAddr, source: std::io::Error },
+    /// Fleet mode: the first map could not be read from etcd (an instance never starts without one).
+    #[error("map from etcd: {0}")]
+    Etcd(#[from] crate::etcd::EtcdError),
 }
 
 /// Read and compile a map file into a snapshot (pools are created lazily; health starts now).
@@ -76,16 +87,27 @@ pub fn load_snapshot(path: &Path, cfg: &Config) -> Result<Snapshot, StartError> 
     Ok(Snapshot::new(map, backends, text, path.display().to_string()))
 }
 
+/// Compile a map text from etcd into a snapshot, as [`load_snapshot`] does for a file.
+fn etcd_snapshot(text: String, revision: i64, prefix: &str, cfg: &Config) -> Result<Snapshot, StartError> {
+    let label = format!("etcd {prefix}/map@{revision}");
+    let map =
+        shardmap::compile_str(&text).map_err(|e| StartError::Map { path: label.clone(), errors: e.to_string() })?;
+    let backends = Backends::build(&map, cfg).map_err(|e| StartError::Backends(e.join("; ")))?;
+    Ok(Snapshot::new(map, backends, text, label))
+}
+
 /// Start serving. Must run inside a tokio runtime.
 pub async fn start(cfg: Config, insecure_no_auth: bool) -> Result<Running, StartError> {
     crate::telemetry::init_metrics();
     crate::backend::install_crypto_provider();
     for addr in [cfg.listen.data, cfg.listen.admin] {
-        if cfg.tokens.is_empty() && !addr.ip().is_loopback() && !insecure_no_auth {
+        // Clients count: with them auth is on everywhere (a listener without client_ca then
+        // admits bearer tokens only, and with no tokens nothing).
+        if cfg.tokens.is_empty() && cfg.clients.is_empty() && !addr.ip().is_loopback() && !insecure_no_auth {
             return Err(StartError::NoAuth(addr));
         }
     }
-    // A listener's certificate and key are checked before anything binds or connects.
+    // A listener's certificate, key and client CA are checked before anything binds or connects.
     let listen_tls = crate::listen_tls::Listeners {
         data: cfg
             .listen
@@ -102,7 +124,13 @@ pub async fn start(cfg: Config, insecure_no_auth: bool) -> Result<Running, Start
             .transpose()
             .map_err(|source| StartError::Tls { listener: "admin", source })?,
     };
-    let snapshot = load_snapshot(&cfg.map.path, &cfg)?;
+    let snapshot = match &cfg.map {
+        crate::config::MapSource::File { path, .. } => load_snapshot(path, &cfg)?,
+        crate::config::MapSource::Etcd(src) => {
+            let (text, revision) = crate::etcd::fetch_map(src).await?;
+            etcd_snapshot(text, revision, &src.prefix, &cfg)?
+        }
+    };
     metrics::gauge!(crate::telemetry::names::MAP_VERSION).set(snapshot.map.version().0 as f64);
     let data =
         http::bind(cfg.listen.data).await.map_err(|source| StartError::Bind { addr: cfg.listen.data, source })?;
@@ -112,7 +140,10 @@ pub async fn start(cfg: Config, insecure_no_auth: bool) -> Result<Running, Start
     let admin_addr = admin.local_addr().expect("bound");
     let grace = Duration::from_millis(cfg.shutdown.grace_ms);
     let (reload_tx, reload_rx) = tokio::sync::mpsc::channel(16);
+    let cache = crate::cache::Cache::start(&cfg.cache)?;
+    let etcd = cfg.map.etcd().map(|src| Arc::new(crate::etcd::Link::new(src.clone(), admin_addr.port())));
     let state = Arc::new(AppState {
+        cache,
         reload_tx,
         reload_status: Default::default(),
         freeze: tokio::sync::watch::Sender::new(None),
@@ -121,10 +152,11 @@ pub async fn start(cfg: Config, insecure_no_auth: bool) -> Result<Running, Start
         sql_classes: Default::default(),
         listen_tls,
         snapshot: ArcSwap::from_pointee(snapshot),
-        auth: crate::auth::Auth::new(&cfg.tokens),
+        credentials: Arc::new(crate::credentials::Credentials::new(&cfg)),
         config: cfg,
         in_flight: AtomicUsize::new(0),
         accepting: AtomicBool::new(true),
+        etcd,
     });
     let (stop, rx) = watch::channel(false);
     let reload_rx = reload_rx;
@@ -144,8 +176,17 @@ pub async fn start(cfg: Config, insecure_no_auth: bool) -> Result<Running, Start
                     states.extend(now.ok());
                     systemd_notify(&states);
                 }
-                let source = crate::reload::Source::File { trigger: "sighup" };
-                let outcome = crate::reload::request(&tx, source).await;
+                // Credentials first (tokens, clients, peer token): a refused config keeps the
+                // old ones and is reported in the log and /admin/credentials.
+                let creds = state.credentials.clone();
+                let _ = tokio::task::spawn_blocking(move || creds.reload("sighup")).await;
+                // In etcd mode there is no map file: the watch keeps the map current.
+                let outcome = match state.config.map {
+                    crate::config::MapSource::File { .. } => {
+                        crate::reload::request(&tx, crate::reload::Source::File { trigger: "sighup" }).await
+                    }
+                    crate::config::MapSource::Etcd(_) => None,
+                };
                 if bracket {
                     let result = outcome.map_or("not run", |o| o.result.as_str());
                     let version = state.pin().map.version().0;
@@ -155,29 +196,58 @@ pub async fn start(cfg: Config, insecure_no_auth: bool) -> Result<Running, Start
             }
         }));
     }
+    // Fleet mode: a migration's freeze in etcd is held before the listeners serve, so an
+    // instance that joins during a cutover holds the moving cells from its first request.
+    if let Some(src) = state.config.map.etcd() {
+        let specs = crate::etcd::fetch_freezes(src).await?;
+        crate::migrate::apply_fleet_freezes(state.as_ref(), &specs);
+    }
     // Migrations an earlier process left unfinished (crash): their persisted state is loaded so
     // that status tells the truth and they can be resumed or aborted.
     crate::migrate::recover(&(state.clone() as Arc<dyn crate::migrate::Host>)).await;
-    let watcher = if !state.config.map.watch {
-        None
-    } else {
-        match crate::reload::watch(&state.config.map.path, state.reload_tx.clone()) {
-            Ok((w, debounce)) => {
-                background.push(debounce);
-                Some(w)
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot watch the map file; reload with SIGHUP or the admin API");
-                None
+    // Fleet mode: the etcd loop watches the map key and keeps this instance registered.
+    if let Some(link) = state.etcd.clone() {
+        let me = crate::etcd::Instance {
+            data: data_addr,
+            admin: admin_addr,
+            healthy: Box::new({
+                let state = Arc::downgrade(&state);
+                move || state.upgrade().is_some_and(|s| http::admin::ready(&s))
+            }),
+            apply_freezes: Box::new({
+                let state = Arc::downgrade(&state);
+                move |specs| {
+                    state.upgrade().map_or_else(Vec::new, |s| crate::migrate::apply_fleet_freezes(s.as_ref(), specs))
+                }
+            }),
+        };
+        let (tx, host) = (state.reload_tx.clone(), state.clone());
+        background.push(crate::tasks::spawn("etcd", crate::etcd::run(link, host, tx, me)));
+    }
+    let watcher = match &state.config.map {
+        crate::config::MapSource::File { watch: false, .. } | crate::config::MapSource::Etcd(_) => None,
+        crate::config::MapSource::File { path, watch: true } => {
+            match crate::reload::watch(path, state.reload_tx.clone()) {
+                Ok((w, debounce)) => {
+                    background.push(debounce);
+                    Some(w)
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot watch the map file; reload with SIGHUP or the admin API");
+                    None
+                }
             }
         }
     };
+    if state.config.source.is_some() {
+        background
+            .push(crate::tasks::spawn("credentials_reload", crate::credentials::poll_loop(state.credentials.clone())));
+    }
     let (data_tls, admin_tls) = (state.listen_tls.data.clone(), state.listen_tls.admin.clone());
     if data_tls.is_some() || admin_tls.is_some() {
         background
             .push(crate::tasks::spawn("tls_reload", crate::listen_tls::poll_loop(data_tls.clone(), admin_tls.clone())));
     }
-    let (data_tls, admin_tls) = (data_tls.map(|t| t.acceptor()), admin_tls.map(|t| t.acceptor()));
     let tasks = vec![
         crate::tasks::spawn(
             "listener_data",

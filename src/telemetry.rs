@@ -23,6 +23,26 @@ pub mod names {
     pub const MIGRATION_ACTIVE: &str = "cellgate_migration_active";
     pub const MIGRATION_HOLD: &str = "cellgate_migration_hold_seconds";
     pub const TASKS: &str = "cellgate_tasks";
+    // Fleet mode on etcd (docs/fleet.md): 1 while the link is up; the Unix time it was lost
+    // (0 while up).
+    pub const ETCD_CONNECTED: &str = "cellgate_etcd_connected";
+    pub const ETCD_LOST_SINCE: &str = "cellgate_etcd_lost_since_seconds";
+    // The read cache (docs/cache.md). Labels: level (l1, l2, stale), db, cause, mode,
+    // source (local, remote), op, reason.
+    pub const CACHE_HITS: &str = "cellgate_cache_hits_total";
+    pub const CACHE_MISSES: &str = "cellgate_cache_misses_total";
+    pub const CACHE_FILLS: &str = "cellgate_cache_fills_total";
+    pub const CACHE_NOT_STORED: &str = "cellgate_cache_not_stored_total";
+    pub const CACHE_EVICTIONS: &str = "cellgate_cache_evictions_total";
+    pub const CACHE_BYTES: &str = "cellgate_cache_bytes";
+    pub const CACHE_STORED_BYTES: &str = "cellgate_cache_stored_bytes_total";
+    pub const CACHE_INVALIDATIONS: &str = "cellgate_cache_invalidations_total";
+    pub const CACHE_INVALIDATION_DELAY: &str = "cellgate_cache_invalidation_delay_seconds";
+    pub const CACHE_MERGES: &str = "cellgate_cache_single_flight_merges_total";
+    pub const CACHE_BYPASS: &str = "cellgate_cache_bypass_total";
+    pub const CACHE_REDIS_ERRORS: &str = "cellgate_cache_redis_errors_total";
+    pub const CACHE_LIVE: &str = "cellgate_cache_live";
+    pub const CACHE_OWED: &str = "cellgate_cache_owed_bumps";
 }
 
 /// Install the metrics recorder (idempotent: tests start several servers in one process).
@@ -32,6 +52,11 @@ pub fn init_metrics() {
             .set_buckets_for_metric(
                 Matcher::Full(names::REQUEST_DURATION.into()),
                 &[0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0],
+            )
+            .expect("buckets are non-empty")
+            .set_buckets_for_metric(
+                Matcher::Full(names::CACHE_INVALIDATION_DELAY.into()),
+                &[0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0],
             )
             .expect("buckets are non-empty");
         let recorder = builder.build_recorder();

@@ -83,7 +83,7 @@ async fn configmap_symlink_swaps_are_reloaded() {
 
     // config_text serves `<dir>/map.toml` with the file watch on (the default).
     let cfg = Config::parse(&config_text(&dir)).unwrap();
-    assert!(cfg.map.watch);
+    assert!(matches!(cfg.map, cellgate::config::MapSource::File { watch: true, .. }));
     let server = cellgate::server::start(cfg, false).await.unwrap();
     let admin = format!("http://{}", server.admin_addr);
     let http = reqwest::Client::new();

@@ -13,12 +13,12 @@ SRC = pathlib.Path(__file__).resolve().parent.parent / "src"
 
 # Floors, lowest first. A module may import its own floor's peers (without cycles) and lower floors.
 FLOORS = [
-    ["ids", "kmerge", "geo", "telemetry", "config", "auth", "tasks", "synth", "sqlclass"],
+    ["ids", "kmerge", "geo", "telemetry", "config", "auth", "tasks", "synth", "sqlclass", "secrets"],
     ["shardmap"],
     ["routing", "locate", "shardmap::diff"],
     ["backend"],
-    ["error", "state"],
-    ["reload", "fleet", "migrate", "listen_tls"],
+    ["error", "state", "cache"],
+    ["reload", "fleet", "etcd", "migrate", "listen_tls", "credentials"],
     ["app"],
     ["dataplane"],
     ["http", "demo"],

@@ -229,7 +229,7 @@ impl Build<'_> {
                 Some(DatabaseBackend::Postgres(db))
             }
             DatabaseSpec::Sqlserver { primary, replicas } => {
-                let make = |conn: &Secret, role| MssqlEndpoint::new(conn, role, &cfg.pool, timeout);
+                let make = |conn: &Secret, role| MssqlEndpoint::new(conn, role, &cfg.pool, timeout, cfg.tls.backends);
                 let set = replica_set(primary, replicas, &ctx, &self.reuse.mssql, &mut self.fresh, make, Fresh::Mssql);
                 let db = Arc::new(set.map_err(|e| self.errors.extend(e)).ok()?);
                 self.tasks
@@ -243,7 +243,7 @@ impl Build<'_> {
                     return Some(DatabaseBackend::Mongo(m.clone()));
                 }
                 let m = Arc::new(
-                    MongoDatabase::new(uri, name, &cfg.pool, &cfg.health)
+                    MongoDatabase::new(uri, name, &cfg.pool, &cfg.health, cfg.tls.backends)
                         .map_err(|e| self.errors.push(format!("{ctx}: {e}")))
                         .ok()?,
                 );
@@ -310,10 +310,9 @@ impl Backends {
             let (label, r) = match ep {
                 Fresh::Pg(ep) => (&ep.label, tokio::time::timeout(timeout, ep.check()).await),
                 Fresh::Mssql(ep) => (&ep.label, tokio::time::timeout(timeout, ep.check()).await),
-                // ping carries its own deadline.
-                Fresh::Mongo(db) => {
-                    (&db.label, Ok(db.ping(tokio::time::Instant::now() + timeout).await.map_err(|e| e.to_string())))
-                }
+                // The check has its own deadline, past the driver's server selection, so a member
+                // it cannot use is reported with the driver's reason (TLS, certificate, refused).
+                Fresh::Mongo(db) => (&db.label, Ok(db.check().await)),
             };
             match r {
                 Ok(Ok(())) => Ok(()),

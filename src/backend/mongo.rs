@@ -1,6 +1,7 @@
 //! MongoDB backend: one driver `Client` per shard database (the driver discovers the replica set
-//! and pools connections), operations under the request deadline, errors classified once into
-//! `BackendError`. Knows nothing of HTTP or routing; never formats the connection string.
+//! and pools connections), the URI's TLS level against `[tls] backends`, operations under the
+//! request deadline, errors classified once into `BackendError`. Knows nothing of HTTP or
+//! routing; never formats the connection string.
 
 pub mod ejson;
 pub mod fence;
@@ -14,7 +15,7 @@ use bson::{Bson, Document, Timestamp, doc};
 use mongodb::error::{Error as DriverError, ErrorKind, WriteFailure};
 use mongodb::options::{
     ClientOptions, ConnectionString, FindOptions, HostInfo, ReadPreference, ReadPreferenceOptions, SelectionCriteria,
-    ServerMonitoringMode, UpdateModifications,
+    ServerAddress, ServerMonitoringMode, Tls, UpdateModifications,
 };
 use mongodb::{Client, ClientSession};
 use sha2::{Digest, Sha256};
@@ -82,6 +83,155 @@ pub fn op_time_from_u64(v: u64) -> Timestamp {
     Timestamp { time: (v >> 32) as u32, increment: v as u32 }
 }
 
+/// Why a MongoDB URI was refused when the map was built. Never carries the URI or a password.
+#[derive(Debug, thiserror::Error)]
+pub enum UriError {
+    /// The driver's own message, with the URI and password removed.
+    #[error("invalid MongoDB connection string: {0}")]
+    Invalid(String),
+    /// The driver is built with rustls (aws-lc), whose certificate check cannot skip only the
+    /// host name: the driver rejects the option, so say what to use instead.
+    #[error(
+        "tlsAllowInvalidHostnames is not supported by cellgate's MongoDB driver (rustls): use tlsCAFile with a \
+         server certificate that names the host (verify-full), or tlsAllowInvalidCertificates=true (require: \
+         no certificate or host name check)"
+    )]
+    InvalidHostnames,
+    /// A `tlsCAFile` / `tlsCertificateKeyFile` that cannot be used: its path and what is wrong,
+    /// never its content.
+    #[error("{what} {path}: {reason}")]
+    File { what: &'static str, path: String, reason: String },
+    #[error("MongoDB {} counts as sslmode={}, weaker than the minimum [tls] backends = \"{}\"", .tls.describe(), .tls.level().as_str(), .min.as_str())]
+    BelowMinimum { tls: UriTls, min: config::SslMode },
+}
+
+/// What a URI's TLS options make the driver do (rustls on aws-lc; the driver reads `tlsCAFile`
+/// and `tlsCertificateKeyFile` itself when it builds its client).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UriTls {
+    /// `tls`/`ssl` false or absent on `mongodb://`: plaintext.
+    Off,
+    /// TLS with any certificate accepted (`tlsInsecure` or `tlsAllowInvalidCertificates`): the
+    /// chain and the host name go unchecked.
+    Unverified,
+    /// TLS (`tls=true`, any `tlsCAFile`/`tlsCertificateKeyFile`, or `mongodb+srv://`): the chain
+    /// must lead to `tlsCAFile` (else the driver's bundled Mozilla roots) and name the host.
+    Verified,
+}
+
+impl UriTls {
+    pub fn of(conn: &ConnectionString) -> UriTls {
+        match &conn.tls {
+            Some(Tls::Enabled(o)) if o.allow_invalid_certificates == Some(true) => UriTls::Unverified,
+            Some(Tls::Enabled(_)) => UriTls::Verified,
+            Some(Tls::Disabled) | None => UriTls::Off,
+        }
+    }
+
+    /// The libpq `sslmode` it is as strong as, which `[tls] backends` compares. There is no
+    /// `prefer` (the driver never falls back to plaintext) and no `verify-ca` (see
+    /// [`UriError::InvalidHostnames`]).
+    pub fn level(self) -> config::SslMode {
+        match self {
+            UriTls::Off => config::SslMode::Disable,
+            UriTls::Unverified => config::SslMode::Require,
+            UriTls::Verified => config::SslMode::VerifyFull,
+        }
+    }
+
+    pub fn describe(self) -> &'static str {
+        match self {
+            UriTls::Off => "without TLS (no tls=true)",
+            UriTls::Unverified => "TLS without certificate checks (tlsInsecure or tlsAllowInvalidCertificates)",
+            UriTls::Verified => "verified TLS",
+        }
+    }
+}
+
+/// Parse a URI as the driver will (no I/O: `mongodb+srv` is resolved when the client is built).
+pub fn parse_uri(uri: &Secret) -> Result<ConnectionString, UriError> {
+    ConnectionString::parse(uri.expose()).map_err(|e| {
+        if asks_invalid_hostnames(uri.expose()) {
+            UriError::InvalidHostnames
+        } else {
+            UriError::Invalid(scrub(&e.to_string(), uri, None))
+        }
+    })
+}
+
+/// Read the TLS files a URI names now, as the driver will when it connects, so a missing or
+/// unusable file refuses the map (startup, reload) with its name instead of failing every
+/// connection later with a bare I/O error.
+fn check_tls_files(conn: &ConnectionString) -> Result<(), UriError> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let Some(Tls::Enabled(o)) = &conn.tls else { return Ok(()) };
+    let err = |what, path: &std::path::Path, reason: String| UriError::File {
+        what,
+        path: path.display().to_string(),
+        reason,
+    };
+    let certs = |what, path: &std::path::Path| {
+        let n = CertificateDer::pem_file_iter(path)
+            .map_err(|e| err(what, path, e.to_string()))?
+            .filter(Result::is_ok)
+            .count();
+        if n == 0 { Err(err(what, path, "no PEM certificate in the file".into())) } else { Ok(()) }
+    };
+    if let Some(path) = &o.ca_file_path {
+        certs("tlsCAFile", path)?;
+    }
+    if let Some(path) = &o.cert_key_file_path {
+        // The driver wants the certificate and its key in this one file.
+        certs("tlsCertificateKeyFile", path)?;
+        PrivateKeyDer::from_pem_file(path)
+            .map_err(|e| err("tlsCertificateKeyFile", path, format!("private key: {e}")))?;
+    }
+    Ok(())
+}
+
+/// Does a driver message say the server dropped the connection (reset, closed, end of file)?
+/// What a TLS-only server does to a plaintext client, so worth a hint when the URI has no TLS.
+fn dropped_connection(msg: &str) -> bool {
+    let m = msg.to_ascii_lowercase();
+    ["reset by peer", "end of file", "connection closed", "broken pipe"].iter().any(|w| m.contains(w))
+}
+
+/// Does the query string set `tlsAllowInvalidHostnames` (keys are case-insensitive)? Only picks
+/// the message for a URI the driver refused.
+fn asks_invalid_hostnames(uri: &str) -> bool {
+    uri.rsplit_once('?').is_some_and(|(_, q)| {
+        q.split('&').any(|p| p.split('=').next().is_some_and(|k| k.eq_ignore_ascii_case("tlsAllowInvalidHostnames")))
+    })
+}
+
+/// The hosts a URI points at: TCP host names or addresses, or the SRV name (Unix sockets are
+/// local and left out). For `cellgate map check`'s loopback test.
+pub fn hosts(conn: &ConnectionString) -> Vec<String> {
+    match &conn.host_info {
+        HostInfo::HostIdentifiers(h) => h
+            .iter()
+            .filter_map(|a| match a {
+                ServerAddress::Tcp { host, .. } => Some(host.clone()),
+                _ => None,
+            })
+            .collect(),
+        HostInfo::DnsRecord(name) => vec![name.clone()],
+        _ => Vec::new(),
+    }
+}
+
+/// Hosts and database, never credentials (`h1:27017,h2:27017/profiles`); `logical` when the
+/// URI names no database.
+pub fn label_of(conn: &ConnectionString, logical: &str) -> String {
+    let hosts = match &conn.host_info {
+        HostInfo::HostIdentifiers(h) => h.iter().map(|a| a.to_string()).collect::<Vec<_>>().join(","),
+        HostInfo::DnsRecord(name) => format!("srv:{name}"),
+        _ => "unknown".into(),
+    };
+    format!("{hosts}/{}", conn.default_database.as_deref().unwrap_or(logical))
+}
+
 /// Driver settings derived from the process config.
 #[derive(Debug, Clone)]
 struct Settings {
@@ -105,6 +255,7 @@ pub struct MongoDatabase {
     /// password: never formatted.
     conn: ConnectionString,
     password: Option<String>,
+    tls: UriTls,
     settings: Settings,
     /// Built on first use or by the warm-up task, whichever comes first; a failed build (DNS)
     /// is retried by the next caller.
@@ -138,22 +289,23 @@ impl MongoDatabase {
     }
 
     /// Validate the URI and prepare the database; no I/O (the client is built lazily).
-    /// `logical` is the map's database name, used when the URI names no database.
+    /// `logical` is the map's database name, used when the URI names no database; `min_tls` the
+    /// weakest TLS allowed (`[tls] backends`, see [`UriTls::level`]).
     pub fn new(
         uri: &Secret,
         logical: &str,
         pool: &config::Pool,
         health: &config::Health,
-    ) -> Result<MongoDatabase, String> {
-        let conn = ConnectionString::parse(uri.expose())
-            .map_err(|e| format!("invalid MongoDB connection string: {}", scrub(&e.to_string(), uri, None)))?;
+        min_tls: config::SslMode,
+    ) -> Result<MongoDatabase, UriError> {
+        let conn = parse_uri(uri)?;
+        let tls = UriTls::of(&conn);
+        if tls.level() < min_tls {
+            return Err(UriError::BelowMinimum { tls, min: min_tls });
+        }
+        check_tls_files(&conn)?;
         let password = conn.credential.as_ref().and_then(|c| c.password.clone()).filter(|p| !p.is_empty());
         let db_name = conn.default_database.clone().unwrap_or_else(|| logical.to_string());
-        let hosts = match &conn.host_info {
-            HostInfo::HostIdentifiers(h) => h.iter().map(|a| a.to_string()).collect::<Vec<_>>().join(","),
-            HostInfo::DnsRecord(name) => format!("srv:{name}"),
-            _ => "unknown".into(),
-        };
         let settings = Settings {
             max_pool: pool.max_size,
             min_pool: pool.min_idle.min(pool.max_size),
@@ -163,11 +315,12 @@ impl MongoDatabase {
             max_staleness: Duration::from_millis(health.max_lag_ms).max(MIN_MAX_STALENESS),
         };
         Ok(MongoDatabase {
-            label: Arc::from(format!("{hosts}/{db_name}")),
+            label: Arc::from(label_of(&conn, logical)),
             key: Self::key_of(uri, logical),
             db_name,
             conn,
             password,
+            tls,
             settings,
             client: tokio::sync::OnceCell::new(),
             warmed: AtomicBool::new(false),
@@ -241,11 +394,21 @@ impl MongoDatabase {
     /// Build the client and ping the primary, bounded by connect + server-selection timeouts.
     /// Never fails: a down shard is recorded and left to the requests (and readiness proceeds).
     pub async fn warm(&self) {
-        let budget = self.settings.connect_timeout + self.settings.selection_timeout;
-        if let Err(e) = self.ping(Instant::now() + budget).await {
+        if let Err(e) = self.check().await {
             tracing::warn!(endpoint = %self.label, error = %e, "MongoDB warm-up failed; requests will retry");
         }
         self.warmed.store(true, Ordering::Relaxed);
+    }
+
+    /// Build the client and ping the primary within connect + server-selection timeouts (warm-up
+    /// and the reload pre-check). The driver gives up on server selection first and says why
+    /// (refused, TLS handshake, certificate); a shorter deadline would only say "timed out".
+    pub async fn check(&self) -> Result<(), String> {
+        let budget = self.settings.connect_timeout + self.settings.selection_timeout;
+        self.ping(Instant::now() + budget).await.map_err(|e| match e {
+            BackendError::Timeout => format!("no answer within {budget:?}"),
+            e => e.to_string(),
+        })
     }
 
     /// `ping` on the primary.
@@ -509,13 +672,25 @@ impl MongoDatabase {
             ErrorKind::SessionsNotSupported | ErrorKind::IncompatibleServer { .. } => {
                 BackendError::Unsupported(format!("{}: {e}", self.label))
             }
-            ErrorKind::ServerSelection { message, .. } => unavailable(format!("no usable member: {message}")),
+            ErrorKind::ServerSelection { message, .. } => {
+                let mut reason = format!("no usable member: {message}");
+                // No member could be reached at all: a plaintext URI against a TLS-only server
+                // looks like any dropped connection, so say what to check.
+                if self.tls == UriTls::Off && dropped_connection(message) {
+                    reason
+                        .push_str(" (the URI has no tls=true: a server that requires TLS drops plaintext connections)");
+                }
+                unavailable(reason)
+            }
             ErrorKind::Io(err) => unavailable(format!("I/O error: {err}")),
             ErrorKind::ConnectionPoolCleared { message, .. } => unavailable(message.clone()),
             ErrorKind::DnsResolve { message, .. } => unavailable(format!("DNS: {message}")),
             ErrorKind::Authentication { .. } => unavailable("authentication failed".into()),
             ErrorKind::Shutdown => unavailable("client shut down (map reloaded)".into()),
             ErrorKind::InvalidResponse { message, .. } => unavailable(format!("invalid reply: {message}")),
+            // tlsCAFile / tlsCertificateKeyFile unreadable or not PEM when the driver read them
+            // (checked at build, so: changed since); the message names the path, not the content.
+            ErrorKind::InvalidTlsConfig { message, .. } => unavailable(format!("TLS configuration: {message}")),
             _ => BackendError::Server { code: 0, message: scrub_pw(&e.to_string(), self.password.as_deref()) },
         }
     }
@@ -552,18 +727,97 @@ mod tests {
         let uri = Secret::new("mongodb://app:s3cr3t-pw@h1:27017,h2:27018/core?replicaSet=rs0".into());
         let pool = config::Pool::default();
         let mut health = config::Health { max_lag_ms: 5_000, ..Default::default() };
-        let db = MongoDatabase::new(&uri, "profiles", &pool, &health).unwrap();
+        let db = MongoDatabase::new(&uri, "profiles", &pool, &health, NO_MIN).unwrap();
         assert_eq!(&*db.label, "h1:27017,h2:27018/core");
         assert_eq!(db.database_name(), "core");
         assert_eq!(db.max_staleness(), MIN_MAX_STALENESS);
         health.max_lag_ms = 120_000;
-        let db = MongoDatabase::new(&uri, "profiles", &pool, &health).unwrap();
+        let db = MongoDatabase::new(&uri, "profiles", &pool, &health, NO_MIN).unwrap();
         assert_eq!(db.max_staleness(), Duration::from_secs(120));
         let no_db = Secret::new("mongodb://127.0.0.1:1/?directConnection=true".into());
-        assert_eq!(MongoDatabase::new(&no_db, "profiles", &pool, &health).unwrap().database_name(), "profiles");
+        assert_eq!(MongoDatabase::new(&no_db, "profiles", &pool, &health, NO_MIN).unwrap().database_name(), "profiles");
         let bad = Secret::new("mongodb://app:s3cr3t-pw@h1:notaport/x".into());
-        let err = MongoDatabase::new(&bad, "x", &pool, &health).err().unwrap();
+        let err = MongoDatabase::new(&bad, "x", &pool, &health, NO_MIN).err().unwrap().to_string();
         assert!(!err.contains("s3cr3t"), "{err}");
+    }
+
+    const NO_MIN: config::SslMode = config::SslMode::Disable;
+
+    /// The documented mapping (docs/configuration.md `[tls]`): URI options → level, and what the
+    /// driver build refuses.
+    #[test]
+    fn uri_tls_levels() {
+        use config::SslMode::*;
+        let level = |q: &str| {
+            let uri = Secret::new(format!("mongodb://app:s3cr3t-pw@db1.example:27017/core{q}"));
+            parse_uri(&uri).map(|c| UriTls::of(&c).level())
+        };
+        for (q, want) in [
+            ("", Disable),
+            ("?tls=false", Disable),
+            ("?ssl=false&replicaSet=rs0", Disable),
+            ("?tls=true&tlsInsecure=true", Require),
+            ("?tls=true&tlsAllowInvalidCertificates=true", Require),
+            ("?tlsAllowInvalidCertificates=true", Require),
+            ("?TLSINSECURE=true", Require),
+            ("?tls=true", VerifyFull),
+            ("?ssl=true", VerifyFull),
+            ("?tls=true&tlsCAFile=/etc/ca.pem", VerifyFull),
+            ("?tlsCAFile=/etc/ca.pem", VerifyFull),
+            ("?tls=true&tlsCAFile=/etc/ca.pem&tlsCertificateKeyFile=/etc/client.pem", VerifyFull),
+            ("?tls=true&tlsInsecure=false", VerifyFull),
+            ("?tls=true&tlsAllowInvalidCertificates=false", VerifyFull),
+        ] {
+            assert_eq!(level(q).unwrap(), want, "{q}");
+        }
+        // SRV: TLS on unless the URI turns it off.
+        let srv = |q: &str| parse_uri(&Secret::new(format!("mongodb+srv://app:pw@cluster0.example.net/core{q}")));
+        assert_eq!(UriTls::of(&srv("").unwrap()).level(), VerifyFull);
+        assert_eq!(UriTls::of(&srv("?tls=false").unwrap()).level(), Disable);
+        // Host name only: would be verify-ca, but rustls cannot skip only the name check.
+        for q in ["?tls=true&tlsAllowInvalidHostnames=true", "?tlsallowinvalidhostnames=false"] {
+            let e = level(q).unwrap_err();
+            assert!(matches!(e, UriError::InvalidHostnames), "{q}: {e}");
+            assert!(e.to_string().contains("tlsAllowInvalidHostnames is not supported"), "{e}");
+        }
+        // Contradictions the driver refuses: reported, password-free.
+        for q in ["?tls=false&tlsCAFile=/x", "?tlsInsecure=true&tlsAllowInvalidCertificates=true"] {
+            let e = level(q).unwrap_err().to_string();
+            assert!(e.starts_with("invalid MongoDB connection string"), "{q}: {e}");
+            assert!(!e.contains("s3cr3t"), "{e}");
+        }
+    }
+
+    #[test]
+    fn tls_minimum_refuses_weaker_uris() {
+        let (pool, health) = (config::Pool::default(), config::Health::default());
+        let new = |q: &str, min| {
+            let uri = Secret::new(format!("mongodb://app:s3cr3t-pw@db1.example:27017/core{q}"));
+            MongoDatabase::new(&uri, "profiles", &pool, &health, min).map(|_| ())
+        };
+        use config::SslMode::*;
+        assert!(new("?tls=true", VerifyFull).is_ok());
+        assert!(new("?tls=true&tlsInsecure=true", Require).is_ok());
+        assert!(new("", Disable).is_ok());
+        let e = new("?tls=true&tlsInsecure=true", VerifyFull).unwrap_err().to_string();
+        assert_eq!(
+            e,
+            "MongoDB TLS without certificate checks (tlsInsecure or tlsAllowInvalidCertificates) counts as \
+             sslmode=require, weaker than the minimum [tls] backends = \"verify-full\""
+        );
+        let e = new("", Prefer).unwrap_err().to_string();
+        assert!(e.contains("without TLS") && e.contains("sslmode=disable"), "{e}");
+        assert!(new("?tls=true&tlsAllowInvalidCertificates=true", VerifyCa).is_err());
+        assert!(!e.contains("s3cr3t"));
+    }
+
+    #[test]
+    fn hosts_for_the_loopback_check() {
+        let c = parse_uri(&Secret::new("mongodb://127.0.0.1:1,[::1]:2,db.example/?directConnection=false".into()));
+        assert_eq!(hosts(&c.unwrap()), ["127.0.0.1", "::1", "db.example"]);
+        let c = parse_uri(&Secret::new("mongodb+srv://cluster0.example.net/".into())).unwrap();
+        assert_eq!(hosts(&c), ["cluster0.example.net"]);
+        assert_eq!(label_of(&c, "profiles"), "srv:cluster0.example.net/profiles");
     }
 
     #[test]

@@ -1,6 +1,7 @@
-//! SQL Server backend (tiberius 0.13): connection strings (URL and ADO forms), a bb8 pool per
-//! endpoint with our own `ManageConnection`, `sp_executesql` with `@P1..@Pn` typed from the
-//! server's description, batches in one transaction, and the role prober.
+//! SQL Server backend (tiberius 0.13): connection strings (URL and ADO forms) and their TLS level
+//! against `[tls] backends`, a bb8 pool per endpoint with our own `ManageConnection`,
+//! `sp_executesql` with `@P1..@Pn` typed from the server's description, batches in one
+//! transaction, and the role prober.
 //! Knows nothing of HTTP or routing; never logs or returns a connection string.
 
 use std::borrow::Cow;
@@ -45,6 +46,8 @@ pub enum ConnError {
     Ado,
     #[error("trust_server_certificate and ca_file are mutually exclusive")]
     TrustConflict,
+    #[error("SQL Server {} counts as sslmode={}, weaker than the minimum [tls] backends = \"{}\"", .tls.describe(), .tls.level().as_str(), .min.as_str())]
+    BelowMinimum { tls: Tls, min: config::SslMode },
 }
 
 /// Trust anchors for the server certificate.
@@ -58,21 +61,69 @@ pub enum Trust {
     CaFile(String),
 }
 
-/// The TLS settings of a URL-form connection string (what was applied to the config).
+/// The TLS settings of a connection string (what tiberius was given; an ADO string is applied
+/// by tiberius and read back here with its rules).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Tls {
     pub encryption: EncryptionLevel,
     pub trust: Trust,
 }
 
+impl Tls {
+    /// The libpq `sslmode` it is as strong as, which `[tls] backends` compares. `Off` encrypts
+    /// the login only and `NotSupported` nothing: both leave the data in the clear. `On`,
+    /// `Required` and `Strict` fail rather than fall back to plaintext (tiberius refuses a server
+    /// that declines), so they are at least `require`; a checked certificate (system roots, or a
+    /// `ca_file` added to them; the name is the host or `hostname_in_certificate`) is `verify-full`.
+    pub fn level(&self) -> config::SslMode {
+        match (self.encryption, &self.trust) {
+            (EncryptionLevel::Off | EncryptionLevel::NotSupported, _) => config::SslMode::Disable,
+            (_, Trust::Any) => config::SslMode::Require,
+            (_, Trust::System | Trust::CaFile(_)) => config::SslMode::VerifyFull,
+        }
+    }
+
+    /// For errors and warnings: the settings in connection-string words, no values from the string.
+    pub fn describe(&self) -> String {
+        let enc = match self.encryption {
+            EncryptionLevel::Off => "encrypt=off (login only)",
+            EncryptionLevel::On => "encrypt=on",
+            EncryptionLevel::NotSupported => "encrypt=not_supported",
+            EncryptionLevel::Required => "encrypt=required",
+            EncryptionLevel::Strict => "encrypt=strict",
+        };
+        match (self.level(), &self.trust) {
+            (config::SslMode::Disable, _) => enc.to_string(),
+            (_, Trust::Any) => format!("{enc} with trust_server_certificate=true"),
+            (_, Trust::CaFile(_)) => format!("{enc} with ca_file"),
+            (_, Trust::System) => format!("{enc} with the system roots"),
+        }
+    }
+
+    /// Refuse a setting weaker than the process-wide minimum (`[tls] backends`).
+    pub fn check_minimum(&self, min: config::SslMode) -> Result<(), ConnError> {
+        if self.level() < min {
+            return Err(ConnError::BelowMinimum { tls: self.clone(), min });
+        }
+        Ok(())
+    }
+}
+
 /// A parsed endpoint: the tiberius config and the safe label `host:port/db`.
 pub struct Parsed {
     pub config: tiberius::Config,
     pub label: String,
-    /// URL form only (an ADO string is applied by tiberius directly).
-    pub tls: Option<Tls>,
+    pub tls: Tls,
     /// `application_intent` from the URL, if given (the role overrides it anyway).
     pub read_only: Option<bool>,
+}
+
+impl Parsed {
+    /// The host dialled (for `cellgate map check`'s loopback test).
+    pub fn host(&self) -> String {
+        let addr = self.config.get_addr();
+        addr.rsplit_once(':').map_or(addr.clone(), |(h, _)| h.to_string())
+    }
 }
 
 /// `sqlserver://user:pw@host:1433/db?encrypt=..` (or `mssql://`) or an ADO string
@@ -86,17 +137,116 @@ pub fn parse_conn(s: &str) -> Result<Parsed, ConnError> {
 fn parse_ado(s: &str) -> Result<Parsed, ConnError> {
     // tiberius' parse errors may quote the offending value: report a fixed text instead.
     let config = tiberius::Config::from_ado_string(s).map_err(|_| ConnError::Ado)?;
-    let mut db = String::new();
-    for part in s.split(';') {
-        if let Some((k, v)) = part.split_once('=') {
-            let k = k.trim().to_ascii_lowercase();
-            if k == "database" || k == "initial catalog" {
-                db = v.trim().trim_matches(|c| c == '\'' || c == '"').to_string();
+    // tiberius keeps what it parsed private: read the same pairs again for the label and TLS.
+    let pairs = ado_pairs(s).ok_or(ConnError::Ado)?;
+    let get = |keys: &[&str]| keys.iter().find_map(|k| pairs.get(*k));
+    let db = get(&["database", "initial catalog", "databasename"]).cloned().unwrap_or_default();
+    let flag = |v: &String| match v.trim().to_ascii_lowercase().as_str() {
+        "true" | "yes" => Some(true),
+        "false" | "no" => Some(false),
+        _ => None,
+    };
+    // tiberius' rules (its `from_ado_string` accepted the string, so every value parses):
+    // encrypt absent or true → Required, false → Off (login only), DANGER_PLAINTEXT → none.
+    let encryption = match get(&["encrypt"]) {
+        None => EncryptionLevel::Required,
+        Some(v) if v == "DANGER_PLAINTEXT" => EncryptionLevel::NotSupported,
+        Some(v) if v.eq_ignore_ascii_case("strict") => EncryptionLevel::Strict,
+        Some(v) if flag(v) == Some(false) => EncryptionLevel::Off,
+        Some(_) => EncryptionLevel::Required,
+    };
+    let trust = match (get(&["trustservercertificate"]).and_then(flag), get(&["trustservercertificateca"])) {
+        (_, Some(ca)) => Trust::CaFile(ca.clone()),
+        (Some(true), None) => Trust::Any,
+        _ => Trust::System,
+    };
+    let label = format!("{}/{db}", config.get_addr());
+    Ok(Parsed { config, label, tls: Tls { encryption, trust }, read_only: None })
+}
+
+/// An ADO.NET string's pairs as tiberius reads them (keys trimmed and lower-cased; values
+/// unquoted from `'…'`, `"…"` (doubled quote inside) or `{…}`, else trimmed; last key wins).
+/// `None` where tiberius would have refused the string.
+fn ado_pairs(s: &str) -> Option<HashMap<String, String>> {
+    let b = s.as_bytes();
+    let (n, mut i) = (b.len(), 0);
+    let mut pairs = HashMap::new();
+    while i < n {
+        while i < n && (b[i] == b';' || b[i].is_ascii_whitespace()) {
+            i += 1;
+        }
+        if i >= n {
+            break;
+        }
+        let mut key = String::new();
+        loop {
+            match b.get(i) {
+                None | Some(b';') => return None,
+                // `==` in a key is a literal `=`.
+                Some(b'=') if b.get(i + 1) == Some(&b'=') => {
+                    key.push('=');
+                    i += 2;
+                }
+                Some(b'=') => {
+                    i += 1;
+                    break;
+                }
+                Some(c) => {
+                    key.push(char::from(*c));
+                    i += 1;
+                }
             }
         }
+        while i < n && b[i].is_ascii_whitespace() {
+            i += 1;
+        }
+        let value = match b.get(i) {
+            Some(&q @ (b'\'' | b'"')) => {
+                i += 1;
+                let mut v = String::new();
+                loop {
+                    match b.get(i) {
+                        None => return None,
+                        Some(c) if *c == q && b.get(i + 1) == Some(&q) => {
+                            v.push(char::from(q));
+                            i += 2;
+                        }
+                        Some(c) if *c == q => {
+                            i += 1;
+                            break;
+                        }
+                        Some(c) => {
+                            v.push(char::from(*c));
+                            i += 1;
+                        }
+                    }
+                }
+                v
+            }
+            Some(b'{') => {
+                let end = s[i..].find('}')? + i;
+                let v = s[i + 1..end].to_string();
+                i = end + 1;
+                v
+            }
+            _ => {
+                let start = i;
+                while i < n && b[i] != b';' {
+                    i += 1;
+                }
+                s[start..i].trim_end().to_string()
+            }
+        };
+        // After a quoted value only blanks may come before the next `;`.
+        while i < n && b[i] != b';' {
+            if !b[i].is_ascii_whitespace() {
+                return None;
+            }
+            i += 1;
+        }
+        pairs.insert(key.trim().to_ascii_lowercase(), value);
     }
-    let label = format!("{}/{db}", config.get_addr());
-    Ok(Parsed { config, label, tls: None, read_only: None })
+    Some(pairs)
 }
 
 fn percent_decode(s: &str) -> Result<String, ConnError> {
@@ -211,7 +361,7 @@ fn parse_url(s: &str) -> Result<Parsed, ConnError> {
         config.readonly(ro);
     }
     let label = format!("{}:{port}/{db}", if host.contains(':') { format!("[{host}]") } else { host });
-    Ok(Parsed { config, label, tls: Some(Tls { encryption, trust }), read_only })
+    Ok(Parsed { config, label, tls: Tls { encryption, trust }, read_only })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -317,8 +467,16 @@ struct Outcome {
 
 impl MssqlEndpoint {
     /// Build an endpoint and its (lazy) pool. Must run inside a tokio runtime (bb8 spawns).
-    pub fn new(conn: &Secret, role: Role, pool: &config::Pool, command_timeout: Duration) -> Result<Self, String> {
-        let Parsed { mut config, label, .. } = parse_conn(conn.expose()).map_err(|e| e.to_string())?;
+    /// `min_tls`: the weakest TLS allowed (`[tls] backends`, see [`Tls::level`]).
+    pub fn new(
+        conn: &Secret,
+        role: Role,
+        pool: &config::Pool,
+        command_timeout: Duration,
+        min_tls: config::SslMode,
+    ) -> Result<Self, String> {
+        let Parsed { mut config, label, tls, .. } = parse_conn(conn.expose()).map_err(|e| e.to_string())?;
+        tls.check_minimum(min_tls).map_err(|e| e.to_string())?;
         // Replicas are read with ApplicationIntent=ReadOnly: an AG listener routes them to a
         // readable secondary, and a write sent there by mistake fails in the server.
         config.readonly(role == Role::Replica);
@@ -612,17 +770,17 @@ mod tests {
         let p = parse_conn("sqlserver://app:p%40ss%3Aw@db1.example:1444/orders?encrypt=not_supported").unwrap();
         assert_eq!(p.label, "db1.example:1444/orders");
         assert_eq!(p.config.get_addr(), "db1.example:1444");
-        assert_eq!(p.tls, Some(Tls { encryption: EncryptionLevel::NotSupported, trust: Trust::System }));
+        assert_eq!(p.tls, Tls { encryption: EncryptionLevel::NotSupported, trust: Trust::System });
         let p = parse_conn("mssql://app:pw@[::1]/tx?encrypt=strict&trust_server_certificate=true").unwrap();
         assert_eq!(p.label, "[::1]:1433/tx");
-        assert_eq!(p.tls, Some(Tls { encryption: EncryptionLevel::Strict, trust: Trust::Any }));
+        assert_eq!(p.tls, Tls { encryption: EncryptionLevel::Strict, trust: Trust::Any });
         let p =
             parse_conn("sqlserver://u:pw@h/d?ca_file=%2Fetc%2Fca.pem&encrypt=on&application_intent=ReadOnly").unwrap();
-        assert_eq!(p.tls, Some(Tls { encryption: EncryptionLevel::On, trust: Trust::CaFile("/etc/ca.pem".into()) }));
+        assert_eq!(p.tls, Tls { encryption: EncryptionLevel::On, trust: Trust::CaFile("/etc/ca.pem".into()) });
         assert_eq!(p.read_only, Some(true));
         // Defaults: TLS required, system roots.
         let p = parse_conn("SQLSERVER://u:pw@h").unwrap();
-        assert_eq!(p.tls, Some(Tls { encryption: EncryptionLevel::Required, trust: Trust::System }));
+        assert_eq!(p.tls, Tls { encryption: EncryptionLevel::Required, trust: Trust::System });
         assert_eq!((p.label.as_str(), p.read_only), ("h:1433/", None));
         for (v, level) in [
             ("off", EncryptionLevel::Off),
@@ -630,7 +788,7 @@ mod tests {
             ("danger_plaintext", EncryptionLevel::NotSupported),
         ] {
             let p = parse_conn(&format!("sqlserver://u:pw@h/d?encrypt={v}")).unwrap();
-            assert_eq!(p.tls.unwrap().encryption, level, "{v}");
+            assert_eq!(p.tls.encryption, level, "{v}");
         }
         assert_eq!(
             parse_conn("sqlserver://u:pw@h/d?ca_file=/x&trust_server_certificate=true").err(),
@@ -655,9 +813,77 @@ mod tests {
         let p =
             parse_conn("Server=tcp:h,1433;Initial Catalog=x;User Id=u;Password=p;Encrypt=DANGER_PLAINTEXT").unwrap();
         assert_eq!(p.label, "h:1433/x");
-        assert_eq!(p.tls, None);
+        assert_eq!(p.tls, Tls { encryption: EncryptionLevel::NotSupported, trust: Trust::System });
+        // Quoted values as tiberius reads them: a `;` or `encrypt=false` inside a password
+        // changes nothing.
+        let p = parse_conn("server=tcp:h,1433;password='a;encrypt=false';database={d;b};Encrypt=yes").unwrap();
+        assert_eq!((p.label.as_str(), p.tls.encryption), ("h:1433/d;b", EncryptionLevel::Required));
+        assert_eq!(p.host(), "h");
         // Both trust settings: refused (tiberius would otherwise have to choose).
         assert!(parse_conn("server=tcp:h,1433;TrustServerCertificate=true;TrustServerCertificateCA=/x.pem").is_err());
+    }
+
+    /// The documented mapping (docs/configuration.md `[tls]`), both connection-string forms.
+    #[test]
+    fn tls_levels() {
+        use config::SslMode::*;
+        for (s, want) in [
+            ("sqlserver://u:pw@h/d?encrypt=not_supported", Disable),
+            ("sqlserver://u:pw@h/d?encrypt=danger_plaintext", Disable),
+            ("sqlserver://u:pw@h/d?encrypt=off", Disable),
+            ("sqlserver://u:pw@h/d?encrypt=off&trust_server_certificate=true", Disable),
+            ("sqlserver://u:pw@h/d?encrypt=required&trust_server_certificate=true", Require),
+            ("sqlserver://u:pw@h/d?encrypt=on&trust_server_certificate=true", Require),
+            ("sqlserver://u:pw@h/d?encrypt=strict&trust_server_certificate=true", Require),
+            ("sqlserver://u:pw@h/d", VerifyFull),
+            ("sqlserver://u:pw@h/d?encrypt=true", VerifyFull),
+            ("sqlserver://u:pw@h/d?encrypt=on&ca_file=/ca.pem", VerifyFull),
+            ("sqlserver://u:pw@h/d?encrypt=strict&ca_file=/ca.pem&hostname_in_certificate=db.example", VerifyFull),
+            ("server=tcp:h,1433;user id=u;password=p;encrypt=DANGER_PLAINTEXT", Disable),
+            ("server=tcp:h,1433;user id=u;password=p;Encrypt=false", Disable),
+            ("server=tcp:h,1433;user id=u;password=p;Encrypt=no;TrustServerCertificate=true", Disable),
+            ("server=tcp:h,1433;user id=u;password=p;TrustServerCertificate=yes", Require),
+            ("server=tcp:h,1433;user id=u;password=p;encrypt=strict;TrustServerCertificate=true", Require),
+            ("server=tcp:h,1433;user id=u;password=p", VerifyFull),
+            ("server=tcp:h,1433;user id=u;password=p;Encrypt=true;TrustServerCertificate=false", VerifyFull),
+            ("server=tcp:h,1433;user id=u;password=p;TrustServerCertificateCA=/ca.pem", VerifyFull),
+        ] {
+            assert_eq!(parse_conn(s).unwrap().tls.level(), want, "{s}");
+        }
+    }
+
+    #[test]
+    fn tls_minimum_refuses_weaker_endpoints() {
+        let tls = |s: &str| parse_conn(s).unwrap().tls;
+        let trusted = tls("sqlserver://u:hunter2@h/d?trust_server_certificate=true");
+        assert!(trusted.check_minimum(config::SslMode::Require).is_ok());
+        let e = trusted.check_minimum(config::SslMode::VerifyFull).unwrap_err().to_string();
+        assert_eq!(
+            e,
+            "SQL Server encrypt=required with trust_server_certificate=true counts as sslmode=require, weaker \
+             than the minimum [tls] backends = \"verify-full\""
+        );
+        let e = tls("server=tcp:h;password=hunter2;encrypt=false").check_minimum(config::SslMode::Prefer).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "SQL Server encrypt=off (login only) counts as sslmode=disable, weaker than the minimum [tls] backends \
+             = \"prefer\""
+        );
+        assert!(tls("sqlserver://u:pw@h/d?ca_file=/x.pem").check_minimum(config::SslMode::VerifyFull).is_ok());
+        // Through the endpoint constructor, as a map build calls it.
+        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let _guard = rt.enter();
+        let conn = Secret::new("sqlserver://app:hunter2@h/d?encrypt=not_supported".into());
+        let e = MssqlEndpoint::new(
+            &conn,
+            Role::Primary,
+            &config::Pool::default(),
+            Duration::from_secs(1),
+            config::SslMode::Require,
+        )
+        .err()
+        .unwrap();
+        assert!(e.contains("weaker than the minimum") && !e.contains("hunter2"), "{e}");
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! Document reads and writes (MongoDB shards): read preference per consistency, fan-out with a
-//! sort-key merge for area finds, the per-shard insert split by each document's GeoJSON field,
-//! and updates/deletes on the owning primary under the cutover hold. Works on BSON documents the
+//! sort-key merge for area finds, the read cache step for reads that opt in, the per-shard insert
+//! split by each document's GeoJSON field, and updates/deletes on the owning primary under the
+//! cutover hold, with the cache's version bumps around every write. Works on BSON documents the
 //! HTTP layer already parsed; returns documents and outcomes, never renders them.
 
 use std::collections::BTreeMap;
@@ -10,26 +11,31 @@ use bson::{Bson, Document};
 use mongodb::options::UpdateModifications;
 use tokio::time::Instant;
 
-use super::{ApiError, Consistency, Outcome, RegionSpec, ShardInfo, hold, make_token};
+use super::cache::{self as step, CacheAsk, Cached, FillFn, Floors, WriteBumps, with_floor};
+use super::{ApiError, Consistency, Outcome, RegionSpec, ShardInfo, hold, make_token, parse_token};
 use crate::app::AppState;
 use crate::backend::mongo::fence::FenceView;
 use crate::backend::mongo::guard::{self, Part};
 use crate::backend::mongo::{self, FindQuery, MongoDatabase, ReadMode, ReadOpts, ejson};
 use crate::backend::{BackendError, DatabaseBackend, Role};
 use crate::ids::ShardIdx;
-use crate::routing::Owned;
+use crate::routing::{self, Owned};
 use crate::shardmap::DbKind;
 use crate::state::Snapshot;
 
 /// A read of one collection on the shards owning the region.
+#[derive(Clone)]
 pub struct ReadPlan {
     pub db: String,
     pub collection: String,
     pub region: Option<RegionSpec>,
     pub consistency: Consistency,
     pub op: ReadOp,
+    /// The read cache: the request's opt-in and `Cache-Control` directives.
+    pub cache: CacheAsk,
 }
 
+#[derive(Clone)]
 pub enum ReadOp {
     Find { filter: Document, projection: Option<Document>, sort: Option<Document>, skip: u64, limit: Option<u64> },
     Aggregate { pipeline: Vec<Document> },
@@ -147,11 +153,12 @@ fn read_opts(c: &Consistency, shard_id: &str, deadline: Instant) -> (ReadOpts, R
 }
 
 /// Run `f` on every shard in parallel; the first failure fails the read (as SQL area reads do).
+/// Each shard is read with `consistency` raised to its floor (cache fills).
 async fn fan_out<'a, T, F, Fut>(
     snap: &'a Snapshot,
     db: &str,
     shards: &[ShardIdx],
-    consistency: &Consistency,
+    (consistency, floors): (&Consistency, &Floors),
     deadline: Instant,
     f: F,
 ) -> Result<Vec<(T, ShardInfo)>, ApiError>
@@ -163,7 +170,7 @@ where
     for s in shards {
         let m = mongo_db(snap, *s, db)?;
         let id = snap.map.shard(*s).id.to_string();
-        let (opts, role) = read_opts(consistency, &id, deadline);
+        let (opts, role) = read_opts(&with_floor(consistency, &id, floors), &id, deadline);
         let info = shard_info(snap, *s, m, role);
         let fut = f(m, opts);
         futs.push(async move { fut.await.map(|v| (v, info)).map_err(|e| ApiError::from_backend(e, &id)) });
@@ -172,16 +179,78 @@ where
 }
 
 /// Run a read plan: find (merged on its sort keys across shards, skip/limit after the merge),
-/// aggregate (per-shard results concatenated) or count (summed).
+/// aggregate (per-shard results concatenated) or count (summed); through the cache step when
+/// the request opted in.
 pub async fn read(state: &AppState, plan: &ReadPlan, out: &mut Outcome) -> Result<ReadResult, ApiError> {
     let snap = state.pin();
     out.map_version = Some(snap.map.version().0);
     check_db(&snap, &plan.db, &plan.collection)?;
     let region = super::required(&plan.region)?.resolve(&snap)?;
-    let deadline = Instant::now() + state.config.request_timeout();
     check_read_op(&snap, &plan.db, &plan.op)?;
-    let shards = super::read_shards(&snap, &region, out)?;
-    let (db, coll, c) = (plan.db.as_str(), plan.collection.as_str(), &plan.consistency);
+    let route = routing::route_region(&snap.map, &region).map_err(super::route_err)?;
+    let shards = super::route_shards(&route, out)?;
+    let r = if plan.cache.opt_in.is_none() && !plan.cache.only_if_cached {
+        let deadline = Instant::now() + state.config.request_timeout();
+        run_read(&snap, plan, &shards, &Floors::new(), deadline).await?
+    } else {
+        let (snap2, plan2, timeout) = (snap.clone(), Arc::new(plan.clone()), state.config.request_timeout());
+        let shards2 = Arc::new(shards);
+        let fill: FillFn<ReadResult> = Arc::new(move |floors| {
+            let (snap, plan, shards) = (snap2.clone(), plan2.clone(), shards2.clone());
+            Box::pin(async move { run_read(&snap, &plan, &shards, &floors, Instant::now() + timeout).await })
+        });
+        let kind = match &plan.op {
+            ReadOp::Find { .. } => "find",
+            ReadOp::Aggregate { .. } => "aggregate",
+            ReadOp::Count { .. } => "count",
+        };
+        let read = step::Read {
+            db: &plan.db,
+            kind,
+            snap: &snap,
+            route: &route,
+            consistency: &plan.consistency,
+            ask: &plan.cache,
+        };
+        step::read(state, read, |b| key_parts(b, plan), fill, out).await?
+    };
+    out.note_shards(&r.shards);
+    Ok(r)
+}
+
+/// What a read asks, as key parts: the collection and the operation's documents (BSON bytes,
+/// field order as sent) and numbers.
+fn key_parts(b: &mut crate::cache::key::KeyBuilder, plan: &ReadPlan) {
+    let doc = |b: &mut crate::cache::key::KeyBuilder, d: Option<&Document>| {
+        b.bytes(&d.map(|d| d.to_vec().unwrap_or_default()).unwrap_or_default());
+    };
+    b.str(&plan.collection);
+    match &plan.op {
+        ReadOp::Find { filter, projection, sort, skip, limit } => {
+            doc(b, Some(filter));
+            doc(b, projection.as_ref());
+            doc(b, sort.as_ref());
+            b.u64(*skip).u64(limit.map_or(u64::MAX, |l| l));
+        }
+        ReadOp::Aggregate { pipeline } => {
+            b.u64(pipeline.len() as u64);
+            for stage in pipeline {
+                doc(b, Some(stage));
+            }
+        }
+        ReadOp::Count { filter } => doc(b, Some(filter)),
+    }
+}
+
+/// The read itself, on `shards` (each raised to its floor).
+async fn run_read(
+    snap: &Snapshot,
+    plan: &ReadPlan,
+    shards: &[ShardIdx],
+    floors: &Floors,
+    deadline: Instant,
+) -> Result<ReadResult, ApiError> {
+    let (db, coll, c) = (plan.db.as_str(), plan.collection.as_str(), (&plan.consistency, floors));
     let (value, infos) = match &plan.op {
         ReadOp::Find { filter, projection, sort, skip, limit } => {
             let sort_keys = sort.as_ref().map(ejson::sort_keys).transpose().map_err(invalid)?;
@@ -192,7 +261,7 @@ pub async fn read(state: &AppState, plan: &ReadPlan, out: &mut Outcome) -> Resul
             // after the merge.
             let (q_skip, q_limit) =
                 if single { (*skip, req_limit) } else { (0, req_limit.map(|l| l.saturating_add(*skip))) };
-            let parts = fan_out(&snap, db, &shards, c, deadline, |m, opts| {
+            let parts = fan_out(snap, db, shards, c, deadline, |m, opts| {
                 let q = FindQuery {
                     filter: filter.clone(),
                     projection: projection.clone(),
@@ -219,20 +288,75 @@ pub async fn read(state: &AppState, plan: &ReadPlan, out: &mut Outcome) -> Resul
         }
         ReadOp::Aggregate { pipeline } => {
             let parts =
-                fan_out(&snap, db, &shards, c, deadline, |m, opts| m.aggregate(coll, pipeline.clone(), opts)).await?;
+                fan_out(snap, db, shards, c, deadline, |m, opts| m.aggregate(coll, pipeline.clone(), opts)).await?;
             // Per-shard results are concatenated in shard order: a pipeline's $sort/$group/$limit
             // apply per shard, not across shards.
             let (docs, infos): (Vec<Vec<Document>>, Vec<ShardInfo>) = parts.into_iter().unzip();
             (ReadValue::Documents(docs.into_iter().flatten().collect()), infos)
         }
         ReadOp::Count { filter } => {
-            let parts = fan_out(&snap, db, &shards, c, deadline, |m, opts| m.count(coll, filter.clone(), opts)).await?;
+            let parts = fan_out(snap, db, shards, c, deadline, |m, opts| m.count(coll, filter.clone(), opts)).await?;
             let count = parts.iter().map(|(n, _)| *n).sum();
             (ReadValue::Count(count), parts.into_iter().map(|(_, i)| i).collect())
         }
     };
-    out.note_shards(&infos);
     Ok(ReadResult { value, shards: infos, map_version: snap.map.version().0 })
+}
+
+/// A cached document answer: a JSON head (shards, map version, count) and the documents as
+/// BSON, one after the other.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Head {
+    s: Vec<(String, String, String)>,
+    m: u64,
+    n: Option<u64>,
+}
+
+impl Cached for ReadResult {
+    fn encode(&self) -> Option<Vec<u8>> {
+        let s = self.shards.iter().map(|i| (i.id.clone(), i.role.as_str().to_string(), i.endpoint.clone())).collect();
+        let n = match &self.value {
+            ReadValue::Count(n) => Some(*n),
+            ReadValue::Documents(_) => None,
+        };
+        let head = serde_json::to_vec(&Head { s, m: self.map_version, n }).ok()?;
+        let mut out = (head.len() as u32).to_le_bytes().to_vec();
+        out.extend_from_slice(&head);
+        if let ReadValue::Documents(docs) = &self.value {
+            for d in docs {
+                out.extend_from_slice(&d.to_vec().ok()?);
+            }
+        }
+        Some(out)
+    }
+
+    fn decode(b: &[u8]) -> Option<Self> {
+        let len = u32::from_le_bytes(b.get(..4)?.try_into().ok()?) as usize;
+        let head: Head = serde_json::from_slice(b.get(4..4 + len)?).ok()?;
+        let mut rest = b.get(4 + len..)?;
+        let value = match head.n {
+            Some(n) => ReadValue::Count(n),
+            None => {
+                let mut docs = Vec::new();
+                while !rest.is_empty() {
+                    let n = i32::from_le_bytes(rest.get(..4)?.try_into().ok()?);
+                    let n = usize::try_from(n).ok()?;
+                    docs.push(Document::from_reader(rest.get(..n)?).ok()?);
+                    rest = &rest[n..];
+                }
+                ReadValue::Documents(docs)
+            }
+        };
+        let shards = head
+            .s
+            .into_iter()
+            .map(|(id, role, endpoint)| {
+                let role = if role == Role::Primary.as_str() { Role::Primary } else { Role::Replica };
+                ShardInfo { id, role, endpoint }
+            })
+            .collect();
+        Some(ReadResult { value, shards, map_version: head.m })
+    }
 }
 
 /// Server-side JavaScript (`$where`, `$function`, `$accumulator`) is refused unless the map opts
@@ -424,7 +548,18 @@ pub async fn insert(state: &AppState, plan: &InsertPlan, out: &mut Outcome) -> R
             hold::after_fence_hit(state, snap, &mut refreshed, &id, cell, give_up).await?;
             continue;
         }
-        return insert_groups(&snap, plan, groups, Checked { views, failed }, deadline, out).await;
+        let written: Vec<(h3o::CellIndex, String)> =
+            routes.iter().map(|r| (r.cell, snap.map.shard(r.shard).id.to_string())).collect();
+        let written: Vec<(h3o::CellIndex, &str)> = written.iter().map(|(c, s)| (*c, s.as_str())).collect();
+        let bumps = WriteBumps::begin(state, &plan.db, &written, None).await;
+        let r = insert_groups(&snap, plan, groups, Checked { views, failed }, deadline, out).await;
+        // Each shard's part with its operation time (from its token); none for a failed part.
+        let pos: Vec<(String, u64)> = match &r {
+            Ok(r) => r.parts.iter().filter_map(|p| p.token.as_deref().and_then(parse_token)).collect(),
+            Err(_) => Vec::new(),
+        };
+        bumps.done(|s| pos.iter().find(|(id, _)| id == s).map(|(_, p)| *p)).await;
+        return r;
     }
 }
 
@@ -530,22 +665,28 @@ pub async fn write(state: &AppState, plan: &WritePlan, out: &mut Outcome) -> Res
             }
             Err(e) => return Err(ApiError::from_backend(e, &id)),
         };
-        let op_time = match &plan.op {
+        let bumps = WriteBumps::begin(state, &plan.db, &[(route.cell, &id)], None).await;
+        let done = match &plan.op {
             WriteOp::Update { filter, update, multi, upsert } => {
-                let u = m
-                    .update(coll, filter.clone(), update.clone(), *multi, *upsert, deadline)
-                    .await
-                    .map_err(|e| ApiError::from_backend(e, &id))?;
+                m.update(coll, filter.clone(), update.clone(), *multi, *upsert, deadline).await.map(Ok)
+            }
+            WriteOp::Delete { filter, multi } => m.delete(coll, filter.clone(), *multi, deadline).await.map(Err),
+        };
+        let pos = match &done {
+            Ok(Ok(u)) => u.op_time,
+            Ok(Err((_, t))) => *t,
+            Err(_) => None,
+        };
+        // Before the answer goes out, whatever it is (a failed write may have applied).
+        bumps.done(|_| pos.map(mongo::op_time_to_u64)).await;
+        let op_time = match done.map_err(|e| ApiError::from_backend(e, &id))? {
+            Ok(u) => {
                 r.matched = Some(u.matched);
                 r.modified = Some(u.modified);
                 r.upserted_id = u.upserted_id;
                 u.op_time
             }
-            WriteOp::Delete { filter, multi } => {
-                let (n, t) = m
-                    .delete(coll, filter.clone(), *multi, deadline)
-                    .await
-                    .map_err(|e| ApiError::from_backend(e, &id))?;
+            Err((n, t)) => {
                 r.deleted = Some(n);
                 t
             }

@@ -3,14 +3,14 @@
 
 use std::cmp::Ordering;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::ApiError;
 use crate::backend::postgres::Rows;
 
-/// How per-shard results of an area read are combined.
-#[derive(Debug, Deserialize)]
+/// How per-shard results of an area read are combined (`Serialize`: part of a cache key).
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Merge {
     #[serde(default)]
@@ -18,7 +18,7 @@ pub struct Merge {
     pub limit: Option<usize>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct OrderBy {
     pub column: String,

@@ -1,9 +1,11 @@
 //! The data plane's policy floor: a parsed request (a *plan*) → rows or documents plus what the
 //! request learned ([`Outcome`]). Owns consistency and read-your-writes tokens, replica choice and
-//! fallback to the primary, the cutover hold and the fence retry, fan-out + merge, and the
-//! per-shard insert split. Knows nothing of HTTP: `http/` parses requests into plans and renders
-//! results; errors are returned as [`ApiError`] and mapped to HTTP in `http::respond` only.
+//! fallback to the primary, the cutover hold and the fence retry, fan-out + merge, the per-shard
+//! insert split, and the read cache as a step of reads (and version bumps around writes,
+//! `cache.rs`). Knows nothing of HTTP: `http/` parses requests into plans and renders results;
+//! errors are returned as [`ApiError`] and mapped to HTTP in `http::respond` only.
 
+pub mod cache;
 pub mod consistency;
 pub mod docs;
 pub mod hold;
@@ -29,6 +31,8 @@ pub struct Outcome {
     pub cell: Option<String>,
     /// The version of the snapshot the request pinned (the last one, after a fence retry).
     pub map_version: Option<u64>,
+    /// What the read cache did (reads that opted in, or asked `only-if-cached`).
+    pub cache: Option<cache::CacheStatus>,
 }
 
 impl Outcome {
@@ -84,9 +88,9 @@ fn write_route(snap: &Snapshot, region: &Region) -> Result<Owned, ApiError> {
     }
 }
 
-/// The shards a read region covers, in map order (the owning cell is noted for a point/cell).
-fn read_shards(snap: &Snapshot, region: &Region, out: &mut Outcome) -> Result<Vec<ShardIdx>, ApiError> {
-    match routing::route_region(&snap.map, region).map_err(route_err)? {
+/// The shards a read's route covers, in map order (the owning cell is noted for a point/cell).
+fn route_shards(route: &RegionRoute, out: &mut Outcome) -> Result<Vec<ShardIdx>, ApiError> {
+    match route {
         RegionRoute::One(r) => {
             out.cell = Some(r.cell.to_string());
             Ok(vec![r.shard])

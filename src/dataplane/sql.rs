@@ -1,24 +1,29 @@
 //! SQL reads and writes (PostgreSQL and SQL Server shards): replica choice with fallback to the
-//! primary, replay waits for read-your-writes tokens, area fan-out + merge, and writes on the
-//! primary under the cutover hold with one stale-map retry after a fence. Returns rows; never
-//! renders them.
+//! primary, replay waits for read-your-writes tokens, area fan-out + merge, the read cache step
+//! for reads that opt in, and writes on the primary under the cutover hold with one stale-map
+//! retry after a fence and the cache's version bumps around them. Returns rows; never renders
+//! them.
 
 use std::sync::Arc;
 
 use serde_json::Value;
 use tokio::time::Instant;
 
+use super::cache::{self as step, CacheAsk, Cached, FillFn, Floors, WriteBumps, with_floor};
 use super::merge::{Merge, merge_rows};
 use super::{ApiError, Consistency, Outcome, RegionSpec, ShardInfo, hold, make_token, replica_retryable, statements};
 use crate::app::AppState;
 use crate::backend::mssql::MssqlDatabase;
 use crate::backend::postgres::{PgDatabase, PgEndpoint, Rows};
 use crate::backend::{BackendError, DatabaseBackend, Role};
+use crate::cache::key::normalize_statement;
+use crate::config::Health;
 use crate::ids::ShardIdx;
 use crate::routing::{self, RegionRoute};
 use crate::state::Snapshot;
 
 /// A read: one statement on the shard(s) owning the region.
+#[derive(Clone)]
 pub struct ReadPlan {
     pub db: String,
     pub region: Option<RegionSpec>,
@@ -26,6 +31,8 @@ pub struct ReadPlan {
     pub params: Vec<Value>,
     pub consistency: Consistency,
     pub merge: Option<Merge>,
+    /// The read cache: the request's opt-in and `Cache-Control` directives.
+    pub cache: CacheAsk,
 }
 
 /// A write: one statement, or a batch run in one transaction, on the owning shard's primary.
@@ -85,60 +92,163 @@ fn no_endpoint(last: Option<BackendError>, id: &str) -> ApiError {
     ApiError::from_backend(e, id)
 }
 
-/// Run a read plan: one shard for a point or cell, a parallel fan-out and merge for an area.
+/// Run a read plan: one shard for a point or cell, a parallel fan-out and merge for an area;
+/// through the cache step when the request opted in.
 pub async fn read(state: &AppState, plan: &ReadPlan, out: &mut Outcome) -> Result<SqlResult, ApiError> {
     let snap = state.pin();
     out.map_version = Some(snap.map.version().0);
     let kind = check_db(&snap, &plan.db)?;
     statements::check_read(state, &plan.db, kind, &plan.sql)?;
     let region = super::required(&plan.region)?.resolve(&snap)?;
-    let deadline = Instant::now() + state.config.request_timeout();
-    let map_version = snap.map.version().0;
-    match routing::route_region(&snap.map, &region).map_err(super::route_err)? {
+    let route = routing::route_region(&snap.map, &region).map_err(super::route_err)?;
+    let (shards, area) = match &route {
         RegionRoute::One(r) => {
             out.cell = Some(r.cell.to_string());
-            let (rows, info) = read_on_shard(state, &snap, r.shard, plan, deadline).await?;
-            out.shard = Some(info.id.clone());
-            out.role = Some(info.role);
-            Ok(SqlResult { rows, shards: vec![info], map_version, rows_affected: None, token: None })
+            (vec![r.shard], false)
         }
         RegionRoute::Many(area) => {
             if area.shards.is_empty() {
                 return Err(ApiError::NoShardForRegion("(area: no shard owns any of it)".into()));
             }
-            // Fan out in parallel to the owning shards only.
-            let futs = area.shards.iter().map(|(s, _)| read_on_shard(state, &snap, *s, plan, deadline));
-            let results = futures_util::future::join_all(futs).await;
-            let parts = results.into_iter().collect::<Result<Vec<_>, _>>()?;
-            let (rows, infos): (Vec<Rows>, Vec<ShardInfo>) = parts.into_iter().unzip();
-            out.note_shards(&infos);
-            out.role = None;
-            let rows = merge_rows(rows, plan.merge.as_ref())?;
-            Ok(SqlResult { rows, shards: infos, map_version, rows_affected: None, token: None })
+            (area.shards.iter().map(|(s, _)| *s).collect(), true)
         }
+    };
+    let r = if plan.cache.opt_in.is_none() && !plan.cache.only_if_cached {
+        let deadline = Instant::now() + state.config.request_timeout();
+        run_read(&state.config.health, &snap, plan, &shards, area, &Floors::new(), deadline).await?
+    } else {
+        let fill = fill_fn(state, &snap, plan, shards, area);
+        let parts = |b: &mut crate::cache::key::KeyBuilder| {
+            b.str(normalize_statement(&plan.sql));
+            b.bytes(&serde_json::to_vec(&plan.params).unwrap_or_default());
+            b.bytes(&serde_json::to_vec(&plan.merge).unwrap_or_default());
+        };
+        let read = step::Read {
+            db: &plan.db,
+            kind: "sql",
+            snap: &snap,
+            route: &route,
+            consistency: &plan.consistency,
+            ask: &plan.cache,
+        };
+        step::read(state, read, parts, fill, out).await?
+    };
+    if area {
+        out.note_shards(&r.shards);
+        out.role = None;
+    } else if let Some(info) = r.shards.first() {
+        out.shard = Some(info.id.clone());
+        out.role = Some(info.role);
+    }
+    Ok(r)
+}
+
+/// The backend read of a cached read, owning what it needs (a stale entry's refresh runs it
+/// after the request is answered).
+fn fill_fn(
+    state: &AppState,
+    snap: &Arc<Snapshot>,
+    plan: &ReadPlan,
+    shards: Vec<ShardIdx>,
+    area: bool,
+) -> FillFn<SqlResult> {
+    let (snap, plan, health) = (snap.clone(), Arc::new(plan.clone()), state.config.health.clone());
+    let (shards, timeout) = (Arc::new(shards), state.config.request_timeout());
+    Arc::new(move |floors| {
+        let (snap, plan, health, shards) = (snap.clone(), plan.clone(), health.clone(), shards.clone());
+        Box::pin(async move { run_read(&health, &snap, &plan, &shards, area, &floors, Instant::now() + timeout).await })
+    })
+}
+
+/// The read itself: one shard, or (an area) every owning shard in parallel and the merge. Each
+/// shard is read with the request's consistency raised to its floor (cache fills).
+async fn run_read(
+    health: &Health,
+    snap: &Snapshot,
+    plan: &ReadPlan,
+    shards: &[ShardIdx],
+    area: bool,
+    floors: &Floors,
+    deadline: Instant,
+) -> Result<SqlResult, ApiError> {
+    let map_version = snap.map.version().0;
+    let on = |s: ShardIdx| {
+        let c = with_floor(&plan.consistency, snap.map.shard(s).id.as_str(), floors);
+        read_on_shard(health, snap, s, plan, c, deadline)
+    };
+    if !area {
+        let (rows, info) = on(shards[0]).await?;
+        return Ok(SqlResult { rows, shards: vec![info], map_version, rows_affected: None, token: None });
+    }
+    // Fan out in parallel to the owning shards only.
+    let results = futures_util::future::join_all(shards.iter().map(|s| on(*s))).await;
+    let parts = results.into_iter().collect::<Result<Vec<_>, _>>()?;
+    let (rows, infos): (Vec<Rows>, Vec<ShardInfo>) = parts.into_iter().unzip();
+    let rows = merge_rows(rows, plan.merge.as_ref())?;
+    Ok(SqlResult { rows, shards: infos, map_version, rows_affected: None, token: None })
+}
+
+/// A cached SQL answer: columns, rows, the shards that answered and the map version, as JSON.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Wire {
+    c: Vec<(String, String)>,
+    r: Vec<Vec<Value>>,
+    s: Vec<(String, String, String)>,
+    m: u64,
+}
+
+impl Cached for SqlResult {
+    fn encode(&self) -> Option<Vec<u8>> {
+        #[derive(serde::Serialize)]
+        struct Out<'a> {
+            c: &'a [(String, String)],
+            r: &'a [Vec<Value>],
+            s: Vec<(&'a str, &'a str, &'a str)>,
+            m: u64,
+        }
+        let s = self.shards.iter().map(|i| (i.id.as_str(), i.role.as_str(), i.endpoint.as_str())).collect();
+        serde_json::to_vec(&Out { c: &self.rows.columns, r: &self.rows.rows, s, m: self.map_version }).ok()
+    }
+
+    fn decode(b: &[u8]) -> Option<Self> {
+        let w: Wire = serde_json::from_slice(b).ok()?;
+        let shards =
+            w.s.into_iter()
+                .map(|(id, role, endpoint)| {
+                    let role = if role == Role::Primary.as_str() { Role::Primary } else { Role::Replica };
+                    ShardInfo { id, role, endpoint }
+                })
+                .collect();
+        Some(SqlResult {
+            rows: Rows { columns: w.c, rows: w.r },
+            shards,
+            map_version: w.m,
+            rows_affected: None,
+            token: None,
+        })
     }
 }
 
 /// Run a read on one shard with the requested consistency. Reads are idempotent: if a replica
 /// fails mid-read (killed, refused), the read is retried once on the primary.
 async fn read_on_shard(
-    state: &AppState,
+    h: &Health,
     snap: &Snapshot,
     shard: ShardIdx,
     plan: &ReadPlan,
+    consistency: Consistency,
     deadline: Instant,
 ) -> Result<(Rows, ShardInfo), ApiError> {
     let id = snap.map.shard(shard).id.to_string();
     let pg = match sql_db(snap, shard, &plan.db)? {
         SqlDb::Pg(pg) => pg,
         // Boxed: keeps the (larger) tiberius read state out of every PostgreSQL read's future.
-        SqlDb::Mssql(ms) => return Box::pin(read_on_mssql(ms, id, plan)).await,
+        SqlDb::Mssql(ms) => return Box::pin(read_on_mssql(ms, id, plan, &consistency)).await,
     };
-    let h = &state.config.health;
     // (endpoint, replay position it must reach and until when)
     type Candidate = (Arc<PgEndpoint>, Option<(u64, Instant)>);
     let mut candidates: Vec<Candidate> = Vec::with_capacity(2);
-    match &plan.consistency {
+    match &consistency {
         Consistency::Primary => {}
         Consistency::Replica => {
             if let Some(r) = pg.pick_replica(h.max_lag_ms, h.max_lag_bytes) {
@@ -175,9 +285,14 @@ async fn read_on_shard(
 
 /// A read on a SQL Server shard. There is no replay position to compare a token with, so a
 /// read after a write (`consistency.after`) goes to the primary (docs/sqlserver.md).
-async fn read_on_mssql(ms: &MssqlDatabase, id: String, plan: &ReadPlan) -> Result<(Rows, ShardInfo), ApiError> {
+async fn read_on_mssql(
+    ms: &MssqlDatabase,
+    id: String,
+    plan: &ReadPlan,
+    consistency: &Consistency,
+) -> Result<(Rows, ShardInfo), ApiError> {
     let mut candidates = Vec::with_capacity(2);
-    if plan.consistency == Consistency::Replica
+    if *consistency == Consistency::Replica
         && let Some(r) = ms.pick_replica()
     {
         candidates.push(r);
@@ -201,11 +316,15 @@ async fn read_on_mssql(ms: &MssqlDatabase, id: String, plan: &ReadPlan) -> Resul
 ///
 /// Order matters: (1) pin the newest map and route; (2) a write to a cell under a cutover hold
 /// waits for the release, then starts over on the map published by then; (3) run on the
-/// primary; (4) a fence refusal from the old owner means this instance's map is stale: refresh
-/// it and start over once (a second fence answers `cells_frozen`).
+/// primary, between the cache's two version bumps of the cell (`cache::WriteBumps`: the second
+/// one lands before the answer goes out); (4) a fence refusal from the old owner means this
+/// instance's map is stale: refresh it and start over once (a second fence answers
+/// `cells_frozen`).
 pub async fn write(state: &AppState, plan: &WritePlan, out: &mut Outcome) -> Result<SqlResult, ApiError> {
     let kind = check_db(&state.pin(), &plan.db)?;
     statements::check_write(state, &plan.db, kind, &plan.stmts, plan.allow_ddl)?;
+    // DDL changes rows of every cell of the shard: the shard's version moves too.
+    let shard_wide = state.cache.enabled() && statements::shard_wide(state, kind, &plan.stmts);
     let spec = super::required(&plan.region)?;
     let mut refreshed = false;
     loop {
@@ -229,8 +348,11 @@ pub async fn write(state: &AppState, plan: &WritePlan, out: &mut Outcome) -> Res
             SqlDb::Pg(pg) => pg,
             SqlDb::Mssql(ms) => {
                 ensure_writable(&ms.primary.health, &ms.primary.label, &id)?;
-                let (rows, affected) =
-                    ms.primary.execute(&plan.stmts).await.map_err(|e| ApiError::from_backend(e, &id))?;
+                let bumps = WriteBumps::begin(state, &plan.db, &[(route.cell, &id)], shard_wide.then_some(&id)).await;
+                let r = ms.primary.execute(&plan.stmts).await;
+                // SQL Server reports no commit position.
+                bumps.done(|_| None).await;
+                let (rows, affected) = r.map_err(|e| ApiError::from_backend(e, &id))?;
                 let info = ShardInfo { id: id.clone(), role: Role::Primary, endpoint: ms.primary.label.to_string() };
                 // No replay position exists: the token names the shard only; reads after it go
                 // to the primary.
@@ -242,8 +364,10 @@ pub async fn write(state: &AppState, plan: &WritePlan, out: &mut Outcome) -> Res
         // The routed cell and map version travel with the write: the old owner's migration
         // fence refuses a write routed by an older map even when it matches no row there.
         let routed = Some((u64::from(route.cell), map_version));
+        let bumps = WriteBumps::begin(state, &plan.db, &[(route.cell, &id)], shard_wide.then_some(&id)).await;
         match pg.primary.execute(&plan.stmts, routed).await {
             Ok(res) => {
+                bumps.done(|_| Some(res.lsn)).await;
                 let info = ShardInfo { id: id.clone(), role: Role::Primary, endpoint: pg.primary.label.to_string() };
                 let token = Some(make_token(&id, res.lsn));
                 return Ok(SqlResult {
@@ -256,11 +380,16 @@ pub async fn write(state: &AppState, plan: &WritePlan, out: &mut Outcome) -> Res
             }
             // 4. Nothing was written: the fence rejected the statement and its transaction.
             Err(e) if hold::is_fenced(&e) => {
+                bumps.nothing_written();
                 let give_up =
                     ApiError::CellsFrozen(format!("cell {} moved away from shard {id}; retry shortly", route.cell));
                 hold::after_fence_hit(state, snap, &mut refreshed, &id, route.cell, give_up).await?;
             }
-            Err(e) => return Err(ApiError::from_backend(e, &id)),
+            Err(e) => {
+                // It may have committed (a timeout, a lost connection): bump as if it had.
+                bumps.done(|_| None).await;
+                return Err(ApiError::from_backend(e, &id));
+            }
         }
     }
 }

@@ -94,3 +94,10 @@ pub fn check_write(
     }
     Ok(())
 }
+
+/// Does any statement of a write change more than the rows of its region's cell? DDL
+/// (`TRUNCATE`, `ALTER`, ...) and SQL the parser cannot read are taken to change the whole
+/// shard's database; the read cache then moves the shard's version (docs/cache.md).
+pub fn shard_wide(state: &AppState, kind: DbKind, stmts: &[(String, Vec<serde_json::Value>)]) -> bool {
+    stmts.iter().any(|(sql, _)| matches!(verdict(state, kind, sql).class, Class::Ddl | Class::Unparseable))
+}

@@ -1,8 +1,8 @@
 //! Admin-plane handler (design §4): liveness, readiness, metrics, map (secrets redacted) and its
 //! pushes and reloads, shard health (what each endpoint serves), locate, migrations, freezes,
-//! the listeners' TLS certificates.
-//! Requires the `admin` scope when tokens are configured. Parses and renders; the work is the
-//! control plane's.
+//! the listeners' TLS certificates, the read cache's state, the fleet (peers or etcd).
+//! Requires the `admin` scope (a token's or a client certificate's) when auth is on. Parses and
+//! renders; the work is the control plane's.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -31,10 +31,12 @@ pub async fn handle(state: &Arc<AppState>, req: Request<Incoming>) -> Response<B
         }
         _ => {}
     }
-    match state.auth.check(req.headers().get(header::AUTHORIZATION).map(|v| v.as_bytes()), Scope::Admin) {
+    let (authorization, peer) = super::credentials(&req);
+    match state.credentials.auth().check(authorization, peer, Scope::Admin) {
         Ok(_) => {}
         Err(crate::auth::AuthError::Unauthorized) => return ApiError::Unauthorized.into_response(),
         Err(crate::auth::AuthError::Forbidden(_)) => return ApiError::Forbidden("admin").into_response(),
+        Err(crate::auth::AuthError::UnknownClient(ids)) => return ApiError::UnknownClient(ids).into_response(),
     }
     let query: HashMap<String, String> = req
         .uri()
@@ -55,6 +57,24 @@ pub async fn handle(state: &Arc<AppState>, req: Request<Incoming>) -> Response<B
         }
         (&Method::GET, "/admin/shards") => json_response(StatusCode::OK, &shards_json(state)),
         (&Method::GET, "/admin/tls") => json_response(StatusCode::OK, &state.listen_tls.status_json()),
+        (&Method::GET, "/admin/cache") => json_response(StatusCode::OK, &state.cache.status_json()),
+        (&Method::GET, "/admin/fleet") => json_response(StatusCode::OK, &fleet_json(state)),
+        (&Method::GET, "/admin/credentials") => json_response(StatusCode::OK, &state.credentials.status()),
+        (&Method::POST, "/admin/credentials/reload") => {
+            let creds = state.credentials.clone();
+            match tokio::task::spawn_blocking(move || creds.reload("admin")).await {
+                Ok(Ok(true)) => json_response(StatusCode::OK, &state.credentials.status()),
+                Ok(Ok(false)) => ApiError::Conflict(
+                    "this instance was started from config text, not a file: nothing to reload".into(),
+                )
+                .into_response(),
+                Ok(Err(e)) => {
+                    ApiError::InvalidParams(format!("credentials reload refused, the previous ones stay: {e}"))
+                        .into_response()
+                }
+                Err(_) => ApiError::Conflict("credentials reload task failed".into()).into_response(),
+            }
+        }
         (&Method::GET, "/admin/migrations") => json_response(StatusCode::OK, &state.migrations.list()),
         (&Method::POST, "/admin/migrations") => match read_json::<crate::migrate::StartRequest>(req).await {
             Ok(r) => match crate::migrate::start(&host(state), r).await {
@@ -106,9 +126,11 @@ pub async fn handle(state: &Arc<AppState>, req: Request<Incoming>) -> Response<B
             Ok(v) => json_response(StatusCode::OK, &v),
             Err(e) => e.into_response(),
         },
-        (_, "/metrics" | "/admin/map" | "/admin/shards" | "/admin/locate" | "/admin/tls") => {
-            ApiError::MethodNotAllowed.into_response()
-        }
+        (
+            _,
+            "/metrics" | "/admin/map" | "/admin/shards" | "/admin/locate" | "/admin/tls" | "/admin/credentials"
+            | "/admin/cache" | "/admin/fleet",
+        ) => ApiError::MethodNotAllowed.into_response(),
         _ => ApiError::NotFound.into_response(),
     }
 }
@@ -178,8 +200,11 @@ async fn push_map(state: &Arc<AppState>, req: Request<Incoming>) -> Response<Bod
             if o.result == crate::reload::ReloadResult::Published && !from_peer && !state.config.peers.is_empty() =>
         {
             let ct = if json { "application/json" } else { "application/toml" };
+            let token = state.credentials.auth().peer_token().map(str::to_string);
             let peers = crate::fleet::broadcast(
-                &state.config,
+                &state.config.peers,
+                &state.config.tls,
+                token.as_deref(),
                 Method::PUT,
                 "/admin/map",
                 ct,
@@ -228,6 +253,16 @@ fn reload_json(o: &crate::reload::Outcome) -> (StatusCode, Value) {
     let mut body = serde_json::to_value(o).unwrap_or_default();
     body["status"] = json!(status.as_u16());
     (status, body)
+}
+
+/// `GET /admin/fleet`: in etcd mode the link (connected, or since when it is lost), this
+/// instance's registration and the fleet as last read; in file mode the configured peers.
+fn fleet_json(state: &AppState) -> Value {
+    let serving = state.pin().map.version().0;
+    match &state.etcd {
+        Some(link) => link.status_json(serving),
+        None => json!({"mode": "file", "serving_version": serving, "peers": state.config.peers}),
+    }
 }
 
 /// The application state as the migration orchestrator's host.

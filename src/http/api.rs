@@ -22,6 +22,8 @@ struct QueryRequest {
     consistency: Option<Value>,
     merge: Option<Merge>,
     row_format: Option<RowFormat>,
+    /// The read cache opt-in: `{"ttl_ms": n, "swr_ms": m}` (docs/cache.md).
+    cache: Option<Value>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -51,7 +53,14 @@ enum RowFormat {
     Array,
 }
 
-pub async fn query(state: &AppState, db: &str, body: &[u8], out: &mut Outcome) -> Result<Answer, ApiError> {
+/// `headers`: the request's, for `Cache-Control`.
+pub async fn query(
+    state: &AppState,
+    db: &str,
+    body: &[u8],
+    headers: &http::HeaderMap,
+    out: &mut Outcome,
+) -> Result<Answer, ApiError> {
     let req: QueryRequest = parse::json(body)?;
     let plan = ReadPlan {
         db: db.to_string(),
@@ -60,6 +69,7 @@ pub async fn query(state: &AppState, db: &str, body: &[u8], out: &mut Outcome) -
         params: req.params,
         consistency: parse::consistency(req.consistency, state.config.limits.max_wait_ms)?,
         merge: req.merge,
+        cache: parse::cache(req.cache, headers)?,
     };
     let r = sql::read(state, &plan, out).await?;
     Ok(render(r, req.row_format.unwrap_or_default()))

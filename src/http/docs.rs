@@ -65,6 +65,7 @@ struct FindRequest {
     #[serde(default)]
     skip: u64,
     limit: Option<u64>,
+    cache: Option<Value>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -73,6 +74,7 @@ struct AggregateRequest {
     region: Option<Value>,
     consistency: Option<Value>,
     pipeline: Vec<ExtJson>,
+    cache: Option<Value>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -81,6 +83,7 @@ struct CountRequest {
     region: Option<Value>,
     consistency: Option<Value>,
     filter: Option<ExtJson>,
+    cache: Option<Value>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -197,24 +200,27 @@ fn opt_doc(v: Option<ExtJson>, what: &str) -> Result<Option<Document>, ApiError>
     v.map(|v| v.into_document(what)).transpose().map_err(invalid)
 }
 
+/// `headers`: the request's, for `Cache-Control` (reads).
 pub async fn handle(
     state: &AppState,
     db: &str,
     collection: &str,
     op: Op,
     body: &[u8],
+    headers: &http::HeaderMap,
     out: &mut Outcome,
 ) -> Result<(StatusCode, Answer), ApiError> {
     // Integers outside int64 are refused before parsing (the JSON parser would make them doubles).
     ejson::check_integers(body).map_err(ApiError::InvalidJson)?;
     let max_wait = state.config.limits.max_wait_ms;
-    let read = |region, consistency, op| -> Result<ReadPlan, ApiError> {
+    let read = |region, consistency, cache, op| -> Result<ReadPlan, ApiError> {
         Ok(ReadPlan {
             db: db.to_string(),
             collection: collection.to_string(),
             region: parse::region(region)?,
             consistency: parse::consistency(consistency, max_wait)?,
             op,
+            cache: parse::cache(cache, headers)?,
         })
     };
     let plan = match op {
@@ -227,7 +233,7 @@ pub async fn handle(
                 skip: req.skip,
                 limit: req.limit,
             };
-            read(req.region, req.consistency, find)?
+            read(req.region, req.consistency, req.cache, find)?
         }
         Op::Aggregate => {
             let req: AggregateRequest = parse::json(body)?;
@@ -235,12 +241,12 @@ pub async fn handle(
             for (i, stage) in req.pipeline.into_iter().enumerate() {
                 pipeline.push(stage.into_document(&format!("pipeline[{i}]")).map_err(invalid)?);
             }
-            read(req.region, req.consistency, ReadOp::Aggregate { pipeline })?
+            read(req.region, req.consistency, req.cache, ReadOp::Aggregate { pipeline })?
         }
         Op::Count => {
             let req: CountRequest = parse::json(body)?;
             let filter = opt_doc(req.filter, "filter")?.unwrap_or_default();
-            read(req.region, req.consistency, ReadOp::Count { filter })?
+            read(req.region, req.consistency, req.cache, ReadOp::Count { filter })?
         }
         Op::Insert => return insert(state, db, collection, body, out).await,
         Op::Update | Op::Delete => {

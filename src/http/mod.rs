@@ -2,7 +2,8 @@
 //! deadline and size limit (408 / 431), HTTP/1.1 + h2c via hyper-util, body limits (413), in-flight
 //! limit (429), request deadline (504), auth, the request span and metrics. With
 //! `[listen.*_tls]` a listener speaks HTTPS (handshake bounded by the header timeout, ALPN `h2`
-//! and `http/1.1`; certificates from `crate::listen_tls`), then serves exactly as in cleartext.
+//! and `http/1.1`; certificates from `crate::listen_tls`), then serves exactly as in cleartext;
+//! a client certificate's identities are read once per connection and ride on each request.
 
 pub mod admin;
 pub mod api;
@@ -225,7 +226,7 @@ async fn write_raw_error<S: AsyncWrite + Unpin>(stream: &mut S, e: ApiError) {
 pub async fn serve(
     listener: TcpListener,
     plane: Plane,
-    tls: Option<tokio_rustls::TlsAcceptor>,
+    tls: Option<Arc<crate::listen_tls::ListenerTls>>,
     state: Arc<AppState>,
     mut shutdown: watch::Receiver<bool>,
     grace: Duration,
@@ -271,14 +272,16 @@ pub async fn serve(
         crate::tasks::spawn(plane.connection_task(), async move {
             let timeout = Duration::from_millis(state.config.limits.header_timeout_ms);
             let Some(tls) = tls else {
-                return connection(stream, plane, state, builder, watcher, timeout).await;
+                return connection(stream, plane, state, builder, watcher, timeout, None).await;
             };
             // The handshake and the first request head share the header timeout.
             let started = tokio::time::Instant::now();
-            match tokio::time::timeout(timeout, tls.accept(stream)).await {
+            match tokio::time::timeout(timeout, tls.acceptor().accept(stream)).await {
                 Ok(Ok(stream)) => {
                     let left = timeout.saturating_sub(started.elapsed());
-                    connection(stream, plane, state, builder, watcher, left).await
+                    // Parsed once here, shared by every request of the connection.
+                    let peer = crate::listen_tls::peer_identity(stream.get_ref().1);
+                    connection(stream, plane, state, builder, watcher, left, peer).await
                 }
                 // Cleartext HTTP on this port, a client that does not trust us, a scanner:
                 // the connection is closed (rustls has sent its alert where one applies).
@@ -295,6 +298,7 @@ pub async fn serve(
 }
 
 /// Serve one connection (TCP or TLS): the first head under `head_timeout` (408 / 431), then hyper.
+/// `peer` (a TLS client certificate's identities) goes into every request's extensions.
 async fn connection<S>(
     mut stream: S,
     plane: Plane,
@@ -302,6 +306,7 @@ async fn connection<S>(
     builder: Arc<auto::Builder<TokioExecutor>>,
     watcher: hyper_util::server::graceful::Watcher,
     head_timeout: Duration,
+    peer: Option<Arc<crate::listen_tls::PeerIdentity>>,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -312,8 +317,11 @@ async fn connection<S>(
         Head::TooLarge => return write_raw_error(&mut stream, ApiError::HeadersTooLarge).await,
     };
     let io = TokioIo::new(Rewind::new(prefix, stream));
-    let svc = hyper::service::service_fn(move |req| {
+    let svc = hyper::service::service_fn(move |mut req: Request<Incoming>| {
         let state = state.clone();
+        if let Some(p) = &peer {
+            req.extensions_mut().insert(p.clone());
+        }
         async move { Ok::<_, std::convert::Infallible>(handle(state, plane, req).await) }
     });
     let conn = builder.serve_connection(io, svc).into_owned();
@@ -383,6 +391,14 @@ fn check_json_content_type(headers: &http::HeaderMap) -> Result<(), ApiError> {
     }
 }
 
+/// A request's credentials: its `Authorization` header and, over TLS with a client certificate,
+/// that certificate's identities (put there by [`connection`]).
+fn credentials(req: &Request<Incoming>) -> (Option<&[u8]>, Option<&[String]>) {
+    let header = req.headers().get(header::AUTHORIZATION).map(|v| v.as_bytes());
+    let peer = req.extensions().get::<Arc<crate::listen_tls::PeerIdentity>>().map(|p| p.0.as_slice());
+    (header, peer)
+}
+
 struct InFlight<'a>(&'a AppState);
 
 impl Drop for InFlight<'_> {
@@ -440,9 +456,14 @@ async fn data(state: &AppState, req: Request<Incoming>) -> Response<Body> {
         role = tracing::field::Empty, map_version = tracing::field::Empty, status = tracing::field::Empty);
     let scope = if read { Scope::Read } else { Scope::Write };
     let result = async {
-        // One digest per request, asked about every scope the request needs.
-        let id = match state.auth.identify(req.headers().get(header::AUTHORIZATION).map(|v| v.as_bytes())) {
+        // One lookup per request, asked about every scope the request needs.
+        let (authorization, peer) = credentials(&req);
+        let auth = state.credentials.auth();
+        let id = match auth.identify(authorization, peer) {
             Ok(id) => id,
+            Err(crate::auth::AuthError::UnknownClient(ids)) => {
+                return (Err(ApiError::UnknownClient(ids)), Outcome::default());
+            }
             Err(_) => return (Err(ApiError::Unauthorized), Outcome::default()),
         };
         if id.as_ref().is_some_and(|id| !id.allows(scope)) {
@@ -467,13 +488,13 @@ async fn data(state: &AppState, req: Request<Incoming>) -> Response<Body> {
             // branch, and a parked request (100k of them at the load target) would otherwise
             // carry the biggest handler's state (the MongoDB driver's) whatever it runs.
             match &op {
-                DataOp::Query => {
-                    Box::pin(api::query(state, &db, &body, &mut out)).await.map(|a| (StatusCode::OK, Answer::Sql(a)))
-                }
+                DataOp::Query => Box::pin(api::query(state, &db, &body, &parts.headers, &mut out))
+                    .await
+                    .map(|a| (StatusCode::OK, Answer::Sql(a))),
                 DataOp::Execute => Box::pin(api::execute(state, &db, &body, allow_ddl, &mut out))
                     .await
                     .map(|a| (StatusCode::OK, Answer::Sql(a))),
-                DataOp::Docs(coll, o) => Box::pin(docs::handle(state, &db, coll, *o, &body, &mut out))
+                DataOp::Docs(coll, o) => Box::pin(docs::handle(state, &db, coll, *o, &body, &parts.headers, &mut out))
                     .await
                     .map(|(s, a)| (s, Answer::Docs(a))),
             }
@@ -487,7 +508,7 @@ async fn data(state: &AppState, req: Request<Incoming>) -> Response<Body> {
     .instrument(span.clone())
     .await;
     let (result, out) = result;
-    let resp = match result {
+    let mut resp = match result {
         Ok((status, v)) => respond::json_response(status, &v),
         Err(e) => {
             if e.status().is_server_error() {
@@ -498,6 +519,9 @@ async fn data(state: &AppState, req: Request<Incoming>) -> Response<Body> {
             e.into_response()
         }
     };
+    if let Some(c) = &out.cache {
+        respond::cache_headers(&mut resp, c);
+    }
     let status = resp.status().as_u16();
     let shard = out.shard.unwrap_or_else(|| "none".into());
     let role = out.role.map(|r| r.as_str()).unwrap_or("none");

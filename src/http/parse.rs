@@ -1,11 +1,13 @@
-//! Request-body parsing shared by the data-plane handlers: JSON bodies, regions and the
-//! consistency parameter. Turns client JSON into the data plane's types; runs nothing.
+//! Request-body parsing shared by the data-plane handlers: JSON bodies, regions, the
+//! consistency parameter and the read cache's ask (the body's `cache` member and the
+//! `Cache-Control` request header). Turns client JSON into the data plane's types; runs nothing.
 
 use std::time::Duration;
 
 use serde::Deserialize;
 use serde_json::Value;
 
+use crate::dataplane::cache::CacheAsk;
 use crate::dataplane::{ApiError, Consistency, RegionSpec, parse_token};
 
 #[derive(Debug, Deserialize)]
@@ -64,6 +66,44 @@ pub fn consistency(v: Option<Value>, max_wait_ms: u64) -> Result<Consistency, Ap
     }
 }
 
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CacheJson {
+    ttl_ms: u64,
+    #[serde(default)]
+    swr_ms: u64,
+}
+
+/// What a read asks of the cache: the body's `"cache": {"ttl_ms", "swr_ms"}` (absent or null:
+/// no opt-in) and the `Cache-Control` directives `no-cache`, `no-store`, `only-if-cached` (any
+/// case, in any `Cache-Control` line; other directives are ignored).
+pub fn cache(v: Option<Value>, headers: &http::HeaderMap) -> Result<CacheAsk, ApiError> {
+    let opt_in = match v {
+        None | Some(Value::Null) => None,
+        Some(v) => {
+            let c: CacheJson = super::json::from_value_strict(v, "cache").map_err(ApiError::InvalidJson)?;
+            if c.ttl_ms == 0 {
+                return Err(ApiError::InvalidParams("cache.ttl_ms must be at least 1".into()));
+            }
+            Some((Duration::from_millis(c.ttl_ms), Duration::from_millis(c.swr_ms)))
+        }
+    };
+    let mut ask = CacheAsk { opt_in, ..Default::default() };
+    for line in headers.get_all(http::header::CACHE_CONTROL) {
+        for d in String::from_utf8_lossy(line.as_bytes()).split(',') {
+            let name = d.split('=').next().unwrap_or("").trim();
+            if name.eq_ignore_ascii_case("no-cache") {
+                ask.no_cache = true;
+            } else if name.eq_ignore_ascii_case("no-store") {
+                ask.no_store = true;
+            } else if name.eq_ignore_ascii_case("only-if-cached") {
+                ask.only_if_cached = true;
+            }
+        }
+    }
+    Ok(ask)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -82,6 +122,26 @@ mod tests {
         assert_eq!(consistency(None, 100).unwrap(), Consistency::Replica);
         assert_eq!(consistency(Some(json!("primary")), 100).unwrap(), Consistency::Primary);
         assert!(consistency(Some(json!(3)), 100).is_err());
+    }
+
+    #[test]
+    fn cache_asks() {
+        let none = http::HeaderMap::new();
+        assert_eq!(cache(None, &none).unwrap(), CacheAsk::default());
+        let ask = cache(Some(json!({"ttl_ms": 30000, "swr_ms": 5000})), &none).unwrap();
+        assert_eq!(ask.opt_in, Some((Duration::from_secs(30), Duration::from_secs(5))));
+        assert_eq!(
+            cache(Some(json!({"ttl_ms": 10})), &none).unwrap().opt_in,
+            Some((Duration::from_millis(10), Duration::ZERO))
+        );
+        assert!(matches!(cache(Some(json!({"ttl_ms": 0})), &none), Err(ApiError::InvalidParams(_))));
+        assert!(matches!(cache(Some(json!({"ttl_ms": 1, "x": 1})), &none), Err(ApiError::InvalidJson(_))));
+        assert!(matches!(cache(Some(json!({"swr_ms": 1})), &none), Err(ApiError::InvalidJson(_))));
+        let mut h = http::HeaderMap::new();
+        h.append(http::header::CACHE_CONTROL, http::HeaderValue::from_static("No-Cache, max-age=0"));
+        h.append(http::header::CACHE_CONTROL, http::HeaderValue::from_static("only-if-cached"));
+        let ask = cache(None, &h).unwrap();
+        assert!(ask.no_cache && ask.only_if_cached && !ask.no_store);
     }
 
     #[test]

@@ -11,6 +11,9 @@ pub use crate::error::ApiError;
 
 pub type Body = Full<Bytes>;
 
+/// Identities named in an unknown client's 403 at most (a certificate may carry many SANs).
+const NAMED_IDENTITIES: usize = 16;
+
 impl ApiError {
     /// (status, code, retryable)
     fn class(&self) -> (StatusCode, &'static str, bool) {
@@ -22,7 +25,7 @@ impl ApiError {
             AreaWrite => (StatusCode::BAD_REQUEST, "area_write", false),
             InvalidParams(_) => (StatusCode::BAD_REQUEST, "invalid_params", false),
             Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized", false),
-            Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden", false),
+            Forbidden(_) | UnknownClient(_) => (StatusCode::FORBIDDEN, "forbidden", false),
             UnknownDatabase(_) => (StatusCode::NOT_FOUND, "unknown_database", false),
             NoShardForRegion(_) => (StatusCode::NOT_FOUND, "no_shard_for_region", false),
             NotFound => (StatusCode::NOT_FOUND, "not_found", false),
@@ -44,6 +47,7 @@ impl ApiError {
             Conflict(_) => (StatusCode::CONFLICT, "conflict", false),
             Timeout => (StatusCode::GATEWAY_TIMEOUT, "timeout", true),
             OutcomeUnknown(_) => (StatusCode::SERVICE_UNAVAILABLE, "write_outcome_unknown", false),
+            NotCached => (StatusCode::GATEWAY_TIMEOUT, "not_cached", false),
         }
     }
 
@@ -61,6 +65,11 @@ impl ApiError {
             InvalidParams(m) => m.clone(),
             Unauthorized => "missing or unknown bearer token".into(),
             Forbidden(scope) => format!("token lacks the {scope} scope"),
+            UnknownClient(ids) => match &ids[..ids.len().min(NAMED_IDENTITIES)] {
+                [] => "the client certificate carries no SAN URI, SAN DNS name or common name to match a [[clients]] identity".into(),
+                [one] => format!("client certificate identity {one} matches no [[clients]] entry"),
+                many => format!("client certificate identities {} match no [[clients]] entry", many.join(", ")),
+            },
             UnknownDatabase(db) => format!("no database {db:?} in the shard map"),
             NoShardForRegion(cell) => format!("no shard owns cell {cell}"),
             NotFound => "no such route".into(),
@@ -84,6 +93,7 @@ impl ApiError {
             Conflict(m) => m.clone(),
             Timeout => "request deadline exceeded".into(),
             OutcomeUnknown(m) => format!("write outcome unknown: {m}"),
+            NotCached => "nothing cached for this request (Cache-Control: only-if-cached)".into(),
         }
     }
 
@@ -135,6 +145,10 @@ impl ApiError {
                 err["statement"] = json!(s);
             }
         }
+        // What the certificate carries, so the operator sees what to configure.
+        if let ApiError::UnknownClient(ids) = self {
+            err["identities"] = json!(&ids[..ids.len().min(NAMED_IDENTITIES)]);
+        }
         if let ApiError::ShardUnavailable { shard, .. } = self {
             err["shard"] = json!(shard);
         }
@@ -161,6 +175,8 @@ impl From<crate::migrate::MigrateError> for ApiError {
                 hint: None,
                 statement: None,
             },
+            // etcd unreachable or the fleet did not acknowledge: 503, retry later.
+            M::Fleet(reason) => ApiError::ShardUnavailable { shard: "etcd".into(), reason },
             // Outcomes of a running migration, recorded in its `error`; should a request meet
             // one, the migration's state is what stands in its way.
             other @ (M::Publish(_) | M::Aborted | M::Failpoint) => ApiError::Conflict(other.to_string()),
@@ -180,6 +196,42 @@ pub fn json_response(status: StatusCode, v: &impl serde::Serialize) -> Response<
     *resp.status_mut() = status;
     resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     resp
+}
+
+/// `Cache-Status` (RFC 9211, cache name `cellgate`) and, for answers from the cache, `Age`:
+/// `cellgate; hit; ttl=12` (negative ttl: served stale while it is refreshed; `detail=l2` when
+/// Redis answered), `cellgate; fwd=miss; stored; ttl=30`, `cellgate; fwd=miss; collapsed` (another
+/// request's read answered), `cellgate; fwd=request; stored` (`no-cache`), `cellgate;
+/// fwd=bypass; detail=redis-down`, and `cellgate; fwd=miss; detail=only-if-cached` on the 504.
+pub fn cache_headers(resp: &mut Response<Body>, c: &crate::dataplane::cache::CacheStatus) {
+    use crate::dataplane::cache::{CacheStatus, Level};
+    let (value, age) = match c {
+        CacheStatus::Hit { level, stale: _, ttl_s, age_s } => {
+            let l2 = if *level == Level::L2 { "; detail=l2" } else { "" };
+            (format!("cellgate; hit; ttl={ttl_s}{l2}"), Some(*age_s))
+        }
+        CacheStatus::Forward { no_cache, collapsed, stored, ttl_s } => {
+            let mut v = String::from(if *no_cache { "cellgate; fwd=request" } else { "cellgate; fwd=miss" });
+            if *collapsed {
+                v.push_str("; collapsed");
+            }
+            if *stored {
+                v.push_str("; stored");
+            }
+            if let Some(t) = ttl_s {
+                v.push_str(&format!("; ttl={t}"));
+            }
+            (v, None)
+        }
+        CacheStatus::Bypass(b) => (format!("cellgate; fwd=bypass; detail={}", b.as_str()), None),
+        CacheStatus::OnlyIfCachedMiss => ("cellgate; fwd=miss; detail=only-if-cached".into(), None),
+    };
+    if let Ok(v) = HeaderValue::from_str(&value) {
+        resp.headers_mut().insert("cache-status", v);
+    }
+    if let Some(a) = age {
+        resp.headers_mut().insert(header::AGE, HeaderValue::from(a));
+    }
 }
 
 pub fn text_response(status: StatusCode, content_type: &'static str, body: String) -> Response<Body> {

@@ -33,6 +33,9 @@ pub enum MigrateError {
     Publish(String),
     #[error("aborted by operator")]
     Aborted,
+    /// A step through etcd failed (fleet mode): unreachable, or instances did not acknowledge.
+    #[error("fleet: {0}")]
+    Fleet(String),
     /// Test hook: the orchestrator stops here as a crashed process would.
     #[error("failpoint")]
     Failpoint,
@@ -53,6 +56,7 @@ impl MigrateError {
                 (Fault::Shard, transient)
             }
             Publish(_) | Failpoint => (Fault::Server, false),
+            Fleet(_) => (Fault::Server, true),
         }
     }
 
@@ -84,6 +88,7 @@ impl MigrateError {
             ShardUnavailable { shard, reason } => ShardUnavailable { shard, reason: mask(reason) },
             Database { step, sqlstate, message } => Database { step, sqlstate, message: mask(message) },
             Publish(m) => Publish(mask(m)),
+            Fleet(m) => Fleet(mask(m)),
             e @ (NotFound | Aborted | Failpoint) => e,
         }
     }

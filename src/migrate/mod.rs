@@ -35,13 +35,19 @@ use plan::Pairs;
 
 /// What a migration works on, provided by the application state (the control plane sits below
 /// it): the published map, the config, the reload channel (to publish map v+1), the freeze this
-/// instance's writes honour, and the registry of migrations.
+/// instance's writes honour, the registry of migrations, and the read cache (a cutover bumps the
+/// moved cells' versions).
 pub trait Host: Send + Sync + 'static {
     fn pin(&self) -> Arc<crate::state::Snapshot>;
     fn config(&self) -> &crate::config::Config;
+    /// The serving peer token (it is reloaded, so not read from the config).
+    fn peer_token(&self) -> Option<String>;
     fn reload_tx(&self) -> &crate::reload::Sender;
     fn freeze(&self) -> &tokio::sync::watch::Sender<Option<Arc<Freeze>>>;
     fn migrations(&self) -> &Registry;
+    fn cache(&self) -> &crate::cache::Cache;
+    /// The link to etcd in fleet mode: freezes, the map and the migration record go through it.
+    fn etcd(&self) -> Option<&crate::etcd::Link>;
 }
 
 /// Writes held for a set of cells during a cutover.
@@ -135,6 +141,22 @@ impl Registry {
 
     pub fn list(&self) -> Vec<Doc> {
         self.0.lock().expect("registry").values().map(|m| m.doc()).collect()
+    }
+
+    /// etcd mode: records this process holds but does not run and that another instance
+    /// (`!= me`) wrote last take the state etcd has now — a migration another instance finished
+    /// must not block the next one here as "one at a time". Its own records stay: this process
+    /// wrote them (etcd's copy may be older, its write being best effort).
+    fn refresh(&self, records: &[crate::etcd::MigrationRecord], me: &str) {
+        let reg = self.0.lock().expect("registry");
+        for r in records.iter().filter(|r| r.orchestrator != me) {
+            let Ok(doc) = serde_json::from_value::<Doc>(r.doc.clone()) else { continue };
+            if let Some(m) = reg.get(&doc.id)
+                && !m.running()
+            {
+                m.update(|d| *d = doc);
+            }
+        }
     }
 
     /// Add a new migration unless another one is busy (checked and inserted under one lock).
@@ -267,6 +289,22 @@ async fn undo_job(state: &dyn Host, m: &Migration, pairs: &Pairs) {
 
 /// `POST /admin/migrations`: validate now (errors are the caller's), then run in the background.
 pub async fn start(state: &Arc<dyn Host>, req: StartRequest) -> Result<Doc, MigrateError> {
+    // etcd mode: one at a time across the fleet (another instance may orchestrate one), and a
+    // start while etcd is unreachable fails here, before anything changed.
+    if let Some(link) = state.etcd() {
+        let (records, _) = crate::etcd::migrations(&crate::etcd::Target::of(&link.source))
+            .await
+            .map_err(|e| MigrateError::Fleet(format!("cannot start a migration: {e}")))?;
+        state.migrations().refresh(&records, &link.id);
+        if let Some(busy) =
+            records.iter().filter_map(|r| serde_json::from_value::<Doc>(r.doc.clone()).ok()).find(Doc::active)
+        {
+            return Err(MigrateError::Conflict(format!(
+                "migration {} is {} (in etcd): one at a time; resume or abort it",
+                busy.id, busy.state
+            )));
+        }
+    }
     if let Some(busy) = state.migrations().list().into_iter().find(Doc::active) {
         return Err(MigrateError::Conflict(format!("migration {} is {}: one at a time", busy.id, busy.state)));
     }
@@ -297,7 +335,10 @@ pub async fn start(state: &Arc<dyn Host>, req: StartRequest) -> Result<Doc, Migr
 /// `POST /admin/migrations/{id}/abort`: from any state before the publish. A `failed`
 /// migration whose cleanup is pending gets its cleanup retried.
 pub async fn abort(state: &Arc<dyn Host>, id: &str) -> Result<Doc, MigrateError> {
-    let m = state.migrations().get(id).ok_or(MigrateError::NotFound)?;
+    let m = lookup(state, id).await?;
+    if !m.running() {
+        not_orchestrated_elsewhere(state, id).await?;
+    }
     let doc = m.record();
     match doc.state {
         State::Done | State::Aborted => {
@@ -342,9 +383,12 @@ pub async fn abort(state: &Arc<dyn Host>, id: &str) -> Result<Doc, MigrateError>
 /// orchestrator (recovered after a crash, or stopped by an error after its fence); an
 /// interrupted abort continues as an abort.
 pub async fn resume(state: &Arc<dyn Host>, id: &str) -> Result<Doc, MigrateError> {
-    let m = state.migrations().get(id).ok_or(MigrateError::NotFound)?;
-    let doc = m.record();
+    let m = lookup(state, id).await?;
     let running = m.running();
+    if !running {
+        not_orchestrated_elsewhere(state, id).await?;
+    }
+    let doc = m.record();
     if doc.terminal() || running {
         return Err(MigrateError::Conflict(format!(
             "migration {id} is {} and {}",
@@ -360,6 +404,40 @@ pub async fn resume(state: &Arc<dyn Host>, id: &str) -> Result<Doc, MigrateError
         spawn(state, &m, pairs, Job::Run);
     }
     Ok(m.doc())
+}
+
+/// The migration `id` from the registry; in etcd mode one this process does not know yet
+/// (another instance orchestrated it) is first loaded from the shards and etcd.
+async fn lookup(state: &Arc<dyn Host>, id: &str) -> Result<Arc<Migration>, MigrateError> {
+    if let Some(m) = state.migrations().get(id) {
+        return Ok(m);
+    }
+    if state.etcd().is_some() {
+        recover(state).await;
+    }
+    state.migrations().get(id).ok_or(MigrateError::NotFound)
+}
+
+/// etcd mode: refuse to take over a migration whose orchestrator (as its etcd record names it)
+/// is another instance that is still registered — two orchestrators must not run one migration.
+/// An orchestrator that died drops out with its lease (`lease_ttl_s`).
+async fn not_orchestrated_elsewhere(state: &Arc<dyn Host>, id: &str) -> Result<(), MigrateError> {
+    let Some(link) = state.etcd() else { return Ok(()) };
+    let (records, live) = crate::etcd::migrations(&crate::etcd::Target::of(&link.source))
+        .await
+        .map_err(|e| MigrateError::Fleet(format!("cannot check the migration's orchestrator: {e}")))?;
+    state.migrations().refresh(&records, &link.id);
+    let owner = records.iter().find(|r| r.doc.get("id").and_then(|v| v.as_str()) == Some(id));
+    if let Some(r) = owner
+        && r.orchestrator != link.id
+        && live.iter().any(|i| i.id == r.orchestrator)
+    {
+        return Err(MigrateError::Conflict(format!(
+            "migration {id} is orchestrated by instance {}, which is live: resume or abort it there",
+            r.orchestrator
+        )));
+    }
+    Ok(())
 }
 
 /// Load unfinished migrations persisted on the shards (after a crash of their orchestrator).
@@ -386,6 +464,14 @@ pub async fn recover(state: &Arc<dyn Host>) {
     });
     let mut found: Vec<Doc> = futures_util::future::join_all(reads).await.into_iter().flatten().flatten().collect();
     found.extend(mongo::unfinished(state.as_ref()).await);
+    // etcd mode: the records there too (the shards' rows, read first, take precedence).
+    if let Some(link) = state.etcd()
+        && let Ok((records, _)) = crate::etcd::migrations(&crate::etcd::Target::of(&link.source)).await
+    {
+        found.extend(
+            records.into_iter().filter_map(|r| serde_json::from_value::<Doc>(r.doc).ok()).filter(|d| !d.terminal()),
+        );
+    }
     let mut reg = state.migrations().0.lock().expect("registry");
     for mut doc in found {
         if reg.contains_key(&doc.id) {
@@ -396,6 +482,48 @@ pub async fn recover(state: &Arc<dyn Host>) {
         }
         tracing::warn!(id = %doc.id, state = %doc.state, "unfinished migration found");
         reg.insert(doc.id.clone(), Arc::new(Migration::new(doc)));
+    }
+}
+
+/// etcd mode: make this instance's hold match the freezes published under `<prefix>/freezes/`
+/// (called by the etcd loop at start, on every change and after a loss); the ids now held, which
+/// the registration reports as acknowledged. (1) A held freeze whose key is gone is lifted
+/// (released, or its migration undone). (2) A published one is applied unless already held —
+/// replacing the hold would release the writes waiting on it. One migration runs at a time, so
+/// at most one is published; should there be more, the first is held and only it acknowledged.
+pub fn apply_fleet_freezes(state: &dyn Host, specs: &[crate::etcd::FreezeSpec]) -> Vec<String> {
+    let held = state.freeze().borrow().as_ref().map(|f| f.id.clone());
+    // 1.
+    if let Some(id) = &held
+        && !specs.iter().any(|s| &s.id == id)
+    {
+        release_local(state, id);
+        tracing::info!(%id, "freeze released through etcd");
+    }
+    // 2.
+    let Some(spec) = specs.first() else { return Vec::new() };
+    if held.as_deref() != Some(spec.id.as_str()) {
+        let cells: Result<Vec<CellIndex>, _> = spec.cells.iter().map(|c| crate::geo::parse_cell(c)).collect();
+        match cells {
+            Ok(cells) => {
+                freeze_local(state, &spec.id, &cells, Duration::from_millis(spec.hold_ms));
+                tracing::info!(id = %spec.id, cells = ?spec.cells, "freeze applied from etcd");
+            }
+            Err(e) => {
+                // Not acknowledged: the orchestrator waits for this instance until its timeout.
+                tracing::warn!(id = %spec.id, error = %e, "unreadable freeze in etcd: not applied");
+                return Vec::new();
+            }
+        }
+    }
+    vec![spec.id.clone()]
+}
+
+/// Hold writes here for `id` unless this instance already holds it (see
+/// [`apply_fleet_freezes`]).
+pub(crate) fn freeze_local_once(state: &dyn Host, id: &str, cells: &[CellIndex], hold: Duration) {
+    if state.freeze().borrow().as_ref().is_none_or(|f| f.id != id) {
+        freeze_local(state, id, cells, hold);
     }
 }
 

@@ -87,6 +87,14 @@ pub(super) async fn set(state: &dyn Host, m: &Migration, pairs: &Pairs, f: impl 
     if let Err(e) = super::mongo::persist(state, &pairs.docs, &doc.id, doc.state.as_str(), &json.to_string()).await {
         tracing::warn!(id = %doc.id, error = %e, "could not persist migration progress on MongoDB");
     }
+    // etcd mode: a copy in etcd names the orchestrator, so another instance can tell whether the
+    // migration still has one before it resumes it (the shards' rows stay the authority).
+    if let Some(link) = state.etcd() {
+        let record = crate::etcd::MigrationRecord { orchestrator: link.id.clone(), doc: json };
+        if let Err(e) = crate::etcd::put_migration(&crate::etcd::Target::of(&link.source), &doc.id, &record).await {
+            tracing::warn!(id = %doc.id, error = %e, "could not persist migration progress in etcd");
+        }
+    }
 }
 
 /// The whole forward path from the persisted state: every step skips what is already done.
@@ -103,6 +111,10 @@ pub(super) async fn run(state: &Arc<dyn Host>, m: &Arc<Migration>, pairs: &Pairs
     }
     if !published {
         cutover(state, m, pairs, &cells, &name).await?;
+    } else if state.etcd().is_some() {
+        // Resumed after the publish: the freeze key of the dead orchestrator may still be in
+        // etcd, holding the cells on every instance.
+        release(state.as_ref(), m).await;
     }
     finish(state.as_ref(), m, pairs, &cells, &name).await
 }
@@ -224,7 +236,7 @@ async fn cutover(
 ) -> Result<(), MigrateError> {
     set(state.as_ref(), m, pairs, |d| d.state = State::Cutover).await;
     check_abort(m)?;
-    hold_writes(state.as_ref(), m, cells).await;
+    hold_writes(state.as_ref(), m, cells).await?;
     // The map that moves the cells is the next one (or the serving one, if a crash came after
     // the publish but before it was recorded).
     let fence_version = {
@@ -242,7 +254,10 @@ async fn cutover(
     check_abort(m)?;
     wait_applied(pairs, cells, name, &fence_lsns).await?;
     super::mongo::lift_target(state.as_ref(), &pairs.docs, cells).await?;
-    let version = publish(state.as_ref(), m, cells).await?;
+    let version = match state.etcd() {
+        Some(link) => publish_etcd(state.as_ref(), m, cells, &link.source).await?,
+        None => publish(state.as_ref(), m, cells).await?,
+    };
     if version != fence_version {
         for p in &pairs.sql {
             let src = connect(&p.source).await?;
@@ -253,17 +268,42 @@ async fn cutover(
         super::mongo::set_fence_version(state.as_ref(), &pairs.docs, &m.record().id, version).await?;
     }
     set(state.as_ref(), m, pairs, |d| d.map_version_after = Some(version)).await;
+    // Cached reads of the moved cells filled before now are unreachable (docs/cache.md).
+    let d = m.record();
+    state.cache().moved(&state.pin().map, cells, &d.from, &d.to).await;
     // 4e. Release held writes: they re-route on the new map, to the target.
     release(state.as_ref(), m).await;
     Ok(())
 }
 
 /// 4a. Every instance holds writes for the cells (bounded by hold_ms, then 503 cells_frozen).
-async fn hold_writes(state: &dyn Host, m: &Migration, cells: &[CellIndex]) {
+/// etcd mode: (1) publish the freeze key, (2) hold here, (3) wait until every live instance's
+/// registration says it holds it; an instance that cannot be reached drops out of the fleet with
+/// its lease, and the shards' fence refuses its writes from the next step on.
+async fn hold_writes(state: &dyn Host, m: &Migration, cells: &[CellIndex]) -> Result<(), MigrateError> {
     let doc = m.record();
-    super::freeze_local(state, &doc.id, cells, Duration::from_millis(doc.hold_ms));
-    let body = serde_json::json!({"id": doc.id, "cells": doc.cells, "hold_ms": doc.hold_ms}).to_string();
-    tell_peers(state, m, "freeze", http::Method::POST, "/admin/freeze", "application/json", body, 2).await;
+    let hold = Duration::from_millis(doc.hold_ms);
+    let Some(link) = state.etcd() else {
+        super::freeze_local(state, &doc.id, cells, hold);
+        let body = serde_json::json!({"id": doc.id, "cells": doc.cells, "hold_ms": doc.hold_ms}).to_string();
+        tell_peers(state, m, "freeze", http::Method::POST, "/admin/freeze", "application/json", body, 2).await;
+        return Ok(());
+    };
+    // The key first: this instance's own watch would lift a local hold that etcd does not have.
+    let target = crate::etcd::Target::of(&link.source);
+    let spec = crate::etcd::FreezeSpec { id: doc.id.clone(), cells: doc.cells.clone(), hold_ms: doc.hold_ms };
+    crate::etcd::put_freeze(&target, &spec).await.map_err(|e| MigrateError::Fleet(e.to_string()))?;
+    super::freeze_local_once(state, &doc.id, cells, hold);
+    crate::etcd::wait_for_freeze(&target, &doc.id, fleet_wait(&link.source))
+        .await
+        .map_err(|e| MigrateError::Fleet(e.to_string()))?;
+    Ok(())
+}
+
+/// How long the orchestrator waits for the fleet: long enough for the lease of an instance that
+/// lost etcd to expire (it then no longer counts), plus a few etcd round trips.
+fn fleet_wait(src: &crate::config::EtcdSource) -> Duration {
+    Duration::from_secs(src.lease_ttl_s) + src.timeout * 2 + Duration::from_secs(1)
 }
 
 /// 4b. Fence the source; returns each database's WAL position after its fence.
@@ -345,6 +385,39 @@ async fn publish(state: &dyn Host, m: &Migration, cells: &[CellIndex]) -> Result
     };
     drop(snap);
     tell_peers(state, m, "map push", http::Method::PUT, "/admin/map", "application/toml", text, 10).await;
+    Ok(version)
+}
+
+/// 4d in etcd mode: (1) the compare-and-swap push of map v+1 on the version serving here (a
+/// concurrent operator push makes it fail: the cells stay fenced and held, resume retries),
+/// (2) wait until every live instance serves it — a laggard is recorded, not waited for beyond
+/// the lease TTL (the fence refuses its writes into the cells).
+async fn publish_etcd(
+    state: &dyn Host,
+    m: &Migration,
+    cells: &[CellIndex],
+    src: &crate::config::EtcdSource,
+) -> Result<u64, MigrateError> {
+    let target = crate::etcd::Target::of(src);
+    let to = m.record().to;
+    let version = {
+        let snap = state.pin();
+        if owned_by_target(&snap.map, cells, &to) {
+            snap.map.version().0
+        } else {
+            let (text, version) = super::plan::next_map_text(&snap.text, cells, &to).map_err(MigrateError::Publish)?;
+            let if_version = Some(snap.map.version().0);
+            drop(snap);
+            crate::etcd::push_map(&target, &text, if_version)
+                .await
+                .map_err(|e| MigrateError::Publish(format!("publishing map v{version} through etcd: {e}")))?;
+            version
+        }
+    };
+    if let Err(e) = crate::etcd::wait_for_version(&target, version, fleet_wait(src)).await {
+        tracing::warn!(error = %e, "map push: not every instance reports the new version");
+        m.update(|d| d.peer_problems.push(format!("map push: {e}")));
+    }
     Ok(version)
 }
 
@@ -471,8 +544,11 @@ async fn tell_peers(
     body: String,
     timeout_s: u64,
 ) {
+    let token = state.peer_token();
     let peers = crate::fleet::broadcast(
-        state.config(),
+        &state.config().peers,
+        &state.config().tls,
+        token.as_deref(),
         method,
         path,
         content_type,
@@ -505,6 +581,24 @@ pub(super) async fn release(state: &dyn Host, m: &Migration) {
         m.update(|d| d.hold_ms_max = Some(d.hold_ms_max.unwrap_or(0).max(held)));
         metrics::histogram!(crate::telemetry::names::MIGRATION_HOLD).record(held as f64 / 1000.0);
     }
-    let body = serde_json::json!({"id": id}).to_string();
-    tell_peers(state, m, "release", http::Method::POST, "/admin/release", "application/json", body, 2).await;
+    let Some(link) = state.etcd() else {
+        let body = serde_json::json!({"id": id}).to_string();
+        tell_peers(state, m, "release", http::Method::POST, "/admin/release", "application/json", body, 2).await;
+        return;
+    };
+    // etcd mode: deleting the key releases every instance. Retried: a key left behind holds the
+    // cells (503 cells_frozen) everywhere until a resume deletes it.
+    let target = crate::etcd::Target::of(&link.source);
+    let mut last = None;
+    for attempt in 0..5u32 {
+        match crate::etcd::delete_freeze(&target, &id).await {
+            Ok(()) => return,
+            Err(e) => last = Some(e),
+        }
+        tokio::time::sleep(Duration::from_millis(200 << attempt)).await;
+    }
+    if let Some(e) = last {
+        tracing::warn!(%id, error = %e, "cannot delete the freeze key in etcd: cells stay held until resume");
+        m.update(|d| d.peer_problems.push(format!("release: {e}")));
+    }
 }

@@ -2,6 +2,7 @@
 //! serving in-process on 127.0.0.1:0. Dropping the stack stops cellgate and the cluster.
 #![allow(dead_code)]
 
+pub mod etcd;
 pub mod mongo;
 
 use std::io::Write;
@@ -176,7 +177,9 @@ impl Stack {
         std::fs::write(dir.join("map.toml"), map).unwrap();
         let mut cfg = config_text(&dir);
         tweak(&mut cfg);
-        let config = Config::parse(&cfg).expect("test config");
+        // Loaded from a file, as `cellgate serve` does: credentials reload from it.
+        std::fs::write(dir.join("cellgate.toml"), &cfg).unwrap();
+        let config = Config::load(&dir.join("cellgate.toml")).expect("test config");
         let server = server::start(config, false).await.expect("cellgate starts");
         let stack = Stack { cluster, server: Some(server), http: reqwest::Client::new(), dir, extra: Vec::new() };
         stack.wait_ready().await;

@@ -126,6 +126,12 @@ impl Peer {
     }
 
     fn start_secantus() -> Peer {
+        Self::start_secantus_with(&[])
+    }
+
+    /// SecantusDB with `extra` arguments after the usual ones (e.g. `--tls-cert-file C
+    /// --tls-key-file K` for a TLS-only server; readiness is still a TCP connect).
+    pub fn start_secantus_with(extra: &[&str]) -> Peer {
         let bin = peers_dir().join(".secantus/bin/secantusd-py");
         assert!(bin.exists(), "SecantusDB is not installed ({} missing): {INSTALL_HINT}", bin.display());
         for _ in 0..3 {
@@ -133,7 +139,8 @@ impl Peer {
             let mut cmd = Command::new(&bin);
             // It logs to stderr ("listening" included); readiness is a TCP connect instead.
             cmd.args(["--host", "127.0.0.1", "--port", &port.to_string(), "--storage-path", ":memory:"])
-                .args(["--log-level", "WARNING"]);
+                .args(["--log-level", "WARNING"])
+                .args(extra);
             let mut proc = Proc::spawn(cmd);
             let deadline = Instant::now() + Duration::from_secs(30);
             while Instant::now() < deadline {
@@ -275,11 +282,19 @@ impl DocStack {
 
     /// cellgate in-process on this map text.
     pub async fn start_map(map: &str) -> DocStack {
+        Self::start_map_conf(map, |_| {}).await
+    }
+
+    /// cellgate in-process on this map text, the process config edited by `tweak` (e.g. a
+    /// `[tls]` section appended).
+    pub async fn start_map_conf(map: &str, tweak: impl FnOnce(&mut String)) -> DocStack {
         logs();
         let dir = std::env::temp_dir().join(format!("cellgate-mongo-{}-{}", std::process::id(), free_port()));
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(dir.join("map.toml"), map).unwrap();
-        let config = Config::parse(&config_text(&dir)).expect("test config");
+        let mut text = config_text(&dir);
+        tweak(&mut text);
+        let config = Config::parse(&text).expect("test config");
         let server = server::start(config, false).await.expect("cellgate starts");
         let st = DocStack { server: Some(server), http: reqwest::Client::new(), dir };
         super::wait_ready(&st.http, &st.admin(), Duration::from_secs(30)).await;

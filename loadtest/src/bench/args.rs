@@ -12,14 +12,17 @@ pub fn workspace() -> String {
 
 pub const HELP: &str = "\
 cellgate-bench: point reads directly against PostgreSQL vs through cellgate, in alternating pairs,
-plus the 100k-concurrent-streams test (G4) and the latency-under-100k-open-streams test (G7).
+plus the 100k-concurrent-streams test (G4), the latency-under-100k-open-streams test (G7) and,
+on request, the TLS variants (HTTPS clients, TLS to PostgreSQL, handshakes per core).
 Starts its own loopback cluster (harness) and release cellgate processes; stops everything it
 started, also on error and Ctrl-C. Writes a markdown report and an SVG latency chart.
 
 Usage: cellgate-bench [OPTIONS]
 
 Parts:
-  --only PARTS          comma-separated subset of pairs,streams,g7 (repeatable) [default: all]
+  --only PARTS          comma-separated subset of pairs,streams,g7,tls (repeatable)
+                        [default: pairs,streams,g7; tls only when asked for]
+  --tls                 same as --only tls (added to --only when both are given)
 
 Pairs (G1-G3):
   --pairs N             alternating direct/proxied pairs [default: 3]
@@ -43,6 +46,11 @@ G7:
   --g7-secs S           measured seconds [default: 10]
   --g7-radius-km K      radius of the area search [default: 10]
 
+TLS (issue 14; runs after the other parts: it turns ssl on in the cluster):
+  --tls-out FILE        markdown report of the TLS part [default: docs/performance-tls.md]
+  Uses --pairs, --secs, --concurrency, --client-threads and --proto (h1: --h1 on every variant;
+  h2c: h2c prior knowledge in cleartext, h2 via ALPN over TLS).
+
 Output and build:
   --out FILE            markdown report [default: docs/performance-runner.md]
   --svg FILE            latency chart [default: docs/performance-latency.svg]
@@ -59,6 +67,8 @@ pub enum Part {
     Pairs,
     Streams,
     G7,
+    /// TLS variants of the proxied point read, and handshakes per core (opt-in).
+    Tls,
 }
 
 #[derive(Debug, Clone)]
@@ -81,6 +91,7 @@ pub struct Args {
     pub g7_radius_km: f64,
     pub out: PathBuf,
     pub svg: PathBuf,
+    pub tls_out: PathBuf,
     pub keep_work: bool,
     pub build: bool,
     pub help: bool,
@@ -107,6 +118,7 @@ impl Default for Args {
             g7_radius_km: 10.0,
             out: PathBuf::from(workspace()).join("docs/performance-runner.md"),
             svg: PathBuf::from(workspace()).join("docs/performance-latency.svg"),
+            tls_out: PathBuf::from(workspace()).join("docs/performance-tls.md"),
             keep_work: false,
             build: false,
             help: false,
@@ -117,6 +129,10 @@ impl Default for Args {
 impl Args {
     pub fn has(&self, p: Part) -> bool {
         self.parts.contains(&p)
+    }
+    /// Any of the parts that write the main report (`--out`, `--svg`).
+    pub fn main_report(&self) -> bool {
+        self.has(Part::Pairs) || self.has(Part::Streams) || self.has(Part::G7)
     }
 }
 
@@ -142,10 +158,12 @@ pub fn parse(argv: impl IntoIterator<Item = String>) -> Result<Args, String> {
                         "pairs" => Part::Pairs,
                         "streams" => Part::Streams,
                         "g7" => Part::G7,
-                        other => return Err(format!("--only: unknown part {other:?} (pairs, streams, g7)")),
+                        "tls" => Part::Tls,
+                        other => return Err(format!("--only: unknown part {other:?} (pairs, streams, g7, tls)")),
                     });
                 }
             }
+            "--tls" => only.push(Part::Tls),
             "--pairs" => a.pairs = num(&flag, &value()?)?,
             "--secs" => a.secs = num(&flag, &value()?)?,
             "--concurrency" => a.concurrency = num(&flag, &value()?)?,
@@ -169,14 +187,16 @@ pub fn parse(argv: impl IntoIterator<Item = String>) -> Result<Args, String> {
             "--g7-radius-km" => a.g7_radius_km = num(&flag, &value()?)?,
             "--out" => a.out = PathBuf::from(value()?),
             "--svg" => a.svg = PathBuf::from(value()?),
+            "--tls-out" => a.tls_out = PathBuf::from(value()?),
             "--keep-work" => a.keep_work = true,
             "--build" => a.build = true,
             other => return Err(format!("unknown option {other:?} (see --help)")),
         }
     }
     if !only.is_empty() {
-        only.dedup();
-        a.parts = only;
+        // Order of the parts is fixed (pairs, streams, g7, tls): tls turns ssl on in the cluster,
+        // which would change what pgbench (sslmode=prefer) measures in the pairs.
+        a.parts = [Part::Pairs, Part::Streams, Part::G7, Part::Tls].into_iter().filter(|p| only.contains(p)).collect();
     }
     if a.pairs == 0 || a.secs == 0 || a.concurrency == 0 || a.client_threads == 0 || a.scale == 0 {
         return Err("--pairs, --secs, --concurrency, --client-threads and --scale must be > 0".into());
@@ -211,5 +231,10 @@ mod tests {
         assert!(p(&["--pairs", "0"]).is_err());
         assert!(p(&["--secs"]).is_err());
         assert!(p(&["--bogus"]).is_err());
+        assert_eq!(p(&["--tls"]).unwrap().parts, vec![Part::Tls]);
+        assert_eq!(p(&["--tls", "--only", "pairs"]).unwrap().parts, vec![Part::Pairs, Part::Tls]);
+        assert_eq!(p(&["--only", "tls,g7"]).unwrap().parts, vec![Part::G7, Part::Tls]);
+        assert!(!p(&[]).unwrap().has(Part::Tls));
+        assert!(!p(&["--tls"]).unwrap().main_report());
     }
 }

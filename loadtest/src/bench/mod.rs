@@ -7,7 +7,9 @@
 //!   the pair's direct ceiling;
 //! * streams (G4): h2load with 100 connections × 1,000 streams against a saturated pool;
 //! * g7: point reads and area searches at a fixed offered rate while 100,000 other streams are
-//!   parked inside cellgate.
+//!   parked inside cellgate;
+//! * tls (opt-in, `--tls`): the proxied point read with HTTPS clients and/or TLS to PostgreSQL
+//!   as ratios to cleartext, and TLS handshakes per second per cellgate core (tls.rs).
 //!
 //! Writes a markdown report and an SVG chart. Every child is stopped by PID at the end, also on
 //! error and Ctrl-C; the cluster cleans up on drop.
@@ -19,6 +21,7 @@ pub mod report;
 pub mod setup;
 pub mod stats;
 pub mod svg;
+pub mod tls;
 pub mod tools;
 
 use std::future::Future;
@@ -185,7 +188,7 @@ impl Ctx {
         tools::show(program, args, &self.work, &self.token)
     }
     fn url(&self, cg: &Cellgate) -> String {
-        format!("http://{}/v1/sql/core/query", cg.data)
+        format!("{}://{}/v1/sql/core/query", cg.scheme, cg.data)
     }
     fn body(&self, name: &str, text: &str) -> Result<PathBuf, String> {
         let p = self.work.join(name);
@@ -375,18 +378,33 @@ async fn run(args: Args, argv: Vec<String>, nofile: (u64, u64)) -> Result<(), St
     let pairs = if args.has(Part::Pairs) { Some(run_pairs(&ctx).await?) } else { None };
     let streams = if args.has(Part::Streams) { Some(run_streams(&ctx).await?) } else { None };
     let g7 = if args.has(Part::G7) { Some(run_g7(&ctx).await?) } else { None };
+    // Last: it turns ssl on in the cluster (pgbench's default sslmode=prefer would then use TLS).
+    let tls = if args.has(Part::Tls) { Some(tls::run_tls(&ctx, &cluster).await?) } else { None };
 
-    let report = report::Report { ctx: &ctx, pairs: pairs.as_ref(), streams: streams.as_ref(), g7: g7.as_ref() };
     let elapsed = t0.elapsed();
-    let (md, chart) = report.render(&cluster, elapsed);
-    for (path, text) in [(&args.out, md), (&args.svg, chart)] {
+    let mut files = Vec::new();
+    let report = report::Report { ctx: &ctx, pairs: pairs.as_ref(), streams: streams.as_ref(), g7: g7.as_ref() };
+    if args.main_report() {
+        let (md, chart) = report.render(&cluster, elapsed);
+        files.push((&args.out, md));
+        files.push((&args.svg, chart));
+    }
+    if let Some(t) = &tls {
+        files.push((&args.tls_out, tls::render(&ctx, &cluster, t, elapsed)));
+    }
+    for (path, text) in files {
         if let Some(parent) = path.parent() {
             std::fs::create_dir_all(parent).map_err(|e| format!("{}: {e}", parent.display()))?;
         }
         std::fs::write(path, text).map_err(|e| format!("{}: {e}", path.display()))?;
         say(&format!("wrote {}", path.display()));
     }
-    println!("{}", report.summary_lines().join("\n"));
+    if args.main_report() {
+        println!("{}", report.summary_lines().join("\n"));
+    }
+    if let Some(t) = &tls {
+        println!("{}", tls::summary_lines(&ctx, t).join("\n"));
+    }
     say("stopping the cluster");
     tokio::task::spawn_blocking(move || cluster.stop()).await.map_err(|e| e.to_string())?.map_err(|e| e.to_string())?;
     Ok(())
@@ -452,6 +470,7 @@ async fn run_pairs(ctx: &Ctx) -> Result<PairsOut, String> {
         streams: 1,
         threads: a.client_threads,
         h1: !a.h2c,
+        headers: Vec::new(),
         secs: Some(secs),
         requests: None,
         rps_per_client: rps_total.map(|r| r / c as f64),
@@ -557,6 +576,7 @@ async fn run_streams(ctx: &Ctx) -> Result<StreamsOut, String> {
         streams,
         threads: a.client_threads,
         h1: false,
+        headers: Vec::new(),
         secs: None,
         requests: Some(n),
         rps_per_client: None,
@@ -637,6 +657,7 @@ async fn run_g7(ctx: &Ctx) -> Result<G7Out, String> {
         streams,
         threads: 1,
         h1: false,
+        headers: Vec::new(),
         secs: Some(a.g7_secs),
         requests: None,
         rps_per_client: rps_total.map(|r| r / clients as f64),

@@ -35,6 +35,55 @@ pub fn cpu_us(pid: u32) -> Option<f64> {
     stat(pid).map(|(_, _, t)| t as f64 / hz() * 1e6)
 }
 
+/// CPU time (user + system, µs) of a process and every descendant alive now: a postmaster and
+/// its backends. Backends that exited meanwhile are not counted (pool connections stay open for
+/// a whole run).
+pub fn tree_cpu_us(root: u32) -> Option<f64> {
+    let all = all_procs();
+    all.get(&root)?;
+    let ticks: u64 = ours(&all, &[root]).iter().filter_map(|p| all.get(p)).map(|(_, _, t)| *t).sum();
+    Some(ticks as f64 / hz() * 1e6)
+}
+
+/// CPU time the whole machine spent busy (user, nice, system, irq, softirq of the `cpu` line of
+/// /proc/stat; idle, iowait and steal left out), µs summed over all cores.
+pub fn machine_busy_us() -> Option<f64> {
+    let s = std::fs::read_to_string("/proc/stat").ok()?;
+    let f: Vec<u64> = s.lines().next()?.split_whitespace().skip(1).filter_map(|v| v.parse().ok()).collect();
+    let busy = f.first()? + f.get(1)? + f.get(2)? + f.get(5)? + f.get(6)?;
+    Some(busy as f64 / hz() * 1e6)
+}
+
+/// Local ports of the TCP sockets a process has open (its fds' socket inodes looked up in
+/// /proc/<pid>/net/tcp and tcp6): which PostgreSQL sessions (`client_port`) are whose.
+pub fn tcp_local_ports(pid: u32) -> HashSet<u16> {
+    let inodes: HashSet<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|rd| {
+            rd.flatten()
+                .filter_map(|e| std::fs::read_link(e.path()).ok())
+                .filter_map(|l| {
+                    let l = l.to_string_lossy().to_string();
+                    Some(l.strip_prefix("socket:[")?.strip_suffix(']')?.to_string())
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut ports = HashSet::new();
+    for table in ["tcp", "tcp6"] {
+        let text = std::fs::read_to_string(format!("/proc/{pid}/net/{table}")).unwrap_or_default();
+        for line in text.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            if let (Some(local), Some(inode)) = (f.get(1), f.get(9))
+                && inodes.contains(*inode)
+                && let Some(port) = local.rsplit_once(':').and_then(|(_, p)| u16::from_str_radix(p, 16).ok())
+            {
+                ports.insert(port);
+            }
+        }
+    }
+    ports
+}
+
 /// A `kB` field of /proc/<pid>/status (`VmRSS`, `VmHWM`).
 pub fn status_kib(pid: u32, field: &str) -> Option<u64> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;

@@ -27,19 +27,19 @@ pub struct Target {
     pub met: Option<bool>,
 }
 
-fn f0(v: f64) -> String {
+pub(super) fn f0(v: f64) -> String {
     if v.is_finite() { format!("{v:.0}") } else { "–".into() }
 }
-fn f1(v: f64) -> String {
+pub(super) fn f1(v: f64) -> String {
     if v.is_finite() { format!("{v:.1}") } else { "–".into() }
 }
-fn f2(v: f64) -> String {
+pub(super) fn f2(v: f64) -> String {
     if v.is_finite() { format!("{v:.2}") } else { "–".into() }
 }
-fn mib(kib: u64) -> String {
+pub(super) fn mib(kib: u64) -> String {
     format!("{:.1}", kib as f64 / 1024.0)
 }
-fn met(m: Option<bool>) -> &'static str {
+pub(super) fn met(m: Option<bool>) -> &'static str {
     match m {
         Some(true) => "met",
         Some(false) => "**missed**",
@@ -76,7 +76,7 @@ fn first_line(program: &str, args: &[&str]) -> String {
         .unwrap_or_else(|| "?".into())
 }
 
-fn machine(cluster: &Cluster, ctx: &Ctx) -> Vec<(String, String)> {
+pub(super) fn machine(cluster: &Cluster, ctx: &Ctx) -> Vec<(String, String)> {
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
     let model = cpuinfo
         .lines()
@@ -366,17 +366,14 @@ impl Report<'_> {
             utc(ctx.started),
             elapsed.as_secs_f64()
         );
-        let _ = writeln!(
-            m,
-            "```\ncargo build --release -p cellgate\n{}cargo run --release -p cellgate-loadtest --bin cellgate-bench --{}{}\n```\n",
-            std::env::var("CELLGATE_BIN")
-                .ok()
-                .filter(|b| !b.is_empty())
-                .map(|b| format!("CELLGATE_BIN={b} "))
-                .unwrap_or_default(),
-            if ctx.argv.is_empty() { "" } else { " " },
-            ctx.argv.join(" ").replace(&args::workspace(), ".")
-        );
+        let _ = writeln!(m, "{}", command_block(ctx));
+        if a.has(args::Part::Tls) {
+            let _ = writeln!(
+                m,
+                "The TLS part of this invocation (`--tls`) is in its own file, `{}`.\n",
+                rel_file(&a.out, &a.tls_out)
+            );
+        }
 
         let _ = writeln!(m, "## Targets\n");
         let _ = writeln!(
@@ -670,7 +667,7 @@ impl Report<'_> {
             );
         }
 
-        let svg_name = rel(&a.out, &a.svg);
+        let svg_name = rel_file(&a.out, &a.svg);
         let _ = writeln!(m, "## Chart\n\n![point-read latency, direct vs proxied]({svg_name})\n");
         (m, self.chart())
     }
@@ -680,7 +677,21 @@ fn lat_ms(l: &Lat) -> String {
     format!("{} / {} / {} / {}", f2(l.p50 / 1000.0), f2(l.p99 / 1000.0), f2(l.p999 / 1000.0), f2(l.max / 1000.0))
 }
 
-fn elide_hash(config: &str) -> String {
+/// The commands that reproduce this invocation, as a fenced block.
+pub(super) fn command_block(ctx: &Ctx) -> String {
+    format!(
+        "```\ncargo build --release -p cellgate\n{}cargo run --release -p cellgate-loadtest --bin cellgate-bench --{}{}\n```\n",
+        std::env::var("CELLGATE_BIN")
+            .ok()
+            .filter(|b| !b.is_empty())
+            .map(|b| format!("CELLGATE_BIN={b} "))
+            .unwrap_or_default(),
+        if ctx.argv.is_empty() { "" } else { " " },
+        ctx.argv.join(" ").replace(&args::workspace(), ".")
+    )
+}
+
+pub(super) fn elide_hash(config: &str) -> String {
     config
         .lines()
         .map(|l| if l.starts_with("sha256 = ") { "sha256 = \"…\"".to_string() } else { l.to_string() })
@@ -696,11 +707,11 @@ fn elide_hash(config: &str) -> String {
         + "\n"
 }
 
-/// `svg` relative to the directory of `md` when it is in the same directory, else as given.
-fn rel(md: &Path, svg: &Path) -> String {
-    match (md.parent(), svg.parent(), svg.file_name()) {
+/// `other` relative to the directory of `md` when it is in the same directory, else as given.
+pub(super) fn rel_file(md: &Path, other: &Path) -> String {
+    match (md.parent(), other.parent(), other.file_name()) {
         (Some(a), Some(b), Some(f)) if a == b => f.to_string_lossy().to_string(),
-        _ => svg.display().to_string(),
+        _ => other.display().to_string(),
     }
 }
 
@@ -718,6 +729,6 @@ mod tests {
     fn config_is_shown_without_secrets() {
         let c = "map = { path = \"/tmp/x/map.toml\", watch = false }\nsha256 = \"abc\"\n";
         assert_eq!(elide_hash(c), "map = { path = \"$WORK/map.toml\", watch = false }\nsha256 = \"…\"\n");
-        assert_eq!(rel(Path::new("docs/a.md"), Path::new("docs/b.svg")), "b.svg");
+        assert_eq!(rel_file(Path::new("docs/a.md"), Path::new("docs/b.svg")), "b.svg");
     }
 }

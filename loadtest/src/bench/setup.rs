@@ -173,6 +173,8 @@ pub fn config_text(map: &Path, data: u16, admin: u16, p: &Profile, hash: &str) -
 /// A running cellgate.
 pub struct Cellgate {
     pub guard: Guard,
+    /// `http` or `https` (`[listen.data_tls]`) on the data listener.
+    pub scheme: &'static str,
     pub data: String,
     pub admin: String,
     pub config: String,
@@ -191,8 +193,24 @@ impl Cellgate {
 }
 
 pub fn start_cellgate(bin: &str, dir: &Path, map: &Path, p: &Profile, hash: &str) -> Result<Cellgate, String> {
+    start_cellgate_with(bin, dir, map, p, hash, None)
+}
+
+/// Like [`start_cellgate`], with HTTPS on the data listener when `data_tls` is (certificate
+/// chain, key) — the key file must be owner-only. The admin listener stays cleartext.
+pub fn start_cellgate_with(
+    bin: &str,
+    dir: &Path,
+    map: &Path,
+    p: &Profile,
+    hash: &str,
+    data_tls: Option<(&Path, &Path)>,
+) -> Result<Cellgate, String> {
     let (data, admin) = (free_port()?, free_port()?);
-    let config = config_text(map, data, admin, p, hash);
+    let mut config = config_text(map, data, admin, p, hash);
+    if let Some((cert, key)) = data_tls {
+        config.push_str(&format!("\n[listen.data_tls]\ncert = \"{}\"\nkey = \"{}\"\n", cert.display(), key.display()));
+    }
     let cfg = dir.join(format!("cellgate-{}.toml", p.name));
     std::fs::write(&cfg, &config).map_err(|e| format!("{}: {e}", cfg.display()))?;
     let log = dir.join(format!("cellgate-{}.log", p.name));
@@ -213,6 +231,7 @@ pub fn start_cellgate(bin: &str, dir: &Path, map: &Path, p: &Profile, hash: &str
     };
     let mut cg = Cellgate {
         guard: Guard::new(child, Duration::from_secs(3)),
+        scheme: if data_tls.is_some() { "https" } else { "http" },
         data: format!("127.0.0.1:{data}"),
         admin: format!("127.0.0.1:{admin}"),
         config,

@@ -208,6 +208,43 @@ pub fn parse_h2load_stdout(out: &str) -> Option<H2Summary> {
     seen.then_some(s)
 }
 
+/// The connection lines h2load prints before its summary: `TLS Protocol:`, `Cipher:`,
+/// `Server Temp Key:` (TLS only) and `Application protocol:` (every run).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct H2Conn {
+    pub tls_protocol: Option<String>,
+    pub cipher: Option<String>,
+    pub temp_key: Option<String>,
+    pub alpn: Option<String>,
+}
+
+impl H2Conn {
+    pub fn describe(&self) -> String {
+        match (&self.tls_protocol, &self.alpn) {
+            (Some(p), alpn) => format!(
+                "{p}, {}, key exchange {}, application protocol {}",
+                self.cipher.as_deref().unwrap_or("?"),
+                self.temp_key.as_deref().unwrap_or("?"),
+                alpn.as_deref().unwrap_or("?")
+            ),
+            (None, Some(a)) => format!("cleartext, application protocol {a}"),
+            (None, None) => "?".into(),
+        }
+    }
+}
+
+pub fn parse_h2load_conn(out: &str) -> H2Conn {
+    let field = |name: &str| {
+        out.lines().find_map(|l| l.trim().strip_prefix(name).map(|v| v.trim().to_string())).filter(|v| !v.is_empty())
+    };
+    H2Conn {
+        tls_protocol: field("TLS Protocol:"),
+        cipher: field("Cipher:"),
+        temp_key: field("Server Temp Key:"),
+        alpn: field("Application protocol:"),
+    }
+}
+
 /// pgbench's `tps = X (without initial connection time)` and failed count.
 pub fn parse_pgbench_stdout(out: &str) -> Option<(f64, u64)> {
     let tps = out.lines().find_map(|l| {
@@ -251,6 +288,20 @@ status codes: 244460 2xx, 0 3xx, 3 4xx, 0 5xx
         let log = parse_h2load_log("100\t200\t50\n120\t200\t10\n200\t429\t5\nbad\n");
         assert_eq!(log.len(), 3);
         assert_eq!(peak_concurrency(&log), 2);
+    }
+
+    #[test]
+    fn h2load_connection_lines() {
+        let out = "starting benchmark...\nspawning thread #0: 1 total client(s). 10 total requests\nTLS Protocol: TLSv1.3\nCipher: TLS_AES_256_GCM_SHA384\nServer Temp Key: X25519 253 bits\nApplication protocol: http/1.1\n\nfinished in 10.00s, 1.00 req/s, 1B/s\n";
+        let c = parse_h2load_conn(out);
+        assert_eq!(c.tls_protocol.as_deref(), Some("TLSv1.3"));
+        assert_eq!(c.alpn.as_deref(), Some("http/1.1"));
+        assert_eq!(
+            c.describe(),
+            "TLSv1.3, TLS_AES_256_GCM_SHA384, key exchange X25519 253 bits, application protocol http/1.1"
+        );
+        let c = parse_h2load_conn("Application protocol: h2c\nfinished in 1s, 1 req/s, 1B/s\n");
+        assert_eq!(c.describe(), "cleartext, application protocol h2c");
     }
 
     #[test]

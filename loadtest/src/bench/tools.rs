@@ -143,6 +143,8 @@ pub struct H2load<'a> {
     pub streams: usize,
     pub threads: usize,
     pub h1: bool,
+    /// More `-H` headers (e.g. `connection: close` for a new connection per request).
+    pub headers: Vec<String>,
     /// `-D secs` or `-n requests`.
     pub secs: Option<u64>,
     pub requests: Option<u64>,
@@ -157,6 +159,8 @@ pub struct H2Result {
     pub summary: H2Summary,
     pub entries: Vec<H2Entry>,
     pub args: Vec<String>,
+    /// What h2load printed (its TLS and application-protocol lines are read from it).
+    pub stdout: String,
 }
 
 impl H2load<'_> {
@@ -186,6 +190,9 @@ impl H2load<'_> {
         if !self.token.is_empty() {
             a.extend(["-H".into(), format!("authorization: Bearer {}", self.token)]);
         }
+        for h in &self.headers {
+            a.extend(["-H".into(), h.clone()]);
+        }
         if let Some(l) = &self.log {
             a.push(format!("--log-file={}", l.display()));
         }
@@ -206,6 +213,6 @@ impl H2load<'_> {
             }
             None => Vec::new(),
         };
-        Ok(H2Result { summary, entries, args })
+        Ok(H2Result { summary, entries, args, stdout: out.stdout })
     }
 }

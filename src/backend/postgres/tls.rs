@@ -19,8 +19,82 @@ use tokio_postgres_rustls::MakeRustlsConnect;
 pub use crate::config::SslMode;
 
 /// The connector every PostgreSQL connection of cellgate uses (also for `sslmode=disable`:
-/// tokio-postgres then never starts TLS).
-pub type Connector = MakeRustlsConnect;
+/// tokio-postgres then never starts TLS). Its streams give tokio-postgres the server leaf
+/// certificate's `tls-server-end-point` hash (SHA-256 for SHA-1/SHA-256 signatures, else the
+/// signature's hash; none for Ed25519 or RSA-PSS), so SCRAM binds to the channel
+/// (`channel_binding=prefer` by default; `require` in the string refuses a session without it;
+/// tests/pg_tls.rs).
+///
+/// Files replaced in place are picked up: before each new connection the `sslrootcert`,
+/// `sslcert` and `sslkey` files are checked (modified/changed time, size, inode — after
+/// symlinks, so a Kubernetes secret volume's swap counts) and, if one changed, the rustls
+/// configuration is built again; a new set that does not load is refused with a warning and the
+/// previous one keeps connecting. Clones share that state (a pool's connections and its cancel
+/// tokens see one configuration).
+#[derive(Clone)]
+pub struct Connector {
+    inner: Arc<Reloading>,
+}
+
+struct Reloading {
+    settings: TlsSettings,
+    /// (the files' stamps when `current` was built, the configuration in use).
+    state: std::sync::Mutex<(Vec<Option<Stamp>>, MakeRustlsConnect)>,
+}
+
+/// Modified time, status-change time, size, inode.
+type Stamp = (std::time::SystemTime, i64, i64, u64, u64);
+
+impl Connector {
+    /// The configuration for a new connection: the current one, rebuilt first if a file changed.
+    fn current(&self) -> MakeRustlsConnect {
+        let r = &self.inner;
+        let files = r.settings.files();
+        let mut state = r.state.lock().unwrap_or_else(|e| e.into_inner());
+        if files.is_empty() {
+            return state.1.clone();
+        }
+        let now = stamps(&files);
+        if now != state.0 {
+            // Stamped before reading: a change made while we read is seen by the next connection.
+            state.0 = now;
+            match r.settings.build() {
+                Ok(c) => {
+                    tracing::info!(files = ?files, "PostgreSQL TLS files changed: new connections use them");
+                    state.1 = c;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "PostgreSQL TLS files changed but do not load; the previous ones stay in use")
+                }
+            }
+        }
+        state.1.clone()
+    }
+}
+
+fn stamps(files: &[&Path]) -> Vec<Option<Stamp>> {
+    use std::os::unix::fs::MetadataExt;
+    files
+        .iter()
+        .map(|p| {
+            let m = std::fs::metadata(p).ok()?;
+            Some((m.modified().ok()?, m.ctime(), m.ctime_nsec(), m.len(), m.ino()))
+        })
+        .collect()
+}
+
+impl<S> tokio_postgres::tls::MakeTlsConnect<S> for Connector
+where
+    MakeRustlsConnect: tokio_postgres::tls::MakeTlsConnect<S>,
+{
+    type Stream = <MakeRustlsConnect as tokio_postgres::tls::MakeTlsConnect<S>>::Stream;
+    type TlsConnect = <MakeRustlsConnect as tokio_postgres::tls::MakeTlsConnect<S>>::TlsConnect;
+    type Error = <MakeRustlsConnect as tokio_postgres::tls::MakeTlsConnect<S>>::Error;
+
+    fn make_tls_connect(&mut self, domain: &str) -> Result<Self::TlsConnect, Self::Error> {
+        self.current().make_tls_connect(domain)
+    }
+}
 
 /// The connection parameters tokio-postgres does not know, taken out of the string.
 const TLS_KEYS: [&str; 4] = ["sslmode", "sslrootcert", "sslcert", "sslkey"];
@@ -201,9 +275,23 @@ impl TlsSettings {
         out
     }
 
-    /// Build the connector: reads the CA, client certificate and key files now (a reload reads
-    /// them again for every endpoint it creates).
+    /// Build the connector: reads the CA, client certificate and key files now (errors here
+    /// refuse the endpoint), and again whenever they change ([`Connector`]).
     pub fn connector(&self) -> Result<Connector, TlsError> {
+        let files = self.files();
+        let stamped = stamps(&files);
+        let current = self.build()?;
+        Ok(Connector {
+            inner: Arc::new(Reloading { settings: self.clone(), state: std::sync::Mutex::new((stamped, current)) }),
+        })
+    }
+
+    /// The files this setting reads.
+    fn files(&self) -> Vec<&Path> {
+        [&self.root_cert, &self.client_cert, &self.client_key].into_iter().flatten().map(PathBuf::as_path).collect()
+    }
+
+    fn build(&self) -> Result<MakeRustlsConnect, TlsError> {
         let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
         let builder = ClientConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()
@@ -225,6 +313,7 @@ impl TlsSettings {
                 let certs = CertificateDer::pem_file_iter(cert)
                     .and_then(|it| it.collect::<Result<Vec<_>, _>>())
                     .map_err(|e| file_err("sslcert", cert, e.to_string()))?;
+                check_key_mode(key)?;
                 // The key's content is never shown, only its path and what went wrong.
                 let k = PrivateKeyDer::from_pem_file(key).map_err(|e| file_err("sslkey", key, e.to_string()))?;
                 builder.with_client_auth_cert(certs, k).map_err(|e| file_err("sslcert", cert, e.to_string()))?
@@ -246,6 +335,20 @@ fn shown(v: &str) -> String {
 
 fn file_err(what: &'static str, path: &Path, reason: String) -> TlsError {
     TlsError::File { what, path: path.display().to_string(), reason }
+}
+
+/// libpq's rule for `sslkey`: no access for others, and none for the group unless the file is
+/// root's and only group-readable (0640, the usual root:ssl-cert layout).
+fn check_key_mode(path: &Path) -> Result<(), TlsError> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path).map_err(|e| file_err("sslkey", path, e.kind().to_string()))?;
+    let mode = m.mode() & 0o777;
+    let allowed = if m.uid() == 0 { 0o640 } else { 0o600 };
+    if mode & !allowed != 0 {
+        let want = if m.uid() == 0 { "0640 or less (owned by root)" } else { "0600 or less" };
+        return Err(file_err("sslkey", path, format!("mode {mode:04o} gives group or others access; make it {want}")));
+    }
+    Ok(())
 }
 
 fn load_roots(path: &Path) -> Result<RootCertStore, TlsError> {
@@ -483,6 +586,25 @@ mod tests {
             assert!(e.contains(want) && e.contains(&p.display().to_string()) && !e.contains(PW), "{e}");
         }
         assert!(parse(&url("?sslmode=require")).unwrap().tls.connector().is_ok());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn client_key_readable_by_others_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("cellgate-tls-key-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["app".to_string()]).unwrap().self_signed(&key).unwrap();
+        let (c, k) = (dir.join("client.crt"), dir.join("client.key"));
+        std::fs::write(&c, cert.pem()).unwrap();
+        std::fs::write(&k, key.serialize_pem()).unwrap();
+        let tls = parse(&url(&format!("?sslmode=require&sslcert={}&sslkey={}", c.display(), k.display()))).unwrap().tls;
+        std::fs::set_permissions(&k, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert!(tls.connector().is_ok());
+        std::fs::set_permissions(&k, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let e = tls.connector().err().expect("0644 refused").to_string();
+        assert!(e.contains("mode 0644") && e.contains(&k.display().to_string()) && !e.contains("PRIVATE"), "{e}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
