@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The local demo: real PostgreSQL shards (3 × primary + 1 streaming replica) on loopback, a
 # SecantusDB (MongoDB wire-protocol server on WiredTiger, from PyPI) per shard for the `profiles`
-# database when Python 3.11 with venv is available, the musician-marketplace data, and cellgate
-# serving a copy of shard-maps/demo.toml (live migrations rewrite the map file they serve).
+# database when Python 3.11 with venv is available, the musician-marketplace data, a Redis for
+# cellgate's read cache (Debian's redis-server, no persistence), and cellgate serving a copy of
+# shard-maps/demo.toml (live migrations rewrite the map file they serve) with the cache on.
 # Prints ready-to-paste examples, among them one live migration (a busy cell moved to another
 # shard and back), which scripts/demo-smoke.sh runs as printed under the goose load.
 # Ctrl-C / SIGTERM stops all.
@@ -24,6 +25,11 @@ done
 
 ensure_rust
 ensure_postgres
+# Redis: the read cache's shared level and invalidation channel (docs/cache.md). If it cannot
+# be installed or started, the demo says so and runs the cache in cellgate's memory only (L1).
+REDIS=1
+ensure_redis || true
+command -v redis-server >/dev/null 2>&1 || REDIS=0
 command -v jq >/dev/null || apt_install jq
 command -v curl >/dev/null || apt_install curl
 # A Python venv runs the SecantusDB peer (MongoDB `profiles`; its wheel is for CPython 3.11);
@@ -45,10 +51,12 @@ umask 077
 WORK=$(mktemp -d /tmp/cellgate-demo.XXXXXX)
 CLUSTER_PID=""
 CELLGATE_PID=""
+REDIS_PID=""
 MONGO_PIDS=()
 cleanup() {
   trap - EXIT INT TERM
   [ -n "$CELLGATE_PID" ] && kill -TERM "$CELLGATE_PID" 2>/dev/null && wait "$CELLGATE_PID" 2>/dev/null
+  [ -n "$REDIS_PID" ] && kill -TERM "$REDIS_PID" 2>/dev/null && wait "$REDIS_PID" 2>/dev/null
   for p in "${MONGO_PIDS[@]}"; do kill -TERM "$p" 2>/dev/null && wait "$p" 2>/dev/null; done
   [ -n "$CLUSTER_PID" ] && kill -TERM "$CLUSTER_PID" 2>/dev/null && wait "$CLUSTER_PID" 2>/dev/null
   rm -rf "$WORK"
@@ -130,6 +138,41 @@ fi
 echo "== loading the marketplace (50,000 musicians around real cities)"
 ./target/release/cellgate demo load --map shard-maps/demo.toml
 
+CACHE_REDIS=""
+if [ "$REDIS" = 1 ]; then
+  # No persistence (nothing in it needs to survive, docs/cache.md), loopback only, a random
+  # password in a 0600 config file (not on the command line: `ps` shows those to every local
+  # user; without one any local user could write entries the cache would serve). Its files
+  # live in $WORK; `--set-proc-title no` keeps this command line, which names $WORK, visible
+  # for scripts/demo-smoke.sh's check that nothing is left running.
+  REDIS_PORT=$(free_port)
+  REDIS_PASSWORD="redis-$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n')"
+  echo "== starting Redis for the read cache on 127.0.0.1:$REDIS_PORT (no persistence)"
+  mkdir "$WORK/redis"
+  printf 'requirepass %s\n' "$REDIS_PASSWORD" > "$WORK/redis.conf"
+  redis-server "$WORK/redis.conf" --bind 127.0.0.1 --port "$REDIS_PORT" --save '' --appendonly no \
+    --dir "$WORK/redis" --logfile "$WORK/redis.log" --daemonize no --set-proc-title no &
+  REDIS_PID=$!
+  for _ in $(seq 1 100); do
+    grep -q 'Ready to accept connections' "$WORK/redis.log" 2>/dev/null && break
+    kill -0 "$REDIS_PID" 2>/dev/null || break
+    sleep 0.1
+  done
+  if grep -q 'Ready to accept connections' "$WORK/redis.log" 2>/dev/null && kill -0 "$REDIS_PID" 2>/dev/null; then
+    CACHE_REDIS="redis://:$REDIS_PASSWORD@127.0.0.1:$REDIS_PORT"
+  else
+    tail -n 5 "$WORK/redis.log" >&2 2>/dev/null || true
+    { kill -TERM "$REDIS_PID" && wait "$REDIS_PID"; } 2>/dev/null || true
+    REDIS_PID=""
+    REDIS=0
+  fi
+  unset REDIS_PASSWORD
+fi
+if [ "$REDIS" = 0 ]; then
+  echo "== Redis could not be installed or started: the read cache runs in cellgate's memory only"
+  echo "   (L1, no shared level; docs/cache.md, \"Without Redis\")"
+fi
+
 TOKEN="demo-$(head -c 12 /dev/urandom | od -An -tx1 | tr -d ' \n')"
 # cellgate serves a copy: a live migration publishes map v+1 by rewriting the file it serves, and
 # the repository's map stays as committed.
@@ -143,7 +186,14 @@ admin = "127.0.0.1:$ADMIN_PORT"
 name = "demo"
 sha256 = "$(printf '%s\n' "$TOKEN" | ./target/release/cellgate token-hash)"
 scopes = ["read", "write", "admin"]
+# The read cache (docs/cache.md): reads that ask for it ("cache": {"ttl_ms": ...}) are served
+# from cellgate's memory (L1) or Redis (L2); every write through cellgate invalidates its cell.
+[cache]
+enabled = true
 TOML
+# The Redis URL holds its password: it goes only into this 0600 file.
+if [ -n "$CACHE_REDIS" ]; then printf 'redis = "%s"\n' "$CACHE_REDIS" >> "$WORK/cellgate.toml"; fi
+unset CACHE_REDIS
 # curl reads the token from this file (`-H @file`), so it is not on curl's command line either.
 printf 'authorization: Bearer %s\n' "$TOKEN" > "$WORK/auth.header"
 AUTH="$WORK/auth.header"
@@ -154,6 +204,18 @@ for _ in $(seq 1 300); do
   kill -0 "$CELLGATE_PID" 2>/dev/null || { cat "$WORK/cellgate.log" >&2; exit 1; }
   sleep 0.1
 done
+# The cache serves once its Redis link is live (subscribed, heartbeat back; until then reads
+# go to the shards, `Cache-Status: cellgate; fwd=bypass; detail=redis-down`).
+CACHE_MODE=l1
+if [ "$REDIS" = 1 ]; then
+  CACHE_MODE="l1+redis"
+  for _ in $(seq 1 100); do
+    curl -fsS "http://127.0.0.1:$ADMIN_PORT/admin/cache" -H @"$AUTH" 2>/dev/null | jq -e '.serving == true' >/dev/null && break
+    sleep 0.1
+  done
+  curl -fsS "http://127.0.0.1:$ADMIN_PORT/admin/cache" -H @"$AUTH" 2>/dev/null | jq -e '.serving == true' >/dev/null ||
+    echo "== warning: the read cache is not serving yet (its Redis link is not live; see /admin/cache)"
+fi
 
 D="http://127.0.0.1:$DATA_PORT"
 if [ "$MONGO" = 1 ]; then
@@ -177,9 +239,12 @@ cat <<TXT
 
 Try these (copy and paste; $AUTH holds the header "authorization: Bearer <token>"):
 
-# musicians near Madrid (a replica of eu-1 answers)
-curl -s $D/v1/sql/core/query -H @$AUTH -H 'content-type: application/json' \\
-  -d '{"region": {"lat": 40.4168, "lng": -3.7038}, "sql": "SELECT id, name, instrument, city FROM musicians WHERE city = \$1 ORDER BY id LIMIT 5", "params": ["Madrid"]}'
+# the 5 musicians nearest to central Madrid (a replica of eu-1 answers), through the read cache
+# for 30 s ("cache": {"ttl_ms": 30000}). Run it twice and look at the Cache-Status header (-i):
+# "cellgate; fwd=miss; stored; ttl=30" the first time, "cellgate; hit; ttl=29" (and an Age) the
+# second, until a write to the cell or the TTL ends it (docs/cache.md)
+curl -si $D/v1/sql/core/query -H @$AUTH -H 'content-type: application/json' \\
+  -d '{"region": {"lat": 40.4168, "lng": -3.7038}, "sql": "SELECT id, name, instrument, city, (lat - \$1)^2 + (lng - \$2)^2 AS dist FROM musicians ORDER BY dist LIMIT 5", "params": [40.4168, -3.7038], "cache": {"ttl_ms": 30000}}'
 
 # nearby search: 25 km around Paris, merged over the owning shards, nearest 5
 curl -s $D/v1/sql/core/query -H @$AUTH -H 'content-type: application/json' \\
@@ -208,6 +273,8 @@ cat <<TXT
 curl -s "$A/admin/locate?lat=-33.8688&lng=151.2093" -H @$AUTH
 # shard health, lag and pools
 curl -s $A/admin/shards -H @$AUTH
+# the read cache ($CACHE_MODE): hits, misses, fills, its Redis link
+curl -s $A/admin/cache -H @$AUTH
 TXT
 if [ "$MONGO" = 1 ]; then
   # A busy cell: the resolution-1 cell around Shanghai (also Nanjing, Hangzhou, Suzhou, Qingdao),

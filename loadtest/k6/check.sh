@@ -32,8 +32,12 @@ JS
 cat > "$TMP/k6.mjs" <<'JS'
 export function check() { return true; }
 JS
+cat > "$TMP/k6-metrics.mjs" <<'JS'
+export class Rate { add() {} }
+export class Counter { add() {} }
+JS
 sed -e "s#from 'k6/http'#from './k6-http.mjs'#" -e "s#from 'k6/execution'#from './k6-execution.mjs'#" \
-  -e "s#from 'k6'#from './k6.mjs'#" lib.js > "$TMP/lib.mjs"
+  -e "s#from 'k6/metrics'#from './k6-metrics.mjs'#" -e "s#from 'k6'#from './k6.mjs'#" lib.js > "$TMP/lib.mjs"
 cat > "$TMP/test.mjs" <<JS
 import './env.mjs';
 import assert from 'node:assert/strict';
@@ -55,6 +59,21 @@ assert.ok(hits / 20000 > 0.15, 'top-100 share ' + hits / 20000);
 for (const hex of ['8f2830828052d25', '8001fffffffffff', '0', 'ff']) {
   assert.equal(lib.hexToDecimal(hex), BigInt('0x' + hex).toString());
 }
+// Point reads: snapped to the 0.05 degree grid like the goose test's (loadtest/src/world.rs).
+assert.deepEqual(lib.snap(40.4168, -3.7038, 0.05), [40.4, -3.7]);
+assert.deepEqual(lib.snap(40.4312, -3.6751, 0.05), [40.45, -3.7]);
+assert.deepEqual(lib.snap(-33.8688, 151.2093, 0.05), [-33.85, 151.2]);
+assert.deepEqual(lib.snap(89.99, 179.99, 0.05), [89.9, 180]);
+// Cache-Status (RFC 9211) of the read cache, docs/cache.md.
+assert.equal(lib.cacheOutcome('cellgate; hit; ttl=12'), 'hit');
+assert.equal(lib.cacheOutcome('cellgate; hit; ttl=12; detail=l2'), 'hit');
+assert.equal(lib.cacheOutcome('cellgate; fwd=miss; stored; ttl=30'), 'miss');
+assert.equal(lib.cacheOutcome('cellgate; fwd=miss; collapsed'), 'miss');
+assert.equal(lib.cacheOutcome('cellgate; fwd=request; stored; ttl=30'), 'miss');
+assert.equal(lib.cacheOutcome('cellgate; fwd=bypass; detail=redis-down'), 'bypass');
+assert.equal(lib.cacheOutcome('edge; fwd=uri-miss, cellgate;hit;ttl=5'), 'hit');
+assert.equal(lib.cacheOutcome(undefined), 'none');
+assert.equal(lib.cacheOutcome('edge; hit'), 'none');
 // Scenario weights and options.
 assert.deepEqual(Object.values(lib.SCENARIOS).map((s) => s.weight), [70, 15, 10, 5]);
 const all = lib.options(['point_read', 'nearby_search', 'post_gig', 'write_read']);

@@ -16,6 +16,7 @@
 import http from 'k6/http';
 import exec from 'k6/execution';
 import { check } from 'k6';
+import { Counter, Rate } from 'k6/metrics';
 
 export const SCENARIOS = {
   point_read: { weight: 70 },
@@ -29,6 +30,10 @@ const EXECUTE = '/v1/sql/core/execute';
 const USER_JITTER_KM = 5;
 const POINT_READ_KM = 10;
 const POINT_READ_LIMIT = 10;
+// The point read is snapped to this grid (degrees) so that neighbours send the same read and
+// share its cache entry, and asks cellgate's read cache for its answer for this long.
+const POINT_READ_GRID_DEG = 0.05;
+const POINT_READ_CACHE_TTL_MS = 30000;
 const NEARBY_RADIUS_KM = 25;
 const NEARBY_LIMIT = 20;
 const RYW_WAIT_MS = 500;
@@ -154,6 +159,12 @@ function jitter(lat, lng, km) {
   return [round6(la), Math.min(Math.max(round6(ln), -180), 180)];
 }
 
+/** (lat, lng) snapped to the nearest node of a `grid`-degree grid, as the goose test does. */
+export function snap(lat, lng, grid) {
+  const node = (v) => round6(Math.round(v / grid) * grid);
+  return [Math.min(Math.max(node(lat), -89.9), 89.9), Math.min(Math.max(node(lng), -180), 180)];
+}
+
 function userLocation(cities) {
   const c = pickCity(cities);
   return jitter(c[1], c[2], USER_JITTER_KM);
@@ -242,7 +253,36 @@ export function setupRun(cities, withWrites) {
 // ---------------------------------------------------------------------------------------------
 // Requests
 
-function post(path, body, name) {
+// The read cache's answers to the point reads (Cache-Status, RFC 9211, cache name `cellgate`):
+// `cache_hit` is the hit ratio over every successful cached-eligible read (k6 prints it as a
+// rate); the counters split the rest.
+const cacheHit = new Rate('cache_hit');
+const cacheMiss = new Counter('cache_miss');
+const cacheBypass = new Counter('cache_bypass');
+const cacheNoHeader = new Counter('cache_no_header');
+
+/** 'hit', 'miss', 'bypass' or 'none': the `cellgate` member of a Cache-Status value. */
+export function cacheOutcome(header) {
+  const member = String(header || '')
+    .split(',')
+    .map((m) => m.split(';').map((p) => p.trim()))
+    .find((m) => m[0] === 'cellgate' || m[0] === '"cellgate"');
+  if (!member) return 'none';
+  if (member.includes('hit')) return 'hit';
+  const fwd = member.find((p) => p.startsWith('fwd='));
+  if (!fwd) return 'none';
+  return fwd === 'fwd=bypass' ? 'bypass' : 'miss';
+}
+
+function countCache(res) {
+  const outcome = cacheOutcome(res.headers['Cache-Status']);
+  cacheHit.add(outcome === 'hit');
+  if (outcome === 'miss') cacheMiss.add(1);
+  if (outcome === 'bypass') cacheBypass.add(1);
+  if (outcome === 'none') cacheNoHeader.add(1);
+}
+
+function post(path, body, name, onSuccess) {
   const res = http.post(`${BASE_URL}${path}`, JSON.stringify(body), {
     headers: { authorization: `Bearer ${TOKEN}`, 'content-type': 'application/json' },
     tags: { name },
@@ -257,7 +297,9 @@ function post(path, body, name) {
     [`${name}: status 200`]: (r) => r.status === 200,
     [`${name}: JSON without error`]: () => json !== null && typeof json === 'object' && !('error' in json),
   });
-  return json && !('error' in json) && res.status === 200 ? json : null;
+  const ok = json && !('error' in json) && res.status === 200;
+  if (ok && onSuccess) onSuccess(res);
+  return ok ? json : null;
 }
 
 function rowsCheck(name, json, limit) {
@@ -267,7 +309,7 @@ function rowsCheck(name, json, limit) {
 const SAME_ID = (value, id) => value === id || value === String(id);
 
 export function pointRead(cities) {
-  const [lat, lng] = userLocation(cities);
+  const [lat, lng] = snap(...userLocation(cities), POINT_READ_GRID_DEG);
   const [latLo, latHi, lngLo, lngHi] = bbox(lat, lng, POINT_READ_KM);
   const json = post(
     QUERY,
@@ -279,8 +321,10 @@ export function pointRead(cities) {
         'WHERE lat BETWEEN $3::float8 AND $4::float8 AND lng BETWEEN $5::float8 AND $6::float8 ' +
         'ORDER BY dist LIMIT $7::int4',
       params: [lat, lng, latLo, latHi, lngLo, lngHi, POINT_READ_LIMIT],
+      cache: { ttl_ms: POINT_READ_CACHE_TTL_MS },
     },
     'point_read',
+    countCache,
   );
   rowsCheck('point_read', json, POINT_READ_LIMIT);
 }

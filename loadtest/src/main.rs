@@ -2,6 +2,7 @@
 //! (see loadtest/README.md). Loopback targets only, bounded runs; exit code 1 on any failure.
 
 mod args;
+mod cache;
 mod scenarios;
 mod summary;
 mod world;
@@ -89,14 +90,14 @@ async fn run() -> Result<ExitCode, String> {
         Ok(metrics) => metrics,
         // A failed --threshold still ran the load test: report it, then fail.
         Err(GooseError::ThresholdsFailed { metrics, .. }) => {
-            let summary = summary::summarize(&metrics);
+            let summary = summary::summarize(&metrics, cache::COUNTS.snapshot());
             println!("{}", summary.line());
             eprintln!("cellgate-loadtest: a --threshold failed");
             return Ok(ExitCode::FAILURE);
         }
         Err(e) => return Err(e.to_string()),
     };
-    let summary = summary::summarize(&metrics);
+    let summary = summary::summarize(&metrics, cache::COUNTS.snapshot());
     println!("{}", summary.line());
     Ok(if summary.ok() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }

@@ -3,6 +3,11 @@
 //!
 //! Every response must be a 200 with a JSON body without `error`; anything else is marked with
 //! `set_failure` on its request (a goose failure).
+//!
+//! The point read asks cellgate's read cache for its answer (`"cache": {"ttl_ms": 30000}`); the
+//! `Cache-Status` of each successful one is counted ([`crate::cache`]) for the summary's hit
+//! ratio. Area searches and writes do not opt in; writes through cellgate invalidate the cached
+//! reads of the cells they write.
 
 use std::sync::OnceLock;
 
@@ -11,7 +16,7 @@ use goose::metrics::GooseRequestMetric;
 use goose::prelude::*;
 use serde_json::{Value, json};
 
-use crate::world::{Cities, Ids, Rng, bbox, h3_of, jitter};
+use crate::world::{Cities, Ids, POINT_READ_GRID_DEG, Rng, bbox, h3_of, jitter, snap};
 
 pub const QUERY: &str = "/v1/sql/core/query";
 pub const EXECUTE: &str = "/v1/sql/core/execute";
@@ -28,6 +33,8 @@ pub const WEIGHTS: [(&str, usize); 4] = [(POINT_READ, 14), (NEARBY_SEARCH, 3), (
 /// Point read: the nearest musicians within this many km of the user (lat/lng index).
 const POINT_READ_KM: f64 = 10.0;
 const POINT_READ_LIMIT: u32 = 10;
+/// How long the point read's answer may be served from cellgate's read cache, ms.
+pub const POINT_READ_CACHE_TTL_MS: u64 = 30_000;
 /// Nearby search: the area and the merged page.
 const NEARBY_RADIUS_KM: f64 = 25.0;
 const NEARBY_LIMIT: u32 = 20;
@@ -83,9 +90,11 @@ fn rng(user: &mut GooseUser) -> &mut Rng {
     &mut user.get_session_data_unchecked_mut::<UserState>().rng
 }
 
-/// Musicians near the user, on the shard owning the user's point (a replica).
+/// Musicians nearest to the user's point snapped to the 0.05° grid (neighbours share the read),
+/// from cellgate's read cache or the shard owning that point (a replica).
 async fn point_read(user: &mut GooseUser) -> TransactionResult {
     let (lat, lng) = shared().cities.user_location(rng(user));
+    let (lat, lng) = snap(lat, lng, POINT_READ_GRID_DEG);
     let [lat_lo, lat_hi, lng_lo, lng_hi] = bbox(lat, lng, POINT_READ_KM);
     let body = json!({
         "region": {"lat": lat, "lng": lng},
@@ -94,9 +103,11 @@ async fn point_read(user: &mut GooseUser) -> TransactionResult {
                 WHERE lat BETWEEN $3::float8 AND $4::float8 AND lng BETWEEN $5::float8 AND $6::float8 \
                 ORDER BY dist LIMIT $7::int4",
         "params": [lat, lng, lat_lo, lat_hi, lng_lo, lng_hi, POINT_READ_LIMIT],
+        "cache": {"ttl_ms": POINT_READ_CACHE_TTL_MS},
     });
-    let (mut request, value) = call(user, POINT_READ, QUERY, &body).await?;
+    let (mut request, value, cache_status) = call(user, POINT_READ, QUERY, &body).await?;
     expect_rows(user, &mut request, &value, POINT_READ_LIMIT as usize)?;
+    crate::cache::COUNTS.record(cache_status.as_deref());
     Ok(())
 }
 
@@ -114,7 +125,7 @@ async fn nearby_search(user: &mut GooseUser) -> TransactionResult {
         "params": [lat, lng, lat_lo, lat_hi, lng_lo, lng_hi, NEARBY_LIMIT],
         "merge": {"order_by": [{"column": "dist"}], "limit": NEARBY_LIMIT},
     });
-    let (mut request, value) = call(user, NEARBY_SEARCH, QUERY, &body).await?;
+    let (mut request, value, _) = call(user, NEARBY_SEARCH, QUERY, &body).await?;
     expect_rows(user, &mut request, &value, NEARBY_LIMIT as usize)?;
     Ok(())
 }
@@ -122,7 +133,7 @@ async fn nearby_search(user: &mut GooseUser) -> TransactionResult {
 /// A new gig request at the user's location, on the primary of the owning shard.
 async fn post_gig(user: &mut GooseUser) -> TransactionResult {
     let (id, body) = gig_insert(user)?;
-    let (mut request, value) = call(user, POST_GIG, EXECUTE, &body).await?;
+    let (mut request, value, _) = call(user, POST_GIG, EXECUTE, &body).await?;
     expect_inserted(user, &mut request, &value, id)?;
     Ok(())
 }
@@ -133,7 +144,7 @@ async fn write_read(user: &mut GooseUser) -> TransactionResult {
     let (id, body) = gig_insert(user)?;
     let region = body["region"].clone();
     let name = "write_read:execute";
-    let (mut request, value) = call(user, name, EXECUTE, &body).await?;
+    let (mut request, value, _) = call(user, name, EXECUTE, &body).await?;
     expect_inserted(user, &mut request, &value, id)?;
     let Some(token) = value.get("token").and_then(Value::as_str) else {
         return Err(fail(user, &mut request, &format!("{name}: no read-your-writes token")));
@@ -145,7 +156,7 @@ async fn write_read(user: &mut GooseUser) -> TransactionResult {
         "consistency": {"after": token, "wait_ms": RYW_WAIT_MS},
     });
     let name = "write_read:query";
-    let (mut request, value) = call(user, name, QUERY, &read).await?;
+    let (mut request, value, _) = call(user, name, QUERY, &read).await?;
     let rows = value.get("rows").and_then(Value::as_array).map(Vec::as_slice).unwrap_or_default();
     if !rows.iter().any(|row| same_id(&row["id"], id)) {
         return Err(fail(user, &mut request, &format!("{name}: gig request {id} not visible after its token")));
@@ -181,12 +192,13 @@ fn gig_insert(user: &mut GooseUser) -> Result<(i64, Value), Box<TransactionError
 
 /// POST `body` to `path` as request `name` with the bearer token. A transport error, a status
 /// other than 200, a body that is not JSON or a JSON `error` is a failure of this request.
+/// Returns the request's metric, the JSON body and the `Cache-Status` header, if any.
 async fn call(
     user: &mut GooseUser,
     name: &str,
     path: &str,
     body: &Value,
-) -> Result<(GooseRequestMetric, Value), Box<TransactionError>> {
+) -> Result<(GooseRequestMetric, Value, Option<String>), Box<TransactionError>> {
     let builder = user.get_request_builder(&GooseMethod::Post, path)?.bearer_auth(&shared().token).json(body);
     let request = GooseRequest::builder()
         .method(GooseMethod::Post)
@@ -201,6 +213,7 @@ async fn call(
         Err(e) => return Err(fail(user, &mut request, &format!("{name}: {e}"))),
     };
     let status = response.status().as_u16();
+    let cache_status = response.headers().get("cache-status").and_then(|v| v.to_str().ok()).map(str::to_string);
     let text = match response.text().await {
         Ok(text) => text,
         Err(e) => return Err(fail(user, &mut request, &format!("{name}: reading the body: {e}"))),
@@ -217,7 +230,7 @@ async fn call(
     if status != 200 {
         return Err(fail(user, &mut request, &format!("{name}: status {status}")));
     }
-    Ok((request, value))
+    Ok((request, value, cache_status))
 }
 
 /// A read answers with a `rows` array of at most `limit` rows.

@@ -1,11 +1,13 @@
 //! The one-line summary printed after goose's own report, from the metrics `execute()` returns:
-//! totals, then per scenario its requests, failures, req/s and p50/p99 response times (over all
-//! its requests: `write_read` counts its execute and its query).
+//! totals and the read cache's hit ratio, then per scenario its requests, failures, req/s and
+//! p50/p99 response times (over all its requests: `write_read` counts its execute and its
+//! query), then the cache's counts (`Cache-Status` of every successful cached-eligible read).
 
 use std::fmt::Write as _;
 
 use goose::metrics::{GooseMetrics, GooseRequestMetricTimingData};
 
+use crate::cache::CacheSummary;
 use crate::scenarios::WEIGHTS;
 
 #[derive(Debug, Default)]
@@ -24,6 +26,7 @@ pub struct Summary {
     /// Transactions that failed (each failed request fails its transaction; a transaction can
     /// also fail without a request, e.g. when the run's ids are used up).
     pub transaction_failures: usize,
+    pub cache: CacheSummary,
 }
 
 /// Merge request timings (bucket counts add up; goose keeps its merge private).
@@ -40,7 +43,7 @@ fn merge(into: &mut GooseRequestMetricTimingData, from: &GooseRequestMetricTimin
     into.times_us = into.times_us.iter().chain(from.times_us.iter()).map(|(&b, &c)| (b, c)).collect();
 }
 
-pub fn summarize(metrics: &GooseMetrics) -> Summary {
+pub fn summarize(metrics: &GooseMetrics, cache: CacheSummary) -> Summary {
     let mut scenarios: Vec<Row> =
         WEIGHTS.iter().map(|(name, _)| Row { name: name.to_string(), ..Row::default() }).collect();
     let mut total = Row { name: "total".into(), ..Row::default() };
@@ -63,7 +66,7 @@ pub fn summarize(metrics: &GooseMetrics) -> Summary {
         }
     }
     let transaction_failures = metrics.transactions.iter().flatten().map(|t| t.fail_count).sum();
-    Summary { duration_secs: metrics.duration, total, scenarios, transaction_failures }
+    Summary { duration_secs: metrics.duration, total, scenarios, transaction_failures, cache }
 }
 
 impl Summary {
@@ -79,11 +82,12 @@ impl Summary {
     pub fn line(&self) -> String {
         let t = &self.total;
         let mut line = format!(
-            "cellgate-loadtest summary: requests={} failures={} req/s={:.1} duration={}s",
+            "cellgate-loadtest summary: requests={} failures={} req/s={:.1} duration={}s cache_hit_ratio={}",
             t.requests,
             t.failures,
             self.rate(t.requests),
-            self.duration_secs
+            self.duration_secs,
+            self.cache.ratio_text(),
         );
         if self.transaction_failures > t.failures {
             let _ = write!(line, " transaction_failures={}", self.transaction_failures);
@@ -100,6 +104,20 @@ impl Summary {
                 ms(row.timing.percentile_us(0.99)),
             );
         }
+        let c = &self.cache;
+        let _ = write!(
+            line,
+            " | cache reads={} hits={} l2_hits={} stale_hits={} misses={} collapsed={} bypassed={} no_header={} hit_ratio={}",
+            c.reads,
+            c.hits,
+            c.l2_hits,
+            c.stale_hits,
+            c.misses,
+            c.collapsed,
+            c.bypassed,
+            c.no_header,
+            c.ratio_text(),
+        );
         line
     }
 }
@@ -141,10 +159,21 @@ mod tests {
 
     #[test]
     fn empty_metrics_are_not_ok() {
-        let summary = summarize(&GooseMetrics::default());
+        let summary = summarize(&GooseMetrics::default(), CacheSummary::default());
         assert!(!summary.ok());
         let line = summary.line();
         assert!(line.starts_with("cellgate-loadtest summary: requests=0 failures=0"), "{line}");
-        assert!(line.contains("| point_read requests=0"), "{line}");
+        assert!(line.contains("duration=0s cache_hit_ratio=n/a | point_read requests=0"), "{line}");
+        assert!(line.ends_with(" | cache reads=0 hits=0 l2_hits=0 stale_hits=0 misses=0 collapsed=0 bypassed=0 no_header=0 hit_ratio=n/a"), "{line}");
+    }
+
+    #[test]
+    fn the_hit_ratio_is_in_the_first_part() {
+        let cache = CacheSummary { reads: 1000, hits: 412, misses: 588, ..CacheSummary::default() };
+        let line = summarize(&GooseMetrics::default(), cache).line();
+        // scripts/demo-smoke.sh prints the part before the first " | ".
+        let head = line.split(" | ").next().unwrap();
+        assert!(head.ends_with(" cache_hit_ratio=41.2%"), "{line}");
+        assert!(line.contains(" | cache reads=1000 hits=412 l2_hits=0 stale_hits=0 misses=588 "), "{line}");
     }
 }

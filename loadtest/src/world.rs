@@ -110,6 +110,19 @@ pub fn jitter(rng: &mut Rng, lat: f64, lng: f64, km: f64) -> (f64, f64) {
     (round6(lat), round6(lng).clamp(-180.0, 180.0))
 }
 
+/// The point read's location grid, in degrees (about 5.6 km north-south, less east-west away
+/// from the equator): the point read asks for the musicians nearest to the user's point snapped
+/// to it, so that neighbours send the same read and can share its cache entry. Raw points (a
+/// per-user jitter with 6 decimals) never repeat: every cached read would be a miss.
+pub const POINT_READ_GRID_DEG: f64 = 0.05;
+
+/// (lat, lng) snapped to the nearest node of a `grid`-degree grid, rounded to 6 decimals (so
+/// 40.45 stays 40.45 in JSON), kept valid like [`jitter`]'s points.
+pub fn snap(lat: f64, lng: f64, grid: f64) -> (f64, f64) {
+    let node = |v: f64| round6((v / grid).round() * grid);
+    (node(lat).clamp(-89.9, 89.9), node(lng).clamp(-180.0, 180.0))
+}
+
 fn round6(v: f64) -> f64 {
     (v * 1e6).round() / 1e6
 }
@@ -193,6 +206,25 @@ mod tests {
                 assert!(lat_lo <= a && a <= lat_hi && lng_lo <= b && b <= lng_hi);
             }
         }
+    }
+
+    #[test]
+    fn snapped_points_repeat_and_stay_valid() {
+        assert_eq!(snap(40.4168, -3.7038, POINT_READ_GRID_DEG), (40.4, -3.7));
+        assert_eq!(snap(40.4312, -3.6751, POINT_READ_GRID_DEG), (40.45, -3.7));
+        assert_eq!(snap(-33.8688, 151.2093, POINT_READ_GRID_DEG), (-33.85, 151.2));
+        assert_eq!(snap(89.99, 179.99, POINT_READ_GRID_DEG), (89.9, 180.0));
+        let mut rng = Rng::new(3);
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..1000 {
+            let (a, b) = jitter(&mut rng, 48.8566, 2.3522, USER_JITTER_KM);
+            let (a, b) = snap(a, b, POINT_READ_GRID_DEG);
+            assert!(geo::point(a, b).is_ok(), "{a} {b}");
+            assert!((a - 48.8566).abs() < 0.1 && (b - 2.3522).abs() < 0.15, "{a} {b}");
+            seen.insert((a.to_bits(), b.to_bits()));
+        }
+        // A user's ±5 km square around Paris falls on a handful of grid nodes.
+        assert!((2..=12).contains(&seen.len()), "{}", seen.len());
     }
 
     #[test]
