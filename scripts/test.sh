@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite, on a fresh Debian machine: installs what the tests need (PostgreSQL
-# server binaries; Node.js, npm and python3-venv for the MongoDB test peers), then runs every test of the workspace against real backends.
+# server binaries; redis-server for the read cache; Node.js, npm and python3-venv for the MongoDB
+# test peers), then runs every test of the workspace against real backends.
 # Usage: bash scripts/test.sh [extra cargo test args]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -8,6 +9,8 @@ source scripts/lib/deps.sh
 
 ensure_rust
 ensure_postgres
+ensure_redis
+ensure_etcd
 ensure_peer_tools
 # MongoDB test peers (CongoDB from npm, MockupDB from PyPI) into git-ignored folders.
 bash tests/peers/mongo/install.sh

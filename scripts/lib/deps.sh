@@ -55,6 +55,39 @@ ensure_postgres() {
   echo "== PostgreSQL: $("$dir/postgres" --version)"
 }
 
+# redis-server (the read cache's shared L2 and bump channel, docs/cache.md). Debian's package
+# starts no server here (no init system in CI); the tests and the demo start their own.
+ensure_redis() {
+  if ! command -v redis-server >/dev/null; then
+    echo "== installing redis-server from Debian"
+    apt_install redis-server
+  fi
+  echo "== Redis: $(redis-server --version | cut -d' ' -f1-3)"
+}
+
+# etcd (fleet mode, tests/etcd.rs starts its own on free ports) and protoc, which the
+# etcd-client crate's build script needs to compile the etcd protos.
+ensure_etcd() {
+  local missing=()
+  command -v etcd >/dev/null || missing+=(etcd-server)
+  command -v etcdctl >/dev/null || missing+=(etcd-client)
+  command -v protoc >/dev/null || missing+=(protobuf-compiler)
+  if [ ${#missing[@]} -gt 0 ]; then
+    echo "== installing ${missing[*]} from Debian"
+    apt_install "${missing[@]}"
+  fi
+  echo "== etcd: $(etcd --version | head -1); $(protoc --version)"
+}
+
+# HAProxy (Debian; 2.6 on bookworm): the load balancer of deploy/local/fleet.sh.
+ensure_haproxy() {
+  if ! command -v haproxy >/dev/null; then
+    echo "== installing haproxy from Debian"
+    apt_install haproxy
+  fi
+  echo "== haproxy: $(haproxy -v | head -1)"
+}
+
 # Node.js + npm (the CongoDB test peer) and Python's venv (the MockupDB test peer).
 ensure_peer_tools() {
   if ! command -v node >/dev/null || ! command -v npm >/dev/null; then
