@@ -7,7 +7,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
 
@@ -54,8 +54,7 @@ pub struct Credentials {
     seen: Mutex<Vec<(PathBuf, Option<Stamp>)>>,
 }
 
-/// Modified time, status-change time (a `chmod` changes only that), length, inode.
-type Stamp = (SystemTime, i64, i64, u64, u64);
+use crate::secrets::FileStamp as Stamp;
 
 impl Credentials {
     /// The credentials of a loaded config (`cfg.source` is the file later reloads read).
@@ -145,19 +144,9 @@ fn watched_files(config: &Path) -> Vec<PathBuf> {
     files
 }
 
-/// The [`Stamp`] of each file, following symlinks (a Kubernetes secret volume
-/// swaps a symlink, which changes the inode behind the path).
+/// The stamp of each file (`crate::secrets::file_stamp`).
 fn stamps(files: &[PathBuf]) -> Vec<(PathBuf, Option<Stamp>)> {
-    files
-        .iter()
-        .map(|p| {
-            let stamp = std::fs::metadata(p).ok().map(|m| {
-                use std::os::unix::fs::MetadataExt;
-                (m.modified().unwrap_or(SystemTime::UNIX_EPOCH), m.ctime(), m.ctime_nsec(), m.len(), m.ino())
-            });
-            (p.clone(), stamp)
-        })
-        .collect()
+    files.iter().map(|p| (p.clone(), crate::secrets::file_stamp(p))).collect()
 }
 
 fn now_rfc3339() -> String {

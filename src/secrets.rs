@@ -1,7 +1,7 @@
 //! `${VAR}`, `${VAR:-default}` and `${file:/path}` expansion for values of the shard map and of
 //! `cellgate.toml` (connection strings, tokens): reads the environment and secret files (systemd
 //! credentials, Kubernetes secret volumes); never puts what it read into an error. Knows nothing
-//! of what the values are for.
+//! of what the values are for. Also the stamp that tells a watched secret file changed.
 
 /// Why `${VAR}` expansion failed. Never carries the surrounding text (it may hold secrets).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -85,6 +85,17 @@ pub fn expand(input: &str, lookup: impl Fn(&str) -> Option<String>) -> Result<St
     }
     out.push_str(rest);
     Ok(out)
+}
+
+/// How a watched file looks now: modified time, status-change time (a `chmod` changes only
+/// that), size and inode, after symlinks (a Kubernetes secret volume swaps a symlink, which
+/// changes the inode behind the path). `None`: the file cannot be read. Compared, never shown.
+pub type FileStamp = (std::time::SystemTime, i64, i64, u64, u64);
+
+pub fn file_stamp(path: &std::path::Path) -> Option<FileStamp> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path).ok()?;
+    Some((m.modified().unwrap_or(std::time::SystemTime::UNIX_EPOCH), m.ctime(), m.ctime_nsec(), m.len(), m.ino()))
 }
 
 #[cfg(test)]

@@ -42,8 +42,7 @@ struct Reloading {
     state: std::sync::Mutex<(Vec<Option<Stamp>>, MakeRustlsConnect)>,
 }
 
-/// Modified time, status-change time, size, inode.
-type Stamp = (std::time::SystemTime, i64, i64, u64, u64);
+use crate::secrets::FileStamp as Stamp;
 
 impl Connector {
     /// The configuration for a new connection: the current one, rebuilt first if a file changed.
@@ -73,14 +72,7 @@ impl Connector {
 }
 
 fn stamps(files: &[&Path]) -> Vec<Option<Stamp>> {
-    use std::os::unix::fs::MetadataExt;
-    files
-        .iter()
-        .map(|p| {
-            let m = std::fs::metadata(p).ok()?;
-            Some((m.modified().ok()?, m.ctime(), m.ctime_nsec(), m.len(), m.ino()))
-        })
-        .collect()
+    files.iter().map(|p| crate::secrets::file_stamp(p)).collect()
 }
 
 impl<S> tokio_postgres::tls::MakeTlsConnect<S> for Connector
