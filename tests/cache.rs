@@ -648,15 +648,7 @@ async fn migration_cutover_bumps_the_moved_cells() {
     let id = r.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_string();
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let d: Value = http
-            .get(format!("{}/admin/migrations/{id}", stack.admin()))
-            .bearer_auth(ADMIN_TOKEN)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let d = stack.admin_value(&format!("/admin/migrations/{id}")).await;
         if d["state"] == "done" {
             break;
         }

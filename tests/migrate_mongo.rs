@@ -276,16 +276,7 @@ async fn mixed_shard_migrations_under_load(kind: PeerKind) {
         assert!(doc["tables"].as_array().unwrap().contains(&json!("profiles.people")), "{doc}");
         let id = doc["id"].as_str().unwrap().to_string();
         let done = loop {
-            let v: Value = st
-                .http
-                .get(format!("{}/admin/migrations/{id}", st.admin()))
-                .bearer_auth(ADMIN_TOKEN)
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
+            let v = st.admin_value(&format!("/admin/migrations/{id}")).await;
             match v["state"].as_str().unwrap() {
                 "done" => break v,
                 "failed" | "aborted" => panic!("round {round}: {v}"),

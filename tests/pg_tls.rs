@@ -517,16 +517,7 @@ async fn migration_between_tls_shards_replicates_over_tls() {
             .unwrap();
         walsender_tls |= ws.lines().any(|l| l == "t");
         walsender_plain |= ws.lines().any(|l| l == "f");
-        let v: Value = st
-            .http
-            .get(format!("{}/admin/migrations/{id}", st.admin()))
-            .bearer_auth(ADMIN_TOKEN)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let v = st.admin_value(&format!("/admin/migrations/{id}")).await;
         match v["state"].as_str().unwrap_or("") {
             "done" => break,
             "failed" | "aborted" => panic!("migration did not finish: {v}"),

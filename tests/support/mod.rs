@@ -317,6 +317,12 @@ impl Stack {
         (s, v)
     }
 
+    /// `GET` an admin route that answers JSON (admin token); the body as JSON whatever the status.
+    pub async fn admin_value(&self, path: &str) -> Value {
+        let r = self.http.get(format!("{}{path}", self.admin())).bearer_auth(ADMIN_TOKEN).send().await.unwrap();
+        r.json().await.unwrap()
+    }
+
     pub async fn admin_get(&self, path: &str) -> (u16, String) {
         let r = self.http.get(format!("{}{path}", self.admin())).bearer_auth(ADMIN_TOKEN).send().await.unwrap();
         (r.status().as_u16(), r.text().await.unwrap())
