@@ -118,15 +118,11 @@ fi
 if [ "$MONGO" = 1 ]; then
   echo "== starting a SecantusDB per shard (MongoDB wire protocol on WiredTiger) for the profiles database"
   for s in AM1 EU1 AS1; do
-    port=$(free_port)
     # Its data lives in $WORK, removed on exit (the path also names the demo's servers for
     # scripts/demo-smoke.sh's check that none is left running).
-    tests/peers/mongo/.secantus/bin/secantusd-py --host 127.0.0.1 --port "$port" \
-      --storage-path "$WORK/secantus-$s" > "$WORK/secantus-$s.log" 2>&1 &
-    MONGO_PIDS+=($!)
-    for _ in $(seq 1 300); do grep -q listening "$WORK/secantus-$s.log" && break; sleep 0.1; done
-    grep -q listening "$WORK/secantus-$s.log" || { cat "$WORK/secantus-$s.log" >&2; echo "SecantusDB did not start" >&2; exit 1; }
-    export "CELLGATE_DEMO_${s}_MONGO_PORT=$port"
+    start_secantus "$WORK/secantus-$s" "$WORK/secantus-$s.log" || { MONGO_PIDS+=("$SECANTUS_PID"); exit 1; }
+    MONGO_PIDS+=("$SECANTUS_PID")
+    export "CELLGATE_DEMO_${s}_MONGO_PORT=$SECANTUS_PORT"
   done
 else
   echo "== SecantusDB could not be installed: the MongoDB profiles database is NOT started"

@@ -15,13 +15,43 @@ apt_install() {
   as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@"
 }
 
-# A TCP port on 127.0.0.1 nothing listens on right now (probed, never fixed).
+# A TCP port on 127.0.0.1 free right now (probed, never fixed). Drawn from below the kernel's
+# ephemeral range: a port inside it can be the local end of an outgoing connection (a replica's
+# walreceiver, a TIME_WAIT from the previous run) which a connect probe cannot see but bind
+# refuses — that race failed a CI run. `ss` sees every socket state; the probe is the fallback.
 free_port() {
-  local p
-  for p in $(shuf -i 20000-60000 -n 50); do
-    if ! (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then echo "$p"; return; fi
+  local lo=32768 hi p
+  read -r lo hi < /proc/sys/net/ipv4/ip_local_port_range 2>/dev/null || true
+  hi=$((lo - 1))
+  [ "$hi" -gt 11000 ] || hi=60000
+  for p in $(shuf -i "10000-$hi" -n 50); do
+    if command -v ss >/dev/null; then
+      [ -z "$(ss -Htan "( sport = :$p )" 2>/dev/null)" ] && { echo "$p"; return; }
+    elif ! (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then
+      echo "$p"; return
+    fi
   done
   echo "no free port" >&2; return 1
+}
+
+# Starts a SecantusDB on a port the kernel picks (--port 0, read back from its log line
+# "secantus listening on HOST:PORT"), so no probe can race another socket. Sets SECANTUS_PID
+# and SECANTUS_PORT; fails with the server's log when it does not come up in 30 s.
+start_secantus() { # storage_dir log_file
+  local storage=$1 log=$2
+  tests/peers/mongo/.secantus/bin/secantusd-py --host 127.0.0.1 --port 0 \
+    --storage-path "$storage" > "$log" 2>&1 &
+  SECANTUS_PID=$!
+  SECANTUS_PORT=
+  for _ in $(seq 1 300); do
+    SECANTUS_PORT=$(sed -n 's/.*secantus listening on [0-9.]*:\([0-9][0-9]*\).*/\1/p' "$log" | head -n 1)
+    [ -n "$SECANTUS_PORT" ] && return 0
+    kill -0 "$SECANTUS_PID" 2>/dev/null || break
+    sleep 0.1
+  done
+  cat "$log" >&2
+  echo "SecantusDB did not start" >&2
+  return 1
 }
 
 ensure_rust() {
