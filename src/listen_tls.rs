@@ -8,7 +8,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use rustls::pki_types::pem::PemObject;
@@ -176,15 +176,13 @@ fn now_rfc3339() -> String {
     chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
 }
 
-/// Size, modification time and inode of each file after symlinks: a rewrite in place and a
-/// Kubernetes secret's symlink swap both change it.
+/// The [`crate::secrets::file_stamp`] of each file (mtime, ctime, size, inode after symlinks): a
+/// rewrite in place, a `chmod` and a Kubernetes secret's symlink swap all change it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-struct Fingerprint(Vec<(u64, Option<SystemTime>, u64)>);
+struct Fingerprint(Vec<crate::secrets::FileStamp>);
 
 fn fingerprint(files: &[&Path]) -> Option<Fingerprint> {
-    use std::os::unix::fs::MetadataExt;
-    let one = |p: &&Path| std::fs::metadata(p).ok().map(|m| (m.len(), m.modified().ok(), m.ino()));
-    files.iter().map(one).collect::<Option<Vec<_>>>().map(Fingerprint)
+    files.iter().map(|p| crate::secrets::file_stamp(p)).collect::<Option<Vec<_>>>().map(Fingerprint)
 }
 
 /// Record `now` as seen; true if it differs from what was (a missing file mid-swap: wait for

@@ -11,6 +11,7 @@
 use std::collections::{HashMap, HashSet};
 use std::ops::ControlFlow;
 use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
@@ -61,11 +62,17 @@ pub struct Classified {
     pub transaction_scoped: bool,
     /// Number of statements in the text (0 when it did not parse).
     pub statements: usize,
+    /// The tables a single plain query reads (names as the server resolves them: unquoted
+    /// folded to lowercase, the last part of a qualified name, CTE names left out); `None` when
+    /// the text is anything else or reads something that is not a table (a table function,
+    /// `TABLE t`) — the read cache's per-table policies (docs/cache.md) need the whole set.
+    #[serde(skip)]
+    pub relations: Option<Vec<String>>,
 }
 
 impl Classified {
     fn unparseable(kind: String) -> Classified {
-        Classified { class: Class::Unparseable, kind, transaction_scoped: false, statements: 0 }
+        Classified { class: Class::Unparseable, kind, transaction_scoped: false, statements: 0, relations: None }
     }
 }
 
@@ -243,11 +250,29 @@ fn classify_unguarded(sql: &str, dialect: Dialect, policy: &Policy) -> Classifie
     for stmt in &statements {
         walk.root(stmt);
     }
+    let plain_query = statements.len() == 1 && matches!(statements[0], Statement::Query(_));
+    let relations = (plain_query && walk.class == Class::Read && !walk.opaque_source)
+        .then(|| walk.tables.difference(&walk.ctes).cloned().collect());
     Classified {
         class: walk.class,
         kind: walk.kind,
         transaction_scoped: walk.scoped && !walk.unscoped,
         statements: statements.len(),
+        relations,
+    }
+}
+
+/// A table or CTE name as the server resolves it: unquoted names fold to lowercase.
+fn relation_name(i: &sqlparser::ast::Ident) -> String {
+    if i.quote_style.is_some() { i.value.clone() } else { i.value.to_lowercase() }
+}
+
+/// `TABLE t` anywhere in a set expression: a table read that is no `TableFactor`.
+fn has_table_expr(e: &SetExpr) -> bool {
+    match e {
+        SetExpr::Table(_) => true,
+        SetExpr::SetOperation { left, right, .. } => has_table_expr(left) || has_table_expr(right),
+        _ => false,
     }
 }
 
@@ -567,6 +592,12 @@ struct Walk<'p> {
     unscoped: bool,
     /// Depth of queries being visited: a statement inside a query is a data-modifying CTE.
     query_depth: usize,
+    /// Tables named in `FROM`/`JOIN` (see [`Classified::relations`]).
+    tables: BTreeSet<String>,
+    /// Names the text's `WITH` clauses define (not tables).
+    ctes: BTreeSet<String>,
+    /// Something is read that is not a plain table.
+    opaque_source: bool,
 }
 
 impl<'p> Walk<'p> {
@@ -579,6 +610,9 @@ impl<'p> Walk<'p> {
             scoped: false,
             unscoped: false,
             query_depth: 0,
+            tables: BTreeSet::new(),
+            ctes: BTreeSet::new(),
+            opaque_source: false,
         }
     }
 
@@ -666,6 +700,10 @@ impl Visitor for Walk<'_> {
 
     fn pre_visit_query(&mut self, query: &Query) -> ControlFlow<()> {
         self.query_depth += 1;
+        if let Some(with) = &query.with {
+            self.ctes.extend(with.cte_tables.iter().map(|c| relation_name(&c.alias.name)));
+        }
+        self.opaque_source |= has_table_expr(&query.body);
         if let Some(lock) = query.locks.first() {
             let kind = format!("SELECT ... FOR {}", lock.lock_type);
             self.note(Class::Write, || kind, Scope::Stateless);
@@ -691,6 +729,11 @@ impl Visitor for Walk<'_> {
             TableFactor::Table { name, args, with_hints, .. } => {
                 if args.is_some() {
                     self.call(name, None);
+                    self.opaque_source = true;
+                } else if let Some(last) = name.0.last().and_then(|p| p.as_ident()) {
+                    self.tables.insert(relation_name(last));
+                } else {
+                    self.opaque_source = true;
                 }
                 for hint in with_hints {
                     if let Expr::Identifier(h) = hint {
@@ -702,8 +745,13 @@ impl Visitor for Walk<'_> {
                     }
                 }
             }
-            TableFactor::Function { name, .. } => self.call(name, None),
-            _ => {}
+            TableFactor::Function { name, .. } => {
+                self.call(name, None);
+                self.opaque_source = true;
+            }
+            // Their own tables are visited; the join or subquery itself reads nothing more.
+            TableFactor::Derived { .. } | TableFactor::NestedJoin { .. } => {}
+            _ => self.opaque_source = true,
         }
         ControlFlow::Continue(())
     }
@@ -790,6 +838,34 @@ mod tests {
     use Class::*;
     use Dialect::{Postgres as Pg, SqlServer as Ms};
     use proptest::prelude::*;
+
+    #[test]
+    fn relations_of_plain_queries() {
+        let policy = Policy::default();
+        let rel = |d, sql: &str| classify(sql, d, &policy).relations;
+        let some = |v: &[&str]| Some(v.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+        let cases: &[(Dialect, &str, Option<Vec<String>>)] = &[
+            (Pg, "SELECT id FROM musicians WHERE h3 = $1", some(&["musicians"])),
+            (Pg, "select * from Public.Musicians m join gigs g on g.m = m.id", some(&["gigs", "musicians"])),
+            (Pg, "SELECT * FROM \"Musicians\"", some(&["Musicians"])),
+            (Pg, "SELECT * FROM (SELECT id FROM gigs) x WHERE id IN (SELECT gig FROM reviews)", some(&["gigs", "reviews"])),
+            (Pg, "WITH near AS (SELECT * FROM venues) SELECT * FROM near", some(&["venues"])),
+            (Pg, "SELECT 1", some(&[])),
+            (Pg, "SELECT * FROM generate_series(1, 3)", None),
+            (Pg, "SELECT * FROM musicians, LATERAL unnest(tags) t", None),
+            (Pg, "TABLE musicians", None),
+            (Pg, "SELECT 1 UNION TABLE musicians", None),
+            (Pg, "SELECT * FROM musicians; SELECT * FROM gigs", None),
+            (Pg, "EXPLAIN SELECT * FROM musicians", None),
+            (Pg, "SELECT * FROM musicians FOR UPDATE", None),
+            (Pg, "DELETE FROM musicians", None),
+            (Pg, "SELEC nonsense", None),
+            (Ms, "SELECT TOP 5 * FROM dbo.Venues WITH (NOLOCK)", some(&["venues"])),
+        ];
+        for (d, sql, want) in cases {
+            assert_eq!(&rel(*d, sql), want, "{d:?} {sql:?}");
+        }
+    }
 
     fn check(cases: &[(Dialect, &str, Class)]) {
         let policy = Policy::default();

@@ -33,6 +33,13 @@ fn a_valid_map_compiles() {
         shard("am-1")
     );
     let m = parse_and_compile(&src, env).expect("valid");
+    assert_eq!(m.tables()["core"]["musicians"].cache, None);
+    let with_policy = src.replace("cell_column = \"h3\"\n", "cell_column = \"h3\"\ncache = { ttl_ms = 30000 }\n");
+    let p = parse_and_compile(&with_policy, env).expect("valid with a cache policy");
+    assert_eq!(
+        p.tables()["core"]["musicians"].cache,
+        Some(cellgate::shardmap::CachePolicy { ttl_ms: 30000, swr_ms: 0 })
+    );
     assert_eq!(m.version().0, 3);
     assert_eq!(m.shards().len(), 2);
     assert_eq!(m.assigned_count(), 2);
@@ -102,6 +109,20 @@ fn every_rule_is_reported_with_its_line() {
         (
             format!("{HEADER}{}[tables.profiles.reviews]\ncell_column = \"h3\"\n", shard("eu-1")),
             vec![(8, |k| matches!(k, MapErrorKind::TableUnknownDatabase { db, .. } if db == "profiles"))],
+        ),
+        (
+            format!(
+                "{HEADER}{}[tables.core.musicians]\ncell_column = \"h3\"\ncache = {{ ttl_ms = 0, swr_ms = 5 }}\n[tables.core.gigs]\ncell_column = \"h3\"\ncache = {{ ttl_ms = 10, swr_ms = -1 }}\n",
+                shard("eu-1")
+            ),
+            vec![
+                (8, |k| matches!(k, MapErrorKind::BadTable { table, problem, .. } if table == "musicians" && problem.contains("ttl_ms"))),
+                (11, |k| matches!(k, MapErrorKind::BadTable { table, problem, .. } if table == "gigs" && problem.contains("swr_ms"))),
+            ],
+        ),
+        (
+            format!("{HEADER}{}[tables.core.musicians]\ncell_column = \"h3\"\ncache = {{ ttl = 5 }}\n", shard("eu-1")),
+            vec![(10, |k| matches!(k, MapErrorKind::Syntax(m) if m.contains("ttl")))],
         ),
         (
             format!(

@@ -242,6 +242,11 @@ Try these (copy and paste; $AUTH holds the header "authorization: Bearer <token>
 curl -si $D/v1/sql/core/query -H @$AUTH -H 'content-type: application/json' \\
   -d '{"region": {"lat": 40.4168, "lng": -3.7038}, "sql": "SELECT id, name, instrument, city, (lat - \$1)^2 + (lng - \$2)^2 AS dist FROM musicians ORDER BY dist LIMIT 5", "params": [40.4168, -3.7038], "cache": {"ttl_ms": 30000}}'
 
+# the largest venues near Madrid: no "cache" member, yet cached — the map gives the venues table
+# a policy ([tables.core.venues] cache = { ttl_ms = 60000, ... } in shard-maps/demo.toml)
+curl -si $D/v1/sql/core/query -H @$AUTH -H 'content-type: application/json' \\
+  -d '{"region": {"lat": 40.4168, "lng": -3.7038}, "sql": "SELECT id, name, kind, capacity FROM venues ORDER BY capacity DESC, id LIMIT 3"}'
+
 # nearby search: 25 km around Paris, merged over the owning shards, nearest 5
 curl -s $D/v1/sql/core/query -H @$AUTH -H 'content-type: application/json' \\
   -d '{"region": {"lat": 48.8566, "lng": 2.3522, "radius_km": 25}, "sql": "SELECT id, name, (lat - \$1)^2 + (lng - \$2)^2 AS dist FROM musicians ORDER BY dist LIMIT 5", "params": [48.8566, 2.3522], "merge": {"order_by": [{"column": "dist"}], "limit": 5}}'

@@ -20,6 +20,7 @@ use crate::cache::key::{self, KeyBuilder};
 use crate::cache::versions::{MOVED, Mode, Rec};
 use crate::cache::{Bypass, Cache, Digest, Entry, Event, Versions, now_ms};
 use crate::routing::{self, RegionRoute};
+use crate::shardmap::{CachePolicy, ShardMap};
 use crate::state::Snapshot;
 
 /// What a read asks of the cache: the body's `cache` member (`None`: not opted in) and the
@@ -28,6 +29,8 @@ use crate::state::Snapshot;
 pub struct CacheAsk {
     /// `(ttl, swr)` as asked, before the `[cache] max_ttl_ms` cap.
     pub opt_in: Option<(Duration, Duration)>,
+    /// `"cache": false`: never cached, whatever the table's policy says.
+    pub opt_out: bool,
     /// `no-cache`: do not use a stored entry; read the backend and store the answer.
     pub no_cache: bool,
     /// `no-store`: do not store the answer.
@@ -41,6 +44,43 @@ impl CacheAsk {
     fn limits(&self, max: Duration) -> Option<(Duration, Duration)> {
         self.opt_in.map(|(t, s)| (t.min(max), s.min(max)))
     }
+
+    /// The ask with the map's policy for the tables the read reads: a read that says nothing
+    /// itself takes it; its own `cache` member (or `false`) wins.
+    pub fn with_policy(&self, policy: Option<CachePolicy>) -> CacheAsk {
+        let mut ask = self.clone();
+        if ask.opt_in.is_none()
+            && !ask.opt_out
+            && let Some(p) = policy
+        {
+            ask.opt_in = Some((Duration::from_millis(p.ttl_ms), Duration::from_millis(p.swr_ms)));
+        }
+        ask
+    }
+
+    /// Whether the read goes through the cache step at all.
+    pub fn uses_cache(&self) -> bool {
+        self.opt_in.is_some() || self.only_if_cached
+    }
+}
+
+/// The policy that covers a read of `tables` of `db`: every one of them must have one (a read
+/// that also looks at an uncached table is not cached), and the shortest TTL and window win.
+/// No tables (`SELECT 1`), or `None` (not a plain query): no policy.
+pub fn policy_for(map: &ShardMap, db: &str, tables: Option<&[String]>) -> Option<CachePolicy> {
+    let specs = map.tables().get(db)?;
+    let tables = tables.filter(|t| !t.is_empty())?;
+    let mut out: Option<CachePolicy> = None;
+    for t in tables {
+        // Unquoted names reach here lowercased (`sqlclass`), the map spells them as written.
+        let spec = specs.get(t).or_else(|| specs.iter().find(|(k, _)| k.to_lowercase() == *t).map(|(_, s)| s))?;
+        let p = spec.cache?;
+        out = Some(match out {
+            None => p,
+            Some(o) => CachePolicy { ttl_ms: o.ttl_ms.min(p.ttl_ms), swr_ms: o.swr_ms.min(p.swr_ms) },
+        });
+    }
+    out
 }
 
 /// Which level answered a hit.
@@ -142,7 +182,7 @@ pub(super) struct Read<'a> {
 }
 
 /// The cells at the map resolution a route reads, each with the shard that owns it now.
-fn cells_of(snap: &Snapshot, route: &RegionRoute) -> Result<Vec<(CellIndex, Option<String>)>, Bypass> {
+pub(super) fn cells_of(snap: &Snapshot, route: &RegionRoute) -> Result<Vec<(CellIndex, Option<String>)>, Bypass> {
     let id = |s| snap.map.shard(s).id.to_string();
     match route {
         RegionRoute::One(r) => Ok(vec![(r.cell, Some(id(r.shard)))]),
@@ -154,7 +194,7 @@ fn cells_of(snap: &Snapshot, route: &RegionRoute) -> Result<Vec<(CellIndex, Opti
     }
 }
 
-fn shards_of(snap: &Snapshot, route: &RegionRoute) -> Vec<String> {
+pub(super) fn shards_of(snap: &Snapshot, route: &RegionRoute) -> Vec<String> {
     match route {
         RegionRoute::One(r) => vec![snap.map.shard(r.shard).id.to_string()],
         RegionRoute::Many(area) => area.shards.iter().map(|(s, _)| snap.map.shard(*s).id.to_string()).collect(),

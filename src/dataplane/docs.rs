@@ -180,7 +180,7 @@ where
 
 /// Run a read plan: find (merged on its sort keys across shards, skip/limit after the merge),
 /// aggregate (per-shard results concatenated) or count (summed); through the cache step when
-/// the request opted in.
+/// the request opted in or the collection has a cache policy.
 pub async fn read(state: &AppState, plan: &ReadPlan, out: &mut Outcome) -> Result<ReadResult, ApiError> {
     let snap = state.pin();
     out.map_version = Some(snap.map.version().0);
@@ -189,7 +189,14 @@ pub async fn read(state: &AppState, plan: &ReadPlan, out: &mut Outcome) -> Resul
     check_read_op(&snap, &plan.db, &plan.op)?;
     let route = routing::route_region(&snap.map, &region).map_err(super::route_err)?;
     let shards = super::route_shards(&route, out)?;
-    let r = if plan.cache.opt_in.is_none() && !plan.cache.only_if_cached {
+    // The collection's policy covers a read of that collection alone: a pipeline that reads
+    // another one ($lookup, $unionWith, $graphLookup) says for itself.
+    let policy = match &plan.op {
+        ReadOp::Aggregate { pipeline } if pipeline.iter().any(reads_other_collections) => None,
+        _ => step::policy_for(&snap.map, &plan.db, Some(std::slice::from_ref(&plan.collection))),
+    };
+    let ask = plan.cache.with_policy(policy);
+    let r = if !ask.uses_cache() {
         let deadline = Instant::now() + state.config.request_timeout();
         run_read(&snap, plan, &shards, &Floors::new(), deadline).await?
     } else {
@@ -210,12 +217,26 @@ pub async fn read(state: &AppState, plan: &ReadPlan, out: &mut Outcome) -> Resul
             snap: &snap,
             route: &route,
             consistency: &plan.consistency,
-            ask: &plan.cache,
+            ask: &ask,
         };
         step::read(state, read, |b| key_parts(b, plan), fill, out).await?
     };
     out.note_shards(&r.shards);
     Ok(r)
+}
+
+/// Whether a pipeline stage (at any depth: `$facet` nests pipelines) reads another collection.
+fn reads_other_collections(stage: &Document) -> bool {
+    fn walk(b: &Bson) -> bool {
+        match b {
+            Bson::Document(d) => d.iter().any(|(k, v)| {
+                matches!(k.as_str(), "$lookup" | "$unionWith" | "$graphLookup") || walk(v)
+            }),
+            Bson::Array(a) => a.iter().any(walk),
+            _ => false,
+        }
+    }
+    stage.iter().any(|(k, v)| matches!(k.as_str(), "$lookup" | "$unionWith" | "$graphLookup") || walk(v))
 }
 
 /// What a read asks, as key parts: the collection and the operation's documents (BSON bytes,
@@ -702,6 +723,18 @@ mod tests {
     use super::*;
     use crate::geo::Region;
     use bson::doc;
+
+    #[test]
+    fn pipelines_reading_other_collections() {
+        let other = [
+            doc! {"$lookup": {"from": "gigs", "localField": "id", "foreignField": "m", "as": "g"}},
+            doc! {"$unionWith": "archive"},
+            doc! {"$facet": {"a": [{"$match": {}}], "b": [{"$graphLookup": {"from": "x"}}]}},
+        ];
+        assert!(other.iter().all(reads_other_collections));
+        let own = [doc! {"$match": {"genre": "jazz"}}, doc! {"$group": {"_id": "$city", "n": {"$sum": 1}}}];
+        assert!(!own.iter().any(reads_other_collections));
+    }
 
     #[test]
     fn merge_on_sort_keys() {

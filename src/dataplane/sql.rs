@@ -93,12 +93,13 @@ fn no_endpoint(last: Option<BackendError>, id: &str) -> ApiError {
 }
 
 /// Run a read plan: one shard for a point or cell, a parallel fan-out and merge for an area;
-/// through the cache step when the request opted in.
+/// through the cache step when the request opted in or its tables have a cache policy.
 pub async fn read(state: &AppState, plan: &ReadPlan, out: &mut Outcome) -> Result<SqlResult, ApiError> {
     let snap = state.pin();
     out.map_version = Some(snap.map.version().0);
     let kind = check_db(&snap, &plan.db)?;
-    statements::check_read(state, &plan.db, kind, &plan.sql)?;
+    let verdict = statements::check_read(state, &plan.db, kind, &plan.sql)?;
+    let ask = plan.cache.with_policy(step::policy_for(&snap.map, &plan.db, verdict.relations.as_deref()));
     let region = super::required(&plan.region)?.resolve(&snap)?;
     let route = routing::route_region(&snap.map, &region).map_err(super::route_err)?;
     let (shards, area) = match &route {
@@ -113,7 +114,7 @@ pub async fn read(state: &AppState, plan: &ReadPlan, out: &mut Outcome) -> Resul
             (area.shards.iter().map(|(s, _)| *s).collect(), true)
         }
     };
-    let r = if plan.cache.opt_in.is_none() && !plan.cache.only_if_cached {
+    let r = if !ask.uses_cache() {
         let deadline = Instant::now() + state.config.request_timeout();
         run_read(&state.config.health, &snap, plan, &shards, area, &Floors::new(), deadline).await?
     } else {
@@ -129,7 +130,7 @@ pub async fn read(state: &AppState, plan: &ReadPlan, out: &mut Outcome) -> Resul
             snap: &snap,
             route: &route,
             consistency: &plan.consistency,
-            ask: &plan.cache,
+            ask: &ask,
         };
         step::read(state, read, parts, fill, out).await?
     };

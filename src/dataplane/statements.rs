@@ -37,13 +37,14 @@ fn class_words(c: Class) -> &'static str {
     }
 }
 
-/// `/query`: the text must be a read. Anything else is refused naming what it is.
-pub fn check_read(state: &AppState, db: &str, kind: DbKind, sql: &str) -> Result<(), ApiError> {
+/// `/query`: the text must be a read. Anything else is refused naming what it is. The verdict
+/// (with the tables the read reads) on success.
+pub fn check_read(state: &AppState, db: &str, kind: DbKind, sql: &str) -> Result<std::sync::Arc<Classified>, ApiError> {
     let v = verdict(state, kind, sql);
     match v.class {
-        Class::Read => Ok(()),
+        Class::Read => Ok(v),
         // Opted in: the server's read-only transaction is then the only guard.
-        Class::Unparseable if pass_unparsed(state, db) => Ok(()),
+        Class::Unparseable if pass_unparsed(state, db) => Ok(v),
         c => Err(ApiError::NotARead(format!(
             "/query runs reads only; this statement is {} ({}){}",
             class_words(c),

@@ -75,11 +75,17 @@ struct CacheJson {
 }
 
 /// What a read asks of the cache: the body's `"cache": {"ttl_ms", "swr_ms"}` (absent or null:
-/// no opt-in) and the `Cache-Control` directives `no-cache`, `no-store`, `only-if-cached` (any
+/// no opt-in — the table's policy in the map, if any, applies; `false`: never cached) and the `Cache-Control` directives `no-cache`, `no-store`, `only-if-cached` (any
 /// case, in any `Cache-Control` line; other directives are ignored).
 pub fn cache(v: Option<Value>, headers: &http::HeaderMap) -> Result<CacheAsk, ApiError> {
+    let mut opt_out = false;
     let opt_in = match v {
         None | Some(Value::Null) => None,
+        // Not cached, whatever the table's policy in the map says.
+        Some(Value::Bool(false)) => {
+            opt_out = true;
+            None
+        }
         Some(v) => {
             let c: CacheJson = super::json::from_value_strict(v, "cache").map_err(ApiError::InvalidJson)?;
             if c.ttl_ms == 0 {
@@ -88,7 +94,7 @@ pub fn cache(v: Option<Value>, headers: &http::HeaderMap) -> Result<CacheAsk, Ap
             Some((Duration::from_millis(c.ttl_ms), Duration::from_millis(c.swr_ms)))
         }
     };
-    let mut ask = CacheAsk { opt_in, ..Default::default() };
+    let mut ask = CacheAsk { opt_in, opt_out, ..Default::default() };
     for line in headers.get_all(http::header::CACHE_CONTROL) {
         for d in String::from_utf8_lossy(line.as_bytes()).split(',') {
             let name = d.split('=').next().unwrap_or("").trim();
@@ -137,6 +143,9 @@ mod tests {
         assert!(matches!(cache(Some(json!({"ttl_ms": 0})), &none), Err(ApiError::InvalidParams(_))));
         assert!(matches!(cache(Some(json!({"ttl_ms": 1, "x": 1})), &none), Err(ApiError::InvalidJson(_))));
         assert!(matches!(cache(Some(json!({"swr_ms": 1})), &none), Err(ApiError::InvalidJson(_))));
+        let off = cache(Some(json!(false)), &none).unwrap();
+        assert!(off.opt_out && off.opt_in.is_none());
+        assert!(matches!(cache(Some(json!(true)), &none), Err(ApiError::InvalidJson(_))));
         let mut h = http::HeaderMap::new();
         h.append(http::header::CACHE_CONTROL, http::HeaderValue::from_static("No-Cache, max-age=0"));
         h.append(http::header::CACHE_CONTROL, http::HeaderValue::from_static("only-if-cached"));

@@ -11,7 +11,7 @@ use toml::Spanned;
 use super::raw::{RawDatabase, RawMap};
 use super::ring::FallbackRing;
 use super::secret::{ExpandError, Secret, expand};
-use super::{DatabaseSpec, DbKind, Fallback, Shard, ShardMap, TableSpec};
+use super::{CachePolicy, DatabaseSpec, DbKind, Fallback, Shard, ShardMap, TableSpec};
 use crate::ids::{MapVersion, ShardId, ShardIdx};
 
 /// Virtual nodes per shard on the fallback ring unless `fallback.vnodes` says otherwise.
@@ -433,10 +433,22 @@ fn compile_tables(c: &mut Collector, raw_tables: RawTables, db_kinds: &DbKinds) 
                     },
                 );
             }
-            tables
-                .entry(db.clone())
-                .or_default()
-                .insert(table, TableSpec { cell_column: spec.cell_column, geo_field: spec.geo_field });
+            let cache = spec.cache.and_then(|p| {
+                let bad = |problem: String| MapErrorKind::BadTable { db: db.clone(), table: table.clone(), problem };
+                if p.ttl_ms < 1 {
+                    c.at(span.clone(), bad(format!("cache.ttl_ms must be at least 1 (got {})", p.ttl_ms)));
+                    return None;
+                }
+                if p.swr_ms < 0 {
+                    c.at(span.clone(), bad(format!("cache.swr_ms must not be negative (got {})", p.swr_ms)));
+                    return None;
+                }
+                Some(CachePolicy { ttl_ms: p.ttl_ms as u64, swr_ms: p.swr_ms as u64 })
+            });
+            tables.entry(db.clone()).or_default().insert(
+                table,
+                TableSpec { cell_column: spec.cell_column, geo_field: spec.geo_field, cache },
+            );
         }
     }
 

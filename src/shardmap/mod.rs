@@ -79,6 +79,17 @@ pub struct TableSpec {
     pub cell_column: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub geo_field: Option<String>,
+    /// How long reads of this table may be cached when they do not say (docs/cache.md).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cache: Option<CachePolicy>,
+}
+
+/// A table's read cache policy: fresh for `ttl_ms` (≥ 1), then served stale for `swr_ms` while
+/// one refresh runs. Capped by `[cache] max_ttl_ms` like a request's own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct CachePolicy {
+    pub ttl_ms: u64,
+    pub swr_ms: u64,
 }
 
 /// What happens to cells no assignment covers.

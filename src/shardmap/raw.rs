@@ -74,4 +74,15 @@ pub struct RawTable {
     pub cell_column: Option<String>,
     /// MongoDB: the GeoJSON Point field a document's region is taken from on insert.
     pub geo_field: Option<String>,
+    /// Read cache policy for reads of this table / collection that do not say themselves
+    /// (docs/cache.md, *Per-table policies*).
+    pub cache: Option<RawCachePolicy>,
+}
+
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCachePolicy {
+    pub ttl_ms: i64,
+    #[serde(default)]
+    pub swr_ms: i64,
 }
