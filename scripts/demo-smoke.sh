@@ -12,6 +12,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/lib/deps.sh
+source scripts/lib/smoke.sh
 ensure_rust
 
 if [ -z "${LOADTEST_BIN:-}" ]; then
@@ -46,11 +47,6 @@ done
 grep -q '^cellgate demo ready: ' "$OUT" || { cat "$OUT" >&2; echo "demo not ready in 15 min" >&2; exit 1; }
 grep '^cellgate demo ready: ' "$OUT"
 
-# `curl -si` output: the headers (CRs dropped) up to the first empty line, then the body.
-response_headers() { printf '%s' "$1" | tr -d '\r' | sed '/^$/q'; }
-response_body() { printf '%s' "$1" | tr -d '\r' | sed '1,/^$/d'; }
-cache_status() { response_headers "$1" | sed -n 's/^[Cc]ache-[Ss]tatus: *//p'; }
-
 # Every printed curl command (with its continuation line), run as printed.
 n=0
 CACHED=""        # the example that asks for the read cache ("cache": {...})
@@ -71,7 +67,7 @@ while IFS= read -r -d $'\0' cmd; do
     CACHED_FIRST=$(cache_status "$out")
   fi
   if [[ $cmd == *"/admin/cache "* ]]; then CACHE_ADMIN=$cmd; fi
-done < <(awk '/^curl /{cmd=$0; while (cmd ~ /\\$/) { getline line; cmd=cmd "\n" line } printf "%s%c", cmd, 0}' "$OUT")
+done < <(curl_examples "$OUT")
 [ "$n" -ge 4 ] || { echo "expected at least 4 examples, found $n" >&2; exit 1; }
 
 # The read cache, end to end: the cached example again must be a hit (the demo waits for the

@@ -11,6 +11,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/lib/deps.sh
+source scripts/lib/smoke.sh
 ensure_rust
 
 if [ -z "${LOADTEST_BIN:-}" ]; then
@@ -52,15 +53,36 @@ WORK=$(grep -o -m1 '/tmp/cellgate-fleet\.[A-Za-z0-9]*' "$OUT")
 
 # Every printed curl command (with its continuation line), run as printed.
 n=0
+CACHED=""
 while IFS= read -r -d $'\0' cmd; do
   n=$((n + 1))
-  body=$(run "$cmd")
+  out=$(run "$cmd")
+  body=$out
+  if [[ $cmd == "curl -si "* ]]; then body=$(response_body "$out"); fi
   if ! printf '%s' "$body" | jq -e 'type == "object" and (has("error") | not)' >/dev/null; then
-    echo "example $n failed:"; echo "$cmd"; echo "$body"; exit 1
+    echo "example $n failed:"; echo "$cmd"; echo "$out"; exit 1
   fi
   echo "example $n ok: $(printf '%s' "$body" | head -c 120)"
-done < <(awk '/^curl /{cmd=$0; while (cmd ~ /\\$/) { getline line; cmd=cmd "\n" line } printf "%s%c", cmd, 0}' "$OUT")
+  if [[ $cmd == *'"cache": {'* ]]; then CACHED=$cmd; CACHED_FIRST=$(cache_status "$out"); fi
+done < <(curl_examples "$OUT")
 [ "$n" -ge 3 ] || { cat "$OUT" >&2; echo "expected at least 3 curl examples, found $n" >&2; exit 1; }
+
+# The cached example through HAProxy, twice more: round robin sends them to the other
+# instances, which find the entry the first one stored in the shared Redis (L2).
+[ -n "$CACHED" ] || { cat "$OUT" >&2; echo "no printed example asks for the read cache" >&2; exit 1; }
+statuses=("$CACHED_FIRST")
+for _ in 1 2; do statuses+=("$(cache_status "$(run "$CACHED")")"); done
+CACHE_LINE="cached example through HAProxy: $(printf '"%s" ' "${statuses[@]}")"
+if grep -q '^== Redis could not' "$OUT"; then
+  [ "${CI:-}" != true ] || { echo "CI: the fleet ran without Redis (redis-server could not be installed or started)" >&2; exit 1; }
+  CACHE_LINE+="(WITHOUT Redis: each instance's own memory only)"
+else
+  case "${statuses[1]}${statuses[2]}" in
+    *"cellgate; hit"*) ;;
+    *) echo "$CACHE_LINE: no hit after the first fill — the instances do not share the cache" >&2; exit 1 ;;
+  esac
+fi
+echo "$CACHE_LINE"
 
 mapfile -t PUSH < <(grep '^\./target/release/cellgate map push .* --wait' "$OUT" || true)
 mapfile -t STATUS < <(grep '^\./target/release/cellgate fleet status ' "$OUT" || true)
@@ -112,4 +134,4 @@ for p in $HARNESS_PIDS; do left+=$(pgrep -af "postgres -D /tmp/cg-$p-" || true);
 if [ -n "$left" ]; then
   echo "$left" >&2; echo "fleet.sh left processes running" >&2; exit 1
 fi
-echo "fleet smoke: $n examples ok; map push --wait and fleet status under load ok; goose through HAProxy: ${summary#cellgate-loadtest summary: }; stopped cleanly"
+echo "fleet smoke: $n examples ok; $CACHE_LINE; map push --wait and fleet status under load ok; goose through HAProxy: ${summary#cellgate-loadtest summary: }; stopped cleanly"

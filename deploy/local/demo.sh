@@ -136,33 +136,8 @@ echo "== loading the marketplace (50,000 musicians around real cities)"
 
 CACHE_REDIS=""
 if [ "$REDIS" = 1 ]; then
-  # No persistence (nothing in it needs to survive, docs/cache.md), loopback only, a random
-  # password in a 0600 config file (not on the command line: `ps` shows those to every local
-  # user; without one any local user could write entries the cache would serve). Its files
-  # live in $WORK; `--set-proc-title no` keeps this command line, which names $WORK, visible
-  # for scripts/demo-smoke.sh's check that nothing is left running.
-  REDIS_PORT=$(free_port)
-  REDIS_PASSWORD="redis-$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n')"
-  echo "== starting Redis for the read cache on 127.0.0.1:$REDIS_PORT (no persistence)"
-  mkdir "$WORK/redis"
-  printf 'requirepass %s\n' "$REDIS_PASSWORD" > "$WORK/redis.conf"
-  redis-server "$WORK/redis.conf" --bind 127.0.0.1 --port "$REDIS_PORT" --save '' --appendonly no \
-    --dir "$WORK/redis" --logfile "$WORK/redis.log" --daemonize no --set-proc-title no &
-  REDIS_PID=$!
-  for _ in $(seq 1 100); do
-    grep -q 'Ready to accept connections' "$WORK/redis.log" 2>/dev/null && break
-    kill -0 "$REDIS_PID" 2>/dev/null || break
-    sleep 0.1
-  done
-  if grep -q 'Ready to accept connections' "$WORK/redis.log" 2>/dev/null && kill -0 "$REDIS_PID" 2>/dev/null; then
-    CACHE_REDIS="redis://:$REDIS_PASSWORD@127.0.0.1:$REDIS_PORT"
-  else
-    tail -n 5 "$WORK/redis.log" >&2 2>/dev/null || true
-    { kill -TERM "$REDIS_PID" && wait "$REDIS_PID"; } 2>/dev/null || true
-    REDIS_PID=""
-    REDIS=0
-  fi
-  unset REDIS_PASSWORD
+  echo "== starting Redis for the read cache (loopback, no persistence, password in a 0600 file)"
+  start_redis "$WORK" || REDIS=0
 fi
 if [ "$REDIS" = 0 ]; then
   echo "== Redis could not be installed or started: the read cache runs in cellgate's memory only"

@@ -25,6 +25,11 @@ ensure_rust
 ensure_postgres
 ensure_etcd
 ensure_haproxy
+# Redis: the instances' shared cache level and invalidation channel (docs/cache.md); without it
+# each instance caches in its own memory only.
+REDIS=1
+ensure_redis || true
+command -v redis-server >/dev/null 2>&1 || REDIS=0
 command -v jq >/dev/null || apt_install jq
 command -v curl >/dev/null || apt_install curl
 MONGO=1
@@ -48,6 +53,7 @@ WORK=$(mktemp -d /tmp/cellgate-fleet.XXXXXX)
 CLUSTER_PID=""
 ETCD_PID=""
 HAPROXY_PID=""
+REDIS_PID=""
 CELLGATE_PIDS=()
 MONGO_PIDS=()
 # A stopped process's status (143 after SIGTERM) must not end the cleanup: errexit is off in it.
@@ -58,6 +64,7 @@ cleanup() {
   [ -n "$HAPROXY_PID" ] && stop_pid "$HAPROXY_PID"
   for p in "${CELLGATE_PIDS[@]}"; do stop_pid "$p"; done
   [ -n "$ETCD_PID" ] && stop_pid "$ETCD_PID"
+  [ -n "$REDIS_PID" ] && stop_pid "$REDIS_PID"
   for p in "${MONGO_PIDS[@]}"; do stop_pid "$p"; done
   [ -n "$CLUSTER_PID" ] && stop_pid "$CLUSTER_PID"
   rm -rf "$WORK"
@@ -133,6 +140,13 @@ done
 ETCDCTL_API=3 etcdctl --endpoints "$ETCD" --dial-timeout 1s endpoint health >/dev/null 2>&1 ||
   { tail -20 "$WORK/etcd.log" >&2; echo "etcd not healthy" >&2; exit 1; }
 
+CACHE_REDIS=""
+if [ "$REDIS" = 1 ]; then
+  echo "== starting Redis for the read cache, shared by the instances (loopback, no persistence)"
+  start_redis "$WORK" || REDIS=0
+fi
+[ "$REDIS" = 1 ] || echo "== Redis could not be installed or started: each instance caches in its own memory only"
+
 # The map text goes into etcd as written: its ${VAR} references (ports, passwords) are resolved
 # by each instance from its own environment, which this script exported above.
 echo "== pushing shard-maps/demo.toml into etcd at $PREFIX/map"
@@ -161,7 +175,12 @@ admin = "127.0.0.1:$a"
 name = "demo"
 sha256 = "$TOKEN_SHA"
 scopes = ["read", "write", "admin"]
+# The read cache: L1 in this instance, L2 and the invalidation channel in the shared Redis — a
+# write through any instance invalidates the cached reads of its cell on all of them.
+[cache]
+enabled = true
 TOML
+  if [ -n "$CACHE_REDIS" ]; then printf 'redis = "%s"\n' "$CACHE_REDIS" >> "$WORK/cellgate-i$n.toml"; fi
   "$CG" serve --config "$WORK/cellgate-i$n.toml" 2> "$WORK/cellgate-i$n.log" &
   CELLGATE_PIDS+=($!)
 done
@@ -174,6 +193,13 @@ for n in $(seq 1 "$INSTANCES"); do
     sleep 0.1
   done
   curl -fsS "http://127.0.0.1:$a/readyz" >/dev/null 2>&1 || { tail -20 "$WORK/cellgate-i$n.log" >&2; echo "instance i$n not ready" >&2; exit 1; }
+  # The cache serves once the instance's Redis link is live (until then reads go to the shards).
+  if [ "$REDIS" = 1 ]; then
+    for _ in $(seq 1 100); do
+      curl -fsS "http://127.0.0.1:$a/admin/cache" -H @"$AUTH" 2>/dev/null | jq -e '.serving == true' >/dev/null && break
+      sleep 0.1
+    done
+  fi
 done
 
 # --- HAProxy --------------------------------------------------------------------------------------
@@ -258,6 +284,12 @@ curl -s $D/v1/sql/core/query -H @$AUTH -H 'content-type: application/json' \\
 curl -s --http2-prior-knowledge $D/v1/sql/core/query -H @$AUTH -H 'content-type: application/json' \\
   -d '{"region": {"lat": 40.4168, "lng": -3.7038}, "sql": "SELECT id, name, instrument, city FROM musicians WHERE city = \$1 ORDER BY id LIMIT 5", "params": ["Madrid"]}'
 
+# the 5 musicians nearest to central Madrid through the read cache (30 s): run it three times —
+# HAProxy sends each to another instance; from the second on the Cache-Status header says hit
+# (from the shared Redis on an instance's first visit, then from its own memory)
+curl -si $D/v1/sql/core/query -H @$AUTH -H 'content-type: application/json' \\
+  -d '{"region": {"lat": 40.4168, "lng": -3.7038}, "sql": "SELECT id, name, instrument, city, (lat - \$1)^2 + (lng - \$2)^2 AS dist FROM musicians ORDER BY dist LIMIT 5", "params": [40.4168, -3.7038], "cache": {"ttl_ms": 30000}}'
+
 # one instance's view of the fleet (etcd connection, registrations, agreement)
 curl -s $A/admin/fleet -H @$AUTH
 
@@ -274,6 +306,6 @@ $CG fleet status --etcd $ETCD --prefix $PREFIX
 cellgate fleet ready: data=$D admin=$A etcd=$ETCD token=$TOKEN
 TXT
 # Until a signal, or until any process of the fleet exits.
-wait -n "$CLUSTER_PID" "$ETCD_PID" "$HAPROXY_PID" "${CELLGATE_PIDS[@]}" || true
+wait -n "$CLUSTER_PID" "$ETCD_PID" "$HAPROXY_PID" ${REDIS_PID:+"$REDIS_PID"} "${CELLGATE_PIDS[@]}" || true
 echo "a process of the fleet exited; stopping" >&2
 exit 1

@@ -54,6 +54,39 @@ start_secantus() { # storage_dir log_file
   return 1
 }
 
+# Starts a Redis for the read cache (docs/cache.md) with its files in DIR: no persistence
+# (nothing in it needs to survive), loopback only, a random password in a 0600 config file (not
+# on the command line: `ps` shows those to every local user; without one any local user could
+# write entries the cache would serve). `--set-proc-title no` keeps the command line, which names
+# DIR, visible for the smoke scripts' check that nothing is left running. Sets REDIS_PID and
+# CACHE_REDIS (the URL with the password: write it only into 0600 files); returns 1, with
+# REDIS_PID empty, when it does not come up in 10 s.
+start_redis() { # dir
+  local dir=$1 port password
+  port=$(free_port)
+  password="redis-$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n')"
+  mkdir -p "$dir/redis"
+  (umask 077; printf 'requirepass %s\n' "$password" > "$dir/redis.conf")
+  redis-server "$dir/redis.conf" --bind 127.0.0.1 --port "$port" --save '' --appendonly no \
+    --dir "$dir/redis" --logfile "$dir/redis.log" --daemonize no --set-proc-title no &
+  REDIS_PID=$!
+  CACHE_REDIS=""
+  for _ in $(seq 1 100); do
+    grep -q 'Ready to accept connections' "$dir/redis.log" 2>/dev/null && break
+    kill -0 "$REDIS_PID" 2>/dev/null || break
+    sleep 0.1
+  done
+  if grep -q 'Ready to accept connections' "$dir/redis.log" 2>/dev/null && kill -0 "$REDIS_PID" 2>/dev/null; then
+    CACHE_REDIS="redis://:$password@127.0.0.1:$port"
+    REDIS_PORT=$port
+    return 0
+  fi
+  tail -n 5 "$dir/redis.log" >&2 2>/dev/null || true
+  { kill -TERM "$REDIS_PID" && wait "$REDIS_PID"; } 2>/dev/null || true
+  REDIS_PID=""
+  return 1
+}
+
 ensure_rust() {
   if ! command -v cargo >/dev/null; then
     [ -f "$HOME/.cargo/env" ] && . "$HOME/.cargo/env"
