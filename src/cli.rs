@@ -483,6 +483,9 @@ pub enum MapCommand {
         /// Fleet mode: deadline of each etcd call, ms.
         #[arg(long, default_value_t = 2000)]
         etcd_timeout_ms: u64,
+        /// (Boxed: five paths and names would make every `MapCommand` this large.)
+        #[command(flatten)]
+        etcd_access: Box<EtcdAccessArgs>,
         /// Admin token (or CELLGATE_ADMIN_TOKEN).
         #[arg(long, env = "CELLGATE_ADMIN_TOKEN", hide_env_values = true)]
         token: Option<String>,
@@ -523,7 +526,57 @@ pub enum FleetCommand {
         /// Deadline of each etcd call, ms.
         #[arg(long, default_value_t = 2000)]
         etcd_timeout_ms: u64,
+        #[command(flatten)]
+        etcd_access: EtcdAccessArgs,
     },
+}
+
+/// TLS and authentication to etcd for the fleet commands, as `map.etcd` gives them to an
+/// instance. The password never goes on the command line: CELLGATE_ETCD_PASSWORD or a file.
+#[derive(Debug, Clone, Default, Args)]
+pub struct EtcdAccessArgs {
+    /// PEM bundle of the CA that signed etcd's certificate (https:// endpoints).
+    #[arg(long, value_name = "PATH")]
+    pub etcd_ca: Option<PathBuf>,
+    /// Client certificate (PEM) for etcd's --client-cert-auth; with --etcd-key.
+    #[arg(long, value_name = "PATH")]
+    pub etcd_cert: Option<PathBuf>,
+    /// Key of --etcd-cert (PEM).
+    #[arg(long, value_name = "PATH")]
+    pub etcd_key: Option<PathBuf>,
+    /// etcd user (auth enabled); the password from CELLGATE_ETCD_PASSWORD or --etcd-password-file.
+    #[arg(long, value_name = "NAME")]
+    pub etcd_user: Option<String>,
+    /// Read the etcd user's password from this file (mode 0600 or 0400, at most 64 KiB; trailing
+    /// white space trimmed); used instead of CELLGATE_ETCD_PASSWORD.
+    #[arg(long, value_name = "PATH")]
+    pub etcd_password_file: Option<PathBuf>,
+}
+
+impl EtcdAccessArgs {
+    /// The access these flags describe, the password read now; errors never quote it.
+    pub fn access(&self) -> Result<crate::config::EtcdAccess, String> {
+        let password = match &self.etcd_password_file {
+            Some(path) => {
+                let abs =
+                    std::path::absolute(path).map_err(|e| format!("--etcd-password-file {}: {e}", path.display()))?;
+                Some(
+                    crate::secrets::read_secret_file(&abs.to_string_lossy())
+                        .map_err(|e| format!("--etcd-password-file: {e}"))?,
+                )
+            }
+            None => std::env::var("CELLGATE_ETCD_PASSWORD").ok(),
+        };
+        // A password in the environment for another tool is not an error without --etcd-user.
+        let password = if self.etcd_user.is_some() || self.etcd_password_file.is_some() { password } else { None };
+        Ok(crate::config::EtcdAccess {
+            ca: self.etcd_ca.clone(),
+            cert: self.etcd_cert.clone(),
+            key: self.etcd_key.clone(),
+            user: self.etcd_user.clone(),
+            password,
+        })
+    }
 }
 
 #[derive(Debug, Args)]
@@ -795,17 +848,37 @@ pub fn parse_timeout(s: &str) -> Result<Duration, String> {
     if d.is_zero() { Err(format!("timeout {s:?} must be > 0")) } else { Ok(d) }
 }
 
-fn etcd_target(endpoints: &[String], prefix: &str, timeout_ms: u64) -> Result<crate::etcd::Target, String> {
+fn etcd_target(
+    endpoints: &[String],
+    prefix: &str,
+    timeout_ms: u64,
+    access: &EtcdAccessArgs,
+) -> Result<crate::etcd::Target, String> {
+    let mut errs: Vec<String> = endpoints
+        .iter()
+        .filter_map(|e| crate::config::etcd_endpoint_problem(e))
+        .map(|p| format!("--etcd: {p}"))
+        .collect();
     if let Some(p) = crate::config::etcd_prefix_problem(prefix) {
-        return Err(format!("--prefix {prefix:?}: {p}"));
+        errs.push(format!("--prefix {prefix:?}: {p}"));
     }
     if timeout_ms == 0 {
-        return Err("--etcd-timeout-ms must be > 0".into());
+        errs.push("--etcd-timeout-ms must be > 0".into());
+    }
+    let access = access.access()?;
+    errs.extend(access.problems(endpoints, |f| match f {
+        "endpoints" => "--etcd".into(),
+        "password" => "the password (CELLGATE_ETCD_PASSWORD or --etcd-password-file)".into(),
+        other => format!("--etcd-{other}"),
+    }));
+    if !errs.is_empty() {
+        return Err(errs.join("; "));
     }
     Ok(crate::etcd::Target {
         endpoints: endpoints.to_vec(),
         prefix: prefix.to_string(),
         timeout: Duration::from_millis(timeout_ms),
+        access,
     })
 }
 
@@ -819,12 +892,13 @@ pub fn map_push_etcd(
     if_version: Option<u64>,
     wait: Option<&str>,
     timeout_ms: u64,
+    access: &EtcdAccessArgs,
 ) -> ExitCode {
     let fail = |code: u8, msg: String| {
         eprintln!("error: {msg}");
         ExitCode::from(code)
     };
-    let target = match etcd_target(endpoints, prefix, timeout_ms) {
+    let target = match etcd_target(endpoints, prefix, timeout_ms, access) {
         Ok(t) => t,
         Err(e) => return fail(2, e),
     };
@@ -861,8 +935,8 @@ pub fn map_push_etcd(
 }
 
 /// `cellgate fleet status`: the registrations and whether they agree with the map in etcd.
-pub fn fleet_status(endpoints: &[String], prefix: &str, timeout_ms: u64) -> ExitCode {
-    let target = match etcd_target(endpoints, prefix, timeout_ms) {
+pub fn fleet_status(endpoints: &[String], prefix: &str, timeout_ms: u64, access: &EtcdAccessArgs) -> ExitCode {
+    let target = match etcd_target(endpoints, prefix, timeout_ms, access) {
         Ok(t) => t,
         Err(e) => {
             eprintln!("error: {e}");
@@ -1147,5 +1221,39 @@ mod tests {
             panic!("not a push")
         };
         assert_eq!(wait.as_deref(), Some("5s"));
+    }
+
+    #[test]
+    fn etcd_access_flags_are_checked_before_anything_is_dialled() {
+        let none = EtcdAccessArgs::default();
+        let eps = |e: &[&str]| e.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let t = etcd_target(&eps(&["http://e:1"]), "/p", 100, &none).expect("plain");
+        assert!(!t.access.tls() && t.access.user.is_none());
+        let err = etcd_target(&eps(&["https://e:1"]), "/p", 100, &none).expect_err("https without a CA");
+        assert!(err.contains("--etcd-ca: https endpoints need"), "{err}");
+        let ca = EtcdAccessArgs { etcd_ca: Some("/ca.pem".into()), ..Default::default() };
+        let err = etcd_target(&eps(&["http://e:1"]), "/p", 100, &ca).expect_err("CA with http");
+        assert!(err.contains("https:// endpoints only"), "{err}");
+        let err = etcd_target(&eps(&["https://root:pw@e:1"]), "/p", 100, &ca).expect_err("user info");
+        assert!(err.contains("user info") && !err.contains("pw@"), "{err}");
+        // A password file that is not private is refused, naming the file, never its content.
+        let dir = std::env::temp_dir().join(format!("cellgate-cli-etcd-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let pw = dir.join("pw");
+        std::fs::write(&pw, "hunter2-etcd\n").expect("write");
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&pw, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+        let user = EtcdAccessArgs {
+            etcd_user: Some("root".into()),
+            etcd_password_file: Some(pw.clone()),
+            ..Default::default()
+        };
+        let err = etcd_target(&eps(&["http://e:1"]), "/p", 100, &user).expect_err("world-readable");
+        assert!(err.contains("--etcd-password-file") && err.contains("mode 0644") && !err.contains("hunter2"), "{err}");
+        std::fs::set_permissions(&pw, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+        let t = etcd_target(&eps(&["http://e:1"]), "/p", 100, &user).expect("valid");
+        assert_eq!(t.access.password.as_deref(), Some("hunter2-etcd"));
+        assert!(!format!("{t:?}").contains("hunter2"), "the password in the target's debug form");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

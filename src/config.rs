@@ -454,6 +454,16 @@ struct RawEtcdSource {
     timeout_ms: u64,
     #[serde(default = "default_etcd_lease_ttl_s")]
     lease_ttl_s: u64,
+    #[serde(default)]
+    ca: Option<PathBuf>,
+    #[serde(default)]
+    cert: Option<PathBuf>,
+    #[serde(default)]
+    key: Option<PathBuf>,
+    #[serde(default)]
+    user: Option<String>,
+    #[serde(default)]
+    password: Option<String>,
 }
 
 fn default_etcd_timeout_ms() -> u64 {
@@ -466,7 +476,7 @@ fn default_etcd_lease_ttl_s() -> u64 {
 /// The etcd map source, validated (docs/configuration.md, *The etcd map source*).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EtcdSource {
-    /// `http://host:port` client URLs of the etcd members.
+    /// Client URLs of the etcd members: all `http://host:port` or all `https://host:port`.
     pub endpoints: Vec<String>,
     /// Key prefix of this fleet: starts with `/`, no trailing `/` (the map is `<prefix>/map`).
     pub prefix: String,
@@ -476,6 +486,83 @@ pub struct EtcdSource {
     pub timeout: Duration,
     /// TTL of the lease that holds the registration, s (kept alive at a third of it). Default 5.
     pub lease_ttl_s: u64,
+    /// TLS and authentication of every connection to etcd.
+    pub access: EtcdAccess,
+}
+
+/// How a connection to etcd is secured, shared by the instance (`map.etcd`) and the CLI
+/// (`--etcd-ca`, `--etcd-user`, ...): TLS when the endpoints are `https://` (the CA bundle that
+/// signed etcd's certificate, and a client certificate when etcd runs `--client-cert-auth`), and
+/// etcd's own user/password authentication. The files are read at every connect, so a rotated
+/// certificate is picked up by the next session without a restart.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct EtcdAccess {
+    /// PEM bundle of the CA(s) trusted for etcd's server certificate; only these (no system roots).
+    pub ca: Option<PathBuf>,
+    /// PEM client certificate and its key, presented to etcd (mutual TLS).
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    /// etcd user and its password (already expanded: `${VAR}`, `${file:PATH}`).
+    pub user: Option<String>,
+    pub password: Option<String>,
+}
+
+impl EtcdAccess {
+    /// TLS is on (the endpoints are https://).
+    pub fn tls(&self) -> bool {
+        self.ca.is_some()
+    }
+
+    /// What is wrong with this access for these endpoints (each names its field, with `field`
+    /// turning a setting's name into how the caller spells it: `map.etcd.ca` or `--etcd-ca`).
+    /// Never quotes the password.
+    pub fn problems(&self, endpoints: &[String], field: impl Fn(&str) -> String) -> Vec<String> {
+        let mut errs = Vec::new();
+        let https = endpoints.iter().filter(|e| e.starts_with("https://")).count();
+        if https > 0 && https < endpoints.len() {
+            errs.push(format!("{}: mix of http:// and https:// URLs; use one scheme", field("endpoints")));
+        }
+        if https > 0 && self.ca.is_none() {
+            errs.push(format!(
+                "{}: https endpoints need the PEM bundle of the CA that signed etcd's certificate",
+                field("ca")
+            ));
+        }
+        if https == 0 && (self.ca.is_some() || self.cert.is_some() || self.key.is_some()) {
+            errs.push(format!(
+                "{}, {}, {} apply to https:// endpoints only (refused rather than talk plaintext)",
+                field("ca"),
+                field("cert"),
+                field("key")
+            ));
+        }
+        if self.cert.is_some() != self.key.is_some() {
+            errs.push(format!("{} and {} must be given together", field("cert"), field("key")));
+        }
+        match (&self.user, &self.password) {
+            (Some(u), _) if u.is_empty() || u.contains(char::is_whitespace) || u.contains(':') => {
+                errs.push(format!("{}: must be a non-empty name without white space or ':'", field("user")))
+            }
+            (Some(_), None) => errs.push(format!("{} needs a password", field("user"))),
+            (Some(_), Some(p)) if p.is_empty() => errs.push(format!("{} is empty", field("password"))),
+            (None, Some(_)) => errs.push(format!("{} needs a user", field("password"))),
+            _ => {}
+        }
+        errs
+    }
+}
+
+/// Never prints the password (the config is logged at start in debug form).
+impl std::fmt::Debug for EtcdAccess {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdAccess")
+            .field("ca", &self.ca)
+            .field("cert", &self.cert)
+            .field("key", &self.key)
+            .field("user", &self.user)
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
 }
 
 impl TryFrom<RawMapSource> for MapSource {
@@ -501,17 +588,24 @@ impl RawEtcdSource {
     fn validate(self) -> Result<EtcdSource, Vec<String>> {
         let mut errs = Vec::new();
         if self.endpoints.is_empty() {
-            errs.push("map.etcd.endpoints must list at least one http://host:port".into());
+            errs.push("map.etcd.endpoints must list at least one http://host:port or https://host:port".into());
         }
-        for e in &self.endpoints {
-            // TLS to etcd is not built yet (docs/fleet.md): refuse rather than silently go plaintext.
-            let ok =
-                e.strip_prefix("http://").is_some_and(|rest| !rest.is_empty() && !rest.contains(char::is_whitespace));
-            if !ok {
-                errs.push(format!(
-                    "map.etcd.endpoints: {e:?} is not an http://host:port URL (https is not supported yet)"
-                ));
+        errs.extend(
+            self.endpoints.iter().filter_map(|e| etcd_endpoint_problem(e)).map(|p| format!("map.etcd.endpoints: {p}")),
+        );
+        // `${VAR}` / `${file:PATH}` expanded here, once per load (a SIGHUP or restart reads the
+        // file again); the error names the variable or file, never the value.
+        let password = match self.password.as_deref().map(|p| crate::secrets::expand(p, |n| std::env::var(n).ok())) {
+            None => None,
+            Some(Ok(p)) => Some(p),
+            Some(Err(e)) => {
+                errs.push(format!("map.etcd.password: {e}"));
+                Some(String::new())
             }
+        };
+        let access = EtcdAccess { ca: self.ca, cert: self.cert, key: self.key, user: self.user, password };
+        if errs.iter().all(|e| !e.starts_with("map.etcd.password")) {
+            errs.extend(access.problems(&self.endpoints, |f| format!("map.etcd.{f}")));
         }
         if let Some(p) = etcd_prefix_problem(&self.prefix) {
             errs.push(format!("map.etcd.prefix: {p}"));
@@ -536,7 +630,22 @@ impl RawEtcdSource {
             instance_id: self.instance_id,
             timeout: Duration::from_millis(self.timeout_ms),
             lease_ttl_s: self.lease_ttl_s,
+            access,
         })
+    }
+}
+
+/// What is wrong with an etcd client URL (`None` = fine): `http://` or `https://host:port`, no
+/// user info (credentials go in `user`/`password`, never in a URL that error messages and
+/// `/admin/fleet` print). Shared with the CLI's `--etcd`.
+pub fn etcd_endpoint_problem(e: &str) -> Option<String> {
+    let rest = e.strip_prefix("http://").or_else(|| e.strip_prefix("https://"));
+    match rest {
+        Some(r) if r.contains('@') => {
+            Some("an endpoint holds user info; give the credentials as user and password instead".into())
+        }
+        Some(r) if !r.is_empty() && !r.contains(char::is_whitespace) => None,
+        _ => Some(format!("{e:?} is not an http://host:port or https://host:port URL")),
     }
 }
 
@@ -601,6 +710,15 @@ pub struct CacheConfig {
     /// Prefix of every Redis key and of the channel, so several fleets can share one Redis.
     /// Default `cellgate`.
     pub prefix: String,
+    /// Warming (docs/cache.md, *Warming*): how many of the hottest recorded reads an instance
+    /// prefills on start and after a migration cutover (those of them that read a moved cell).
+    /// Needs `redis`. Default 0: never. At most 1,000 (the hot set Redis keeps per database).
+    pub warm_keys: u64,
+    /// Time budget of one warming run, ms: reads not done by then are abandoned. Default 5,000.
+    pub warm_ms: u64,
+    /// Count the cached reads this instance answers into the hot set in Redis (one Redis call
+    /// per database and 256 reads every 2 s at most), for any instance's warming. Default true.
+    pub warm_record: bool,
 }
 
 impl Default for CacheConfig {
@@ -615,6 +733,9 @@ impl Default for CacheConfig {
             redis_timeout_ms: 50,
             heartbeat_ms: 100,
             prefix: "cellgate".into(),
+            warm_keys: 0,
+            warm_ms: 5000,
+            warm_record: true,
         }
     }
 }
@@ -636,6 +757,16 @@ impl CacheConfig {
         }
         if self.prefix.is_empty() || !self.prefix.bytes().all(|b| b.is_ascii_alphanumeric() || b"_-.".contains(&b)) {
             errs.push("cache.prefix must be non-empty letters, digits, '_', '-' or '.'".into());
+        }
+        // The hot set Redis keeps per database (`cache::warm::HOT_KEPT`, checked there).
+        if self.warm_keys > 1000 {
+            errs.push("cache.warm_keys must be at most 1000".into());
+        }
+        if self.warm_keys > 0 && self.warm_ms == 0 {
+            errs.push("cache.warm_ms must be > 0 when cache.warm_keys is set".into());
+        }
+        if self.enabled && self.warm_keys > 0 && self.redis.is_none() {
+            errs.push("cache.warm_keys needs cache.redis (the hot reads are recorded there)".into());
         }
         errs
     }
@@ -678,6 +809,14 @@ impl Config {
             for p in [&mut t.peer_ca, &mut t.peer_cert, &mut t.peer_key].into_iter().flatten() {
                 if p.is_relative() {
                     *p = dir.join(&*p);
+                }
+            }
+            if let MapSource::Etcd(e) = &mut cfg.map {
+                let a = &mut e.access;
+                for p in [&mut a.ca, &mut a.cert, &mut a.key].into_iter().flatten() {
+                    if p.is_relative() {
+                        *p = dir.join(&*p);
+                    }
                 }
             }
         }
@@ -839,6 +978,24 @@ mod tests {
     }
 
     #[test]
+    fn cache_warming_keys() {
+        let base = "map = { path = \"m\" }\n[cache]\nenabled = true\n";
+        let cfg = Config::parse(base).expect("valid");
+        assert_eq!((cfg.cache.warm_keys, cfg.cache.warm_ms, cfg.cache.warm_record), (0, 5000, true));
+        let ok = format!("{base}redis = \"redis://r:6379\"\nwarm_keys = 1000\nwarm_ms = 200\nwarm_record = false\n");
+        let cfg = Config::parse(&ok).expect("valid");
+        assert_eq!((cfg.cache.warm_keys, cfg.cache.warm_ms, cfg.cache.warm_record), (1000, 200, false));
+        for (extra, want) in [
+            ("redis = \"redis://r:6379\"\nwarm_keys = 1001\n", "at most 1000"),
+            ("redis = \"redis://r:6379\"\nwarm_keys = 5\nwarm_ms = 0\n", "cache.warm_ms must be > 0"),
+            ("warm_keys = 5\n", "cache.warm_keys needs cache.redis"),
+        ] {
+            let e = Config::parse(&format!("{base}{extra}")).expect_err(extra).to_string();
+            assert!(e.contains(want), "{extra}: {want:?} missing from {e}");
+        }
+    }
+
+    #[test]
     fn client_identities_and_their_errors() {
         assert_eq!(
             client_identity("spiffe://cluster.local/ns/x/sa/orders").as_deref(),
@@ -911,13 +1068,61 @@ mod tests {
         let t = Config::parse(table).expect("valid");
         let e = t.map.etcd().expect("etcd mode");
         assert_eq!((e.instance_id.as_deref(), e.timeout), (Some("cg-1"), Duration::from_millis(500)));
+        // TLS and auth: the password is expanded from its file and never printed in debug form.
+        let dir = std::env::temp_dir().join(format!("cellgate-etcd-pw-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let pw = dir.join("pw");
+        std::fs::write(&pw, "s3cret-etcd\n").expect("write");
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&pw, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+        }
+        let secured = format!(
+            "[map.etcd]\nendpoints = [\"https://127.0.0.1:2379\"]\nprefix = \"/p\"\nca = \"/ca.pem\"\ncert = \"/c.pem\"\nkey = \"/k.pem\"\nuser = \"cellgate\"\npassword = \"${{file:{}}}\"\n",
+            pw.display()
+        );
+        let cfg = Config::parse(&secured).expect("valid");
+        let a = &cfg.map.etcd().expect("etcd mode").access;
+        assert_eq!((a.tls(), a.user.as_deref(), a.password.as_deref()), (true, Some("cellgate"), Some("s3cret-etcd")));
+        assert!(!format!("{cfg:?}").contains("s3cret"), "the password in the config's debug form");
+        let _ = std::fs::remove_dir_all(&dir);
 
         for (text, want) in [
             ("map = { path = \"m\", etcd = { endpoints = [\"http://e:1\"], prefix = \"/p\" } }", "not both"),
             ("map = { }", "needs path"),
             ("map = { watch = true, etcd = { endpoints = [\"http://e:1\"], prefix = \"/p\" } }", "always watched"),
             ("map = { etcd = { endpoints = [], prefix = \"/p\" } }", "at least one"),
-            ("map = { etcd = { endpoints = [\"https://e:1\"], prefix = \"/p\" } }", "https is not supported"),
+            (
+                "map = { etcd = { endpoints = [\"https://e:1\"], prefix = \"/p\" } }",
+                "map.etcd.ca: https endpoints need",
+            ),
+            ("map = { etcd = { endpoints = [\"ftp://e:1\"], prefix = \"/p\" } }", "not an http://host:port or https"),
+            ("map = { etcd = { endpoints = [\"http://u:pw@e:1\"], prefix = \"/p\" } }", "holds user info"),
+            (
+                "map = { etcd = { endpoints = [\"http://e:1\"], prefix = \"/p\", ca = \"/ca.pem\" } }",
+                "apply to https:// endpoints only",
+            ),
+            (
+                "map = { etcd = { endpoints = [\"https://e:1\"], prefix = \"/p\", ca = \"/c\", cert = \"/c\" } }",
+                "map.etcd.cert and map.etcd.key must be given together",
+            ),
+            (
+                "map = { etcd = { endpoints = [\"http://e:1\", \"https://e:2\"], prefix = \"/p\", ca = \"/c\" } }",
+                "mix of http",
+            ),
+            (
+                "map = { etcd = { endpoints = [\"http://e:1\"], prefix = \"/p\", user = \"root\" } }",
+                "map.etcd.user needs a password",
+            ),
+            (
+                "map = { etcd = { endpoints = [\"http://e:1\"], prefix = \"/p\", password = \"x\" } }",
+                "map.etcd.password needs a user",
+            ),
+            (
+                "map = { etcd = { endpoints = [\"http://e:1\"], prefix = \"/p\", user = \"r\", password = \"${CELLGATE_TEST_UNSET_ETCD_PW}\" } }",
+                "map.etcd.password: environment variable",
+            ),
             ("map = { etcd = { endpoints = [\"http://e:1\"], prefix = \"p\" } }", "must start with '/'"),
             ("map = { etcd = { endpoints = [\"http://e:1\"], prefix = \"/p/\" } }", "must not end"),
             ("map = { etcd = { endpoints = [\"http://e:1\"], prefix = \"/p\", timeout_ms = 0 } }", "timeout_ms"),
@@ -926,7 +1131,7 @@ mod tests {
                 "map = { etcd = { endpoints = [\"http://e:1\"], prefix = \"/p\", instance_id = \"a/b\" } }",
                 "instance_id",
             ),
-            ("map = { etcd = { endpoints = [\"http://e:1\"], prefix = \"/p\", user = \"x\" } }", "unknown field"),
+            ("map = { etcd = { endpoints = [\"http://e:1\"], prefix = \"/p\", username = \"x\" } }", "unknown field"),
         ] {
             let err = Config::parse(&format!("{text}\n")).expect_err(text).to_string();
             assert!(err.contains(want), "{text}: {want:?} missing from {err}");

@@ -1,7 +1,10 @@
 //! Fleet mode on etcd (docs/fleet.md): the instance side — read the map key at start, watch it
 //! and hand every change to the reload writer as `reload::Source::Etcd`, keep this instance's
 //! lease-bound registration, track the link's state for `GET /admin/fleet` — and the operator
-//! side behind `cellgate map push --etcd` (compare-and-swap), `--wait` and `cellgate fleet status`.
+//! side behind `cellgate map push --etcd` (compare-and-swap), `--wait` and `cellgate fleet status`;
+//! the migration records and their takeover by transaction. Every connection is secured the
+//! same way (`config::EtcdAccess`: TLS with a private CA and client certificate, etcd user and
+//! password, which never reaches an error or a log line).
 //! Must not publish a snapshot itself (only `reload::run` does) nor touch the data plane: when
 //! etcd is lost the serving map stays, and requests never wait on etcd.
 
@@ -10,11 +13,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use etcd_client::{
-    Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, PutOptions, Txn, TxnOp, WatchOptions,
+    Certificate, Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, Identity, PutOptions, TlsOptions,
+    Txn, TxnOp, WatchOptions,
 };
 use serde::{Deserialize, Serialize};
 
-use crate::config::EtcdSource;
+use crate::config::{EtcdAccess, EtcdSource};
 use crate::reload;
 
 /// Why an etcd step failed. Classified by [`EtcdError::exit_code`] (what the CLI exits with) and
@@ -40,6 +44,13 @@ pub enum EtcdError {
     /// `--wait` ran out of time: these instances do not report the version.
     #[error("timed out after {after:?} waiting for map version {version}; not applied by: {laggards}")]
     WaitTimeout { version: u64, after: Duration, laggards: String },
+    /// Migration `id` is orchestrated by another instance (it took it over first).
+    #[error("migration {id} is orchestrated by instance {by}")]
+    Orchestrated { id: String, by: String },
+    /// This side's TLS or auth settings cannot be used (a CA or key file unreadable, a PEM
+    /// that does not parse): the operator's to fix, not etcd's.
+    #[error("etcd connection settings: {0}")]
+    Setup(String),
     /// A migration's freeze was not acknowledged in time by these live instances.
     #[error("timed out after {after:?} waiting for freeze {id}; not held by: {laggards}")]
     FreezeTimeout { id: String, after: Duration, laggards: String },
@@ -49,11 +60,12 @@ impl EtcdError {
     /// The CLI's exit code: 3 for a version conflict, 4 for a `--wait` timeout, 1 otherwise.
     pub fn exit_code(&self) -> u8 {
         match self {
-            EtcdError::Conflict(_) => 3,
+            EtcdError::Conflict(_) | EtcdError::Orchestrated { .. } => 3,
             EtcdError::WaitTimeout { .. } | EtcdError::FreezeTimeout { .. } => 4,
             EtcdError::Unreachable { .. }
             | EtcdError::Refused { .. }
             | EtcdError::NoMap { .. }
+            | EtcdError::Setup(_)
             | EtcdError::InvalidMap(_) => 1,
         }
     }
@@ -156,29 +168,94 @@ async fn deadline<T>(
 fn classify(e: etcd_client::Error, what: &'static str, unreachable: impl Fn(String) -> EtcdError) -> EtcdError {
     use etcd_client::Error as E;
     match e {
-        E::TransportError(t) => unreachable(t.to_string()),
+        E::TransportError(t) => unreachable(causes(t.to_string(), &t)),
         E::IoError(io) => unreachable(io.to_string()),
         // gRPC status codes (tonic is reached only through etcd-client): CANCELLED 1, UNKNOWN 2
         // (a reset stream), DEADLINE_EXCEEDED 4, UNAVAILABLE 14 mean "no answer", not "etcd said no".
         E::GRpcStatus(s) if matches!(i32::from(s.code()), 1 | 2 | 4 | 14) => {
-            unreachable(format!("{:?}: {}", s.code(), s.message()))
+            unreachable(causes(format!("{:?}: {}", s.code(), s.message()), &s))
         }
-        E::GRpcStatus(s) => EtcdError::Refused { what, reason: format!("{:?}: {}", s.code(), s.message()) },
+        E::GRpcStatus(s) => EtcdError::Refused { what, reason: causes(format!("{:?}: {}", s.code(), s.message()), &s) },
         E::WatchError(m) | E::LeaseKeepAliveError(m) => unreachable(m),
         other => EtcdError::Refused { what, reason: other.to_string() },
     }
 }
 
+/// `head` and the messages of `e`'s sources: tonic's transport error says only "transport
+/// error", the reason (connection refused, unknown issuer, certificate required) is in its
+/// sources. Neither carries the password (etcd-client sends it in a request body only).
+fn causes(head: String, e: &dyn std::error::Error) -> String {
+    let mut out = head;
+    let mut next = e.source();
+    while let Some(s) = next {
+        let m = s.to_string();
+        if !out.contains(&m) {
+            out.push_str(": ");
+            out.push_str(&m);
+        }
+        next = s.source();
+    }
+    out
+}
+
 /// A client for `endpoints`. Connecting is lazy in etcd-client (the channel dials on the first
-/// call), so a dead etcd shows up as the first call's deadline, not here.
-async fn connect(endpoints: &[String], timeout: Duration) -> Result<Client, EtcdError> {
+/// call), so a dead etcd shows up as the first call's deadline, not here — except with a user,
+/// whose password is checked (and a token obtained) right away, so a wrong one fails here.
+async fn connect(endpoints: &[String], access: &EtcdAccess, timeout: Duration) -> Result<Client, EtcdError> {
     // HTTP/2 pings find a silently dead connection (a killed etcd, a cut network) under the
     // long-lived watch and keep-alive streams, which no per-call deadline covers.
-    let options = ConnectOptions::new()
+    let mut options = ConnectOptions::new()
         .with_connect_timeout(timeout)
         .with_keep_alive(Duration::from_secs(1), timeout)
         .with_keep_alive_while_idle(true);
-    deadline(endpoints, "connect", timeout, Client::connect(endpoints, Some(options))).await
+    if let Some(tls) = tls_options(access)? {
+        options = options.with_tls(tls);
+    }
+    if let (Some(user), Some(password)) = (&access.user, &access.password) {
+        options = options.with_user(user.clone(), password.clone());
+    }
+    hinted(access, deadline(endpoints, "connect", timeout, Client::connect(endpoints, Some(options))).await)
+}
+
+/// Add what an ended connection most likely means to the first call's error over TLS: etcd
+/// with `--client-cert-auth` drops a client whose certificate is missing or from a CA it does
+/// not trust, and depending on timing the client sees "connection closed" or a bare TLS alert
+/// (`BadCertificate`), neither of which names the setting to fix.
+fn hinted<T>(access: &EtcdAccess, r: Result<T, EtcdError>) -> Result<T, EtcdError> {
+    match r {
+        Err(EtcdError::Unreachable { endpoints, what, reason })
+            if access.tls()
+                && ["connection closed", "connection reset", "fatal alert"].iter().any(|m| reason.contains(m)) =>
+        {
+            let have = if access.cert.is_some() { "the client certificate given" } else { "no client certificate" };
+            Err(EtcdError::Unreachable {
+                endpoints,
+                what,
+                reason: format!(
+                    "{reason} (etcd ended the TLS connection; with {have}: if etcd requires client certificates \
+                     (--client-cert-auth), give cert and key signed by a CA in its --trusted-ca-file)"
+                ),
+            })
+        }
+        other => other,
+    }
+}
+
+/// The TLS settings of a connection, the files read now (each session and each CLI call reads
+/// them again, so a rotated certificate is used without a restart). `None`: plaintext (`http://`
+/// endpoints; the config refuses a CA with them).
+fn tls_options(access: &EtcdAccess) -> Result<Option<TlsOptions>, EtcdError> {
+    let Some(ca) = &access.ca else { return Ok(None) };
+    let read = |what: &'static str, path: &std::path::Path| {
+        std::fs::read(path).map_err(|e| EtcdError::Setup(format!("etcd {what} {}: {e}", path.display())))
+    };
+    // Only this CA: etcd clusters run on a private CA, and the system roots would let any
+    // public certificate for the name pass.
+    let mut tls = TlsOptions::new().ca_certificate(Certificate::from_pem(read("CA bundle", ca)?));
+    if let (Some(cert), Some(key)) = (&access.cert, &access.key) {
+        tls = tls.identity(Identity::from_pem(read("client certificate", cert)?, read("client key", key)?));
+    }
+    Ok(Some(tls))
 }
 
 /// The stored map: its text and the revision that last wrote it (`None`: no key).
@@ -201,8 +278,8 @@ async fn read_map(
 /// be reached or holds no map (an instance never starts without a map).
 pub async fn fetch_map(src: &EtcdSource) -> Result<(String, i64), EtcdError> {
     let keys = Keys::new(&src.prefix);
-    let mut client = connect(&src.endpoints, src.timeout).await?;
-    match read_map(&mut client, &src.endpoints, &keys, src.timeout).await? {
+    let mut client = connect(&src.endpoints, &src.access, src.timeout).await?;
+    match hinted(&src.access, read_map(&mut client, &src.endpoints, &keys, src.timeout).await)? {
         (Some(found), _) => Ok(found),
         (None, _) => Err(EtcdError::NoMap { key: keys.map() }),
     }
@@ -309,7 +386,7 @@ impl Link {
         let Some(lease) = self.lock().lease.take() else { return };
         let (eps, t) = (&self.source.endpoints[..], self.source.timeout);
         let revoked = async {
-            let mut client = connect(eps, t).await?;
+            let mut client = connect(eps, &self.source.access, t).await?;
             deadline(eps, "lease revoke", t, client.lease_revoke(lease)).await
         };
         match revoked.await {
@@ -329,6 +406,10 @@ impl Link {
             "instance_id": self.id,
             "endpoints": self.source.endpoints,
             "prefix": self.source.prefix,
+            // How the link is secured; the password is never shown, only whether there is one.
+            "tls": self.source.access.tls(),
+            "client_cert": self.source.access.cert.is_some(),
+            "user": self.source.access.user,
             "started_at": unix_secs(self.started_at),
             "serving_version": serving,
             "etcd": {
@@ -406,9 +487,9 @@ async fn session_inner<H: reload::Host>(
     let (eps, t) = (&src.endpoints[..], src.timeout);
     let keys = Keys::new(&src.prefix);
     // 1. Connect.
-    let mut client = connect(eps, t).await?;
+    let mut client = connect(eps, &src.access, t).await?;
     // 2. Catch up: the map as it is now (unchanged bytes are a no-op for the reload writer).
-    let (found, store_rev) = read_map(&mut client, eps, &keys, t).await?;
+    let (found, store_rev) = hinted(&src.access, read_map(&mut client, eps, &keys, t).await)?;
     let watch_from = store_rev + 1;
     if let Some((text, rev)) = found {
         hand_over(link, tx, text, rev).await;
@@ -548,7 +629,7 @@ async fn read_freezes(
 /// The freezes in etcd now: read by an instance at start, before it serves, so one that joins
 /// during a cutover holds the moving cells from its first request.
 pub async fn fetch_freezes(src: &EtcdSource) -> Result<Vec<FreezeSpec>, EtcdError> {
-    let mut client = connect(&src.endpoints, src.timeout).await?;
+    let mut client = connect(&src.endpoints, &src.access, src.timeout).await?;
     Ok(read_freezes(&mut client, &Keys::new(&src.prefix), &src.endpoints, src.timeout).await?.0)
 }
 
@@ -647,6 +728,8 @@ pub struct Target {
     pub prefix: String,
     /// Deadline of each etcd call.
     pub timeout: Duration,
+    /// TLS and authentication (`--etcd-ca`, `--etcd-user`, ...; an instance's `map.etcd`).
+    pub access: EtcdAccess,
 }
 
 /// What a successful push wrote.
@@ -672,8 +755,8 @@ pub async fn push_map(target: &Target, text: &str, if_version: Option<u64>) -> R
     let version = map.version().0;
     let keys = Keys::new(&target.prefix);
     // 2. Read.
-    let mut client = connect(eps, t).await?;
-    let (found, _) = read_map(&mut client, eps, &keys, t).await?;
+    let mut client = connect(eps, &target.access, t).await?;
+    let (found, _) = hinted(&target.access, read_map(&mut client, eps, &keys, t).await)?;
     let (previous_version, stored_rev) = match &found {
         Some((old, rev)) => (declared_version(old), *rev),
         None => (None, 0),
@@ -734,8 +817,8 @@ pub struct FleetView {
 pub async fn fleet_status(target: &Target) -> Result<FleetView, EtcdError> {
     let (eps, t) = (&target.endpoints[..], target.timeout);
     let keys = Keys::new(&target.prefix);
-    let mut client = connect(eps, t).await?;
-    let (found, _) = read_map(&mut client, eps, &keys, t).await?;
+    let mut client = connect(eps, &target.access, t).await?;
+    let (found, _) = hinted(&target.access, read_map(&mut client, eps, &keys, t).await)?;
     let map_version = found.and_then(|(text, _)| declared_version(&text));
     let instances = list_instances(&mut client, &keys, eps, t).await?;
     Ok(view(map_version, instances))
@@ -755,7 +838,7 @@ fn view(map_version: Option<u64>, instances: Vec<Registration>) -> FleetView {
 pub async fn wait_for_version(target: &Target, version: u64, within: Duration) -> Result<FleetView, EtcdError> {
     let (eps, t) = (&target.endpoints[..], target.timeout);
     let keys = Keys::new(&target.prefix);
-    let mut client = connect(eps, t).await?;
+    let mut client = connect(eps, &target.access, t).await?;
     let end = Instant::now() + within;
     loop {
         // A lost etcd during the wait is retried until the end, then reported as such.
@@ -784,26 +867,54 @@ pub async fn wait_for_version(target: &Target, version: u64, within: Duration) -
 impl Target {
     /// Where an instance in etcd mode talks to, for the steps a migration runs through etcd.
     pub fn of(src: &EtcdSource) -> Target {
-        Target { endpoints: src.endpoints.clone(), prefix: src.prefix.clone(), timeout: src.timeout }
+        Target {
+            endpoints: src.endpoints.clone(),
+            prefix: src.prefix.clone(),
+            timeout: src.timeout,
+            access: src.access.clone(),
+        }
     }
 }
 
-/// Publish a migration's freeze at `<prefix>/freezes/<id>` (every instance's watch applies it).
-pub async fn put_freeze(target: &Target, spec: &FreezeSpec) -> Result<(), EtcdError> {
-    let (eps, t) = (&target.endpoints[..], target.timeout);
+/// Publish a migration's freeze at `<prefix>/freezes/<id>` (every instance's watch applies it),
+/// as orchestrator `me`: only while the migration's record names `me` ([`as_orchestrator`]).
+pub async fn put_freeze(target: &Target, spec: &FreezeSpec, me: &str) -> Result<(), EtcdError> {
     let value =
         serde_json::to_vec(spec).map_err(|e| EtcdError::Refused { what: "put freeze", reason: e.to_string() })?;
-    let mut client = connect(eps, t).await?;
-    deadline(eps, "put freeze", t, client.put(Keys::new(&target.prefix).freeze(&spec.id), value, None)).await?;
-    Ok(())
+    let op = TxnOp::put(Keys::new(&target.prefix).freeze(&spec.id), value, None);
+    as_orchestrator(target, &spec.id, me, "put freeze", op).await
 }
 
-/// Release a migration's freeze everywhere: delete its key (instances lift it from their hold).
-pub async fn delete_freeze(target: &Target, id: &str) -> Result<(), EtcdError> {
+/// Release a migration's freeze everywhere: delete its key (instances lift it from their hold),
+/// as orchestrator `me` — a deposed orchestrator must not release the new one's hold.
+pub async fn delete_freeze(target: &Target, id: &str, me: &str) -> Result<(), EtcdError> {
+    let op = TxnOp::delete(Keys::new(&target.prefix).freeze(id), None);
+    as_orchestrator(target, id, me, "delete freeze", op).await
+}
+
+/// Run `op` for migration `id` only while its record names `me` as orchestrator (or there is no
+/// record yet): read the record, check the name, then one transaction that compares the
+/// record's mod_revision with the one read — a takeover in between changes it, so the op does
+/// not run. [`EtcdError::Orchestrated`] names the instance that has it now. A record rewritten
+/// by `me` in between (its own concurrent write) is read again, at most 3 times.
+async fn as_orchestrator(target: &Target, id: &str, me: &str, what: &'static str, op: TxnOp) -> Result<(), EtcdError> {
     let (eps, t) = (&target.endpoints[..], target.timeout);
-    let mut client = connect(eps, t).await?;
-    deadline(eps, "delete freeze", t, client.delete(Keys::new(&target.prefix).freeze(id), None)).await?;
-    Ok(())
+    let key = Keys::new(&target.prefix).migration(id);
+    let mut client = connect(eps, &target.access, t).await?;
+    for _ in 0..3 {
+        let cmp = match read_record(&mut client, target, id).await? {
+            Some((current, _)) if current.orchestrator != me => {
+                return Err(EtcdError::Orchestrated { id: id.to_string(), by: current.orchestrator });
+            }
+            Some((_, rev)) => Compare::mod_revision(key.clone(), CompareOp::Equal, rev),
+            None => Compare::create_revision(key.clone(), CompareOp::Equal, 0),
+        };
+        let txn = Txn::new().when([cmp]).and_then([op.clone()]);
+        if deadline(eps, what, t, client.txn(txn)).await?.succeeded() {
+            return Ok(());
+        }
+    }
+    Err(EtcdError::Conflict(format!("migration {id}: the record kept changing during {what}")))
 }
 
 /// Poll the registrations until every live instance reports that it holds freeze `id`; on
@@ -825,20 +936,86 @@ pub struct MigrationRecord {
     pub doc: serde_json::Value,
 }
 
-pub async fn put_migration(target: &Target, id: &str, record: &MigrationRecord) -> Result<(), EtcdError> {
+/// The record of migration `id` and its key's mod_revision (`None`: no record).
+pub async fn migration_record(target: &Target, id: &str) -> Result<Option<(MigrationRecord, i64)>, EtcdError> {
     let (eps, t) = (&target.endpoints[..], target.timeout);
+    let mut client = connect(eps, &target.access, t).await?;
+    read_record(&mut client, target, id).await
+}
+
+async fn read_record(
+    client: &mut Client,
+    target: &Target,
+    id: &str,
+) -> Result<Option<(MigrationRecord, i64)>, EtcdError> {
+    let (eps, t) = (&target.endpoints[..], target.timeout);
+    let key = Keys::new(&target.prefix).migration(id);
+    let resp = deadline(eps, "get migration", t, client.get(key.clone(), None)).await?;
+    let Some(kv) = resp.kvs().first() else { return Ok(None) };
+    let record = serde_json::from_slice::<MigrationRecord>(kv.value()).map_err(|e| EtcdError::Refused {
+        what: "get migration",
+        reason: format!("{key} is not a migration record: {e}"),
+    })?;
+    Ok(Some((record, kv.mod_revision())))
+}
+
+/// Write `record` at `<prefix>/migrations/<id>` only if the key's mod_revision is still `seen`
+/// (0: only if there is no record yet), in one etcd transaction. `Ok(false)`: someone wrote it
+/// in between.
+async fn put_record_if(
+    client: &mut Client,
+    target: &Target,
+    id: &str,
+    seen: i64,
+    record: &MigrationRecord,
+) -> Result<bool, EtcdError> {
+    let (eps, t) = (&target.endpoints[..], target.timeout);
+    let key = Keys::new(&target.prefix).migration(id);
     let value =
         serde_json::to_vec(record).map_err(|e| EtcdError::Refused { what: "put migration", reason: e.to_string() })?;
-    let mut client = connect(eps, t).await?;
-    deadline(eps, "put migration", t, client.put(Keys::new(&target.prefix).migration(id), value, None)).await?;
-    Ok(())
+    let cmp = if seen == 0 {
+        Compare::create_revision(key.clone(), CompareOp::Equal, 0)
+    } else {
+        Compare::mod_revision(key.clone(), CompareOp::Equal, seen)
+    };
+    let txn = Txn::new().when([cmp]).and_then([TxnOp::put(key, value, None)]);
+    Ok(deadline(eps, "put migration", t, client.txn(txn)).await?.succeeded())
+}
+
+/// The orchestrator's write of its record: only while the record still names it (or there is
+/// none yet), through [`as_orchestrator`] — so an instance that was deposed (another took the
+/// migration over while it hung or was cut off) cannot overwrite the new orchestrator's record;
+/// it gets [`EtcdError::Orchestrated`] naming the new one.
+pub async fn put_migration(target: &Target, id: &str, record: &MigrationRecord) -> Result<(), EtcdError> {
+    let value =
+        serde_json::to_vec(record).map_err(|e| EtcdError::Refused { what: "put migration", reason: e.to_string() })?;
+    let op = TxnOp::put(Keys::new(&target.prefix).migration(id), value, None);
+    as_orchestrator(target, id, &record.orchestrator, "put migration", op).await
+}
+
+/// Take over migration `id` for `record.orchestrator`: one etcd transaction that succeeds only
+/// if the record is still the one read as `seen` (its mod_revision; 0: there was none). Of two
+/// instances resuming at once exactly one wins; the other gets [`EtcdError::Orchestrated`]
+/// naming the winner.
+pub async fn claim_migration(target: &Target, id: &str, seen: i64, record: &MigrationRecord) -> Result<(), EtcdError> {
+    let (eps, t) = (&target.endpoints[..], target.timeout);
+    let mut client = connect(eps, &target.access, t).await?;
+    if put_record_if(&mut client, target, id, seen, record).await? {
+        return Ok(());
+    }
+    let by = match read_record(&mut client, target, id).await {
+        Ok(Some((current, _))) => current.orchestrator,
+        Ok(None) => "unknown (the record was deleted)".into(),
+        Err(e) => format!("unknown ({e})"),
+    };
+    Err(EtcdError::Orchestrated { id: id.to_string(), by })
 }
 
 /// Every migration record under `<prefix>/migrations/`, and the live instances.
 pub async fn migrations(target: &Target) -> Result<(Vec<MigrationRecord>, Vec<Registration>), EtcdError> {
     let (eps, t) = (&target.endpoints[..], target.timeout);
     let keys = Keys::new(&target.prefix);
-    let mut client = connect(eps, t).await?;
+    let mut client = connect(eps, &target.access, t).await?;
     let resp =
         deadline(eps, "list migrations", t, client.get(keys.migrations(), Some(GetOptions::new().with_prefix())))
             .await?;
@@ -860,7 +1037,7 @@ async fn wait_all(
     let (eps, t) = (&target.endpoints[..], target.timeout);
     let keys = Keys::new(&target.prefix);
     let end = Instant::now() + within;
-    let mut client = connect(eps, t).await.map_err(WaitError::Etcd)?;
+    let mut client = connect(eps, &target.access, t).await.map_err(WaitError::Etcd)?;
     loop {
         // A lost etcd during the wait is retried until the end, then reported as such.
         let last = match list_instances(&mut client, &keys, eps, t).await {

@@ -11,21 +11,30 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Map(MapCommand::Check { files }) => cli::map_check(&files),
         Command::Map(MapCommand::Diff { old, new }) => cli::map_diff(&old, &new),
-        Command::Map(MapCommand::Push { file, admin, token, if_version, etcd, prefix, wait, etcd_timeout_ms }) => {
-            match admin {
-                Some(admin) => cli::map_push(&file, &admin, token.as_deref(), if_version),
-                None => cli::map_push_etcd(
-                    &file,
-                    &etcd,
-                    prefix.as_deref().unwrap_or_default(),
-                    if_version,
-                    wait.as_deref(),
-                    etcd_timeout_ms,
-                ),
-            }
-        }
-        Command::Fleet(FleetCommand::Status { etcd, prefix, etcd_timeout_ms }) => {
-            cli::fleet_status(&etcd, &prefix, etcd_timeout_ms)
+        Command::Map(MapCommand::Push {
+            file,
+            admin,
+            token,
+            if_version,
+            etcd,
+            prefix,
+            wait,
+            etcd_timeout_ms,
+            etcd_access,
+        }) => match admin {
+            Some(admin) => cli::map_push(&file, &admin, token.as_deref(), if_version),
+            None => cli::map_push_etcd(
+                &file,
+                &etcd,
+                prefix.as_deref().unwrap_or_default(),
+                if_version,
+                wait.as_deref(),
+                etcd_timeout_ms,
+                &etcd_access,
+            ),
+        },
+        Command::Fleet(FleetCommand::Status { etcd, prefix, etcd_timeout_ms, etcd_access }) => {
+            cli::fleet_status(&etcd, &prefix, etcd_timeout_ms, &etcd_access)
         }
         Command::Map(MapCommand::Synth { cells, shards, resolution, fallback_resolution, cities, out }) => {
             cli::map_synth(cells, shards, resolution, fallback_resolution, &cities, &out)

@@ -269,6 +269,10 @@ pub async fn start(cfg: Config, insecure_no_auth: bool) -> Result<Running, Start
             ready_sent.store(true, Ordering::Release);
         }
     }));
+    // Cache warming (docs/cache.md, *Warming*): once ready, then after every migration cutover.
+    let weak = Arc::downgrade(&state);
+    let ready = move || weak.upgrade().is_some_and(|s| http::admin::ready(&s));
+    background.extend(crate::dataplane::warm::spawn(state.clone(), ready));
     tracing::info!(%data_addr, %admin_addr, map_version = state.pin().map.version().0, "cellgate serving");
     Ok(Running { data_addr, admin_addr, state, stop, tasks, background, _watcher: watcher })
 }

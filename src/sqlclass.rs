@@ -8,10 +8,10 @@
 //! subqueries, function arguments, ORDER BY, FROM-clause functions), so where a construct hides
 //! does not matter.
 
+use std::collections::BTreeSet;
 use std::collections::{HashMap, HashSet};
 use std::ops::ControlFlow;
 use std::panic::{AssertUnwindSafe, catch_unwind};
-use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
@@ -848,7 +848,11 @@ mod tests {
             (Pg, "SELECT id FROM musicians WHERE h3 = $1", some(&["musicians"])),
             (Pg, "select * from Public.Musicians m join gigs g on g.m = m.id", some(&["gigs", "musicians"])),
             (Pg, "SELECT * FROM \"Musicians\"", some(&["Musicians"])),
-            (Pg, "SELECT * FROM (SELECT id FROM gigs) x WHERE id IN (SELECT gig FROM reviews)", some(&["gigs", "reviews"])),
+            (
+                Pg,
+                "SELECT * FROM (SELECT id FROM gigs) x WHERE id IN (SELECT gig FROM reviews)",
+                some(&["gigs", "reviews"]),
+            ),
             (Pg, "WITH near AS (SELECT * FROM venues) SELECT * FROM near", some(&["venues"])),
             (Pg, "SELECT 1", some(&[])),
             (Pg, "SELECT * FROM generate_series(1, 3)", None),

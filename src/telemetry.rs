@@ -43,6 +43,11 @@ pub mod names {
     pub const CACHE_REDIS_ERRORS: &str = "cellgate_cache_redis_errors_total";
     pub const CACHE_LIVE: &str = "cellgate_cache_live";
     pub const CACHE_OWED: &str = "cellgate_cache_owed_bumps";
+    // Warming (docs/cache.md, *Warming*). Labels: result, reason (start, migration).
+    pub const CACHE_WARM_RECORDED: &str = "cellgate_cache_warm_recorded_total";
+    pub const CACHE_WARM_RUNS: &str = "cellgate_cache_warm_runs_total";
+    pub const CACHE_WARM_READS: &str = "cellgate_cache_warm_reads_total";
+    pub const CACHE_WARM_DURATION: &str = "cellgate_cache_warm_duration_seconds";
 }
 
 /// Install the metrics recorder (idempotent: tests start several servers in one process).

@@ -116,8 +116,14 @@ fn every_rule_is_reported_with_its_line() {
                 shard("eu-1")
             ),
             vec![
-                (8, |k| matches!(k, MapErrorKind::BadTable { table, problem, .. } if table == "musicians" && problem.contains("ttl_ms"))),
-                (11, |k| matches!(k, MapErrorKind::BadTable { table, problem, .. } if table == "gigs" && problem.contains("swr_ms"))),
+                (
+                    8,
+                    |k| matches!(k, MapErrorKind::BadTable { table, problem, .. } if table == "musicians" && problem.contains("ttl_ms")),
+                ),
+                (
+                    11,
+                    |k| matches!(k, MapErrorKind::BadTable { table, problem, .. } if table == "gigs" && problem.contains("swr_ms")),
+                ),
             ],
         ),
         (

@@ -17,6 +17,7 @@ use redis::aio::MultiplexedConnection;
 use super::key::Digest;
 use super::l1::L1;
 use super::versions::{Mode, Rec, Table};
+use super::warm::Hot;
 use crate::telemetry::names;
 
 /// Bump a list of version keys, publish the new records, return them. KEYS: the version keys.
@@ -120,6 +121,8 @@ pub struct Link {
     instance: String,
     table: Arc<Table>,
     l1: Arc<L1>,
+    /// Told of every `moved` bump that comes through the channel (warming after a cutover).
+    hot: Arc<Hot>,
     conn: ArcSwapOption<MultiplexedConnection>,
     run_id: ArcSwap<String>,
     generation: AtomicU64,
@@ -148,7 +151,7 @@ pub(super) struct LinkStats {
     pub heartbeat_rtt_us: AtomicU64,
 }
 
-async fn deadline<T>(
+pub(super) async fn deadline<T>(
     t: Duration,
     op: &'static str,
     f: impl Future<Output = redis::RedisResult<T>>,
@@ -168,6 +171,7 @@ impl Link {
         heartbeat: Duration,
         table: Arc<Table>,
         l1: Arc<L1>,
+        hot: Arc<Hot>,
     ) -> Self {
         Link {
             client,
@@ -179,6 +183,7 @@ impl Link {
             instance: super::instance_id(),
             table,
             l1,
+            hot,
             conn: ArcSwapOption::empty(),
             run_id: ArcSwap::from_pointee(String::new()),
             generation: AtomicU64::new(0),
@@ -215,13 +220,18 @@ impl Link {
         Some((Arc::from(self.run_id.load().as_str()), self.generation.load(Ordering::SeqCst)))
     }
 
-    fn error(&self, e: &LinkError) {
+    pub(super) fn error(&self, e: &LinkError) {
         self.stats.errors.fetch_add(1, Ordering::Relaxed);
         metrics::counter!(names::CACHE_REDIS_ERRORS, "op" => e.op()).increment(1);
     }
 
-    fn connection(&self) -> Result<MultiplexedConnection, LinkError> {
+    pub(super) fn connection(&self) -> Result<MultiplexedConnection, LinkError> {
         self.conn.load_full().map(|c| (*c).clone()).ok_or(LinkError::NotConnected)
+    }
+
+    /// The deadline of every Redis call.
+    pub(super) fn timeout(&self) -> Duration {
+        self.timeout
     }
 
     pub fn entry_key(&self, k: &Digest) -> String {
@@ -391,13 +401,21 @@ impl Link {
                 };
                 let mine = from == self.instance;
                 let mut n = 0u64;
+                let mut moved = Vec::new();
                 for line in lines {
                     if let Some((k, rec)) = line.split_once(' ')
                         && let Some(rec) = Rec::parse(rec)
                     {
                         self.table.apply(k, rec);
                         n += 1;
+                        if mode == "moved" {
+                            moved.push(k.to_string());
+                        }
                     }
+                }
+                // Applied first: a warming read of a moved cell keys on the bumped version.
+                if !moved.is_empty() {
+                    self.hot.moved(moved);
                 }
                 if !mine {
                     self.stats.remote_bumps.fetch_add(n, Ordering::Relaxed);

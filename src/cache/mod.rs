@@ -1,9 +1,10 @@
 //! The read cache's mechanism (docs/cache.md): L1 in this process (bounded in bytes), L2 in a
 //! shared Redis, the versions of every (database, cell) and (database, shard) kept current through
-//! Redis pub/sub, single flight, and whether anything may be served right now. Works on cells,
-//! shard ids, keys and opaque bytes: what is cached, how keys are built from a request, and how
-//! values are encoded is the data plane's (`dataplane::cache`). Must not import the application
-//! state or anything above it; the migration control plane calls [`Cache::moved`].
+//! Redis pub/sub, single flight, whether anything may be served right now, and the hot reads
+//! recorded in Redis for warming (`warm`; running them is the data plane's). Works on cells, shard
+//! ids, keys and opaque bytes: what is cached, how keys are built from a request, and how values
+//! are encoded is the data plane's (`dataplane::cache`). Must not import the application state or
+//! anything above it; the migration control plane calls [`Cache::moved`].
 
 pub mod codec;
 pub mod flight;
@@ -11,6 +12,7 @@ pub mod key;
 pub mod l1;
 pub mod l2;
 pub mod versions;
+pub mod warm;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -39,6 +41,12 @@ pub struct Settings {
     pub redis_timeout: Duration,
     pub heartbeat: Duration,
     pub prefix: String,
+    /// Recorded reads to prefill on start and after a migration (0 = never).
+    pub warm_keys: usize,
+    /// Time budget of one warming run.
+    pub warm_budget: Duration,
+    /// Count the cached reads answered here, for any instance's warming.
+    pub warm_record: bool,
 }
 
 impl Settings {
@@ -52,6 +60,9 @@ impl Settings {
             redis_timeout: Duration::from_millis(c.redis_timeout_ms),
             heartbeat: Duration::from_millis(c.heartbeat_ms),
             prefix: c.prefix.clone(),
+            warm_keys: usize::try_from(c.warm_keys).unwrap_or(usize::MAX),
+            warm_budget: Duration::from_millis(c.warm_ms),
+            warm_record: c.warm_record,
         }
     }
 }
@@ -142,6 +153,9 @@ pub struct Cache {
     pub flights: flight::Flights<FlightResult>,
     stats: Stats,
     supervisor: Option<tokio::task::JoinHandle<()>>,
+    /// Hot reads recorded for warming, and the cutovers that call for it (Redis only).
+    hot: Option<(Arc<warm::Hot>, Arc<l2::Link>)>,
+    flusher: Option<tokio::task::JoinHandle<()>>,
 }
 
 /// What a fill hands to the callers that waited for it.
@@ -149,7 +163,7 @@ pub type FlightResult = Result<Arc<Entry>, crate::error::ApiError>;
 
 impl Drop for Cache {
     fn drop(&mut self) {
-        if let Some(t) = &self.supervisor {
+        for t in [&self.supervisor, &self.flusher].into_iter().flatten() {
             t.abort();
         }
     }
@@ -180,10 +194,12 @@ impl Cache {
         let table = Arc::new(versions::Table::new(VERSIONS_CAP));
         let mut link = None;
         let mut supervisor = None;
+        let (mut hot, mut flusher) = (None, None);
         if settings.enabled
             && let Some(url) = &c.redis
         {
             let client = redis::Client::open(url.as_str()).map_err(|e| CacheError::RedisUrl(e.to_string()))?;
+            let h = Arc::new(warm::Hot::new(&settings.prefix, settings.warm_record));
             let l = Arc::new(l2::Link::new(
                 client,
                 &settings.prefix,
@@ -191,8 +207,13 @@ impl Cache {
                 settings.heartbeat,
                 table.clone(),
                 l1.clone(),
+                h.clone(),
             ));
             supervisor = Some(crate::tasks::spawn("cache_redis", l.clone().supervise()));
+            if settings.warm_record {
+                flusher = Some(crate::tasks::spawn("cache_warm_record", h.clone().flush_loop(l.clone())));
+            }
+            hot = Some((h, l.clone()));
             link = Some(l);
         }
         Ok(Arc::new(Cache {
@@ -204,6 +225,8 @@ impl Cache {
             flights: flight::Flights::default(),
             stats: Stats::default(),
             supervisor,
+            hot,
+            flusher,
         }))
     }
 
@@ -217,6 +240,21 @@ impl Cache {
 
     pub fn has_redis(&self) -> bool {
         self.link.is_some()
+    }
+
+    /// Warming's Redis side and the link it runs on (`None` without Redis: nothing is recorded,
+    /// nothing can be warmed).
+    pub fn hot(&self) -> Option<(&warm::Hot, &l2::Link)> {
+        self.hot.as_ref().map(|(h, l)| (h.as_ref(), l.as_ref()))
+    }
+
+    /// Whether this instance may serve and store now (the Redis link is live and owes nothing).
+    pub fn serving(&self) -> bool {
+        match &self.link {
+            _ if !self.enabled() => false,
+            Some(l) => l.serving().is_some(),
+            None => true,
+        }
     }
 
     pub fn cell_key(&self, db: &str, cell: CellIndex) -> String {
@@ -391,11 +429,8 @@ impl Cache {
         let (entries, bytes, cap, evicted) = self.l1.usage();
         let s = &self.stats;
         let n = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        let serving = match &self.link {
-            _ if !self.enabled() => false,
-            Some(l) => l.serving().is_some(),
-            None => true,
-        };
+        let serving = self.serving();
+        let warm = self.hot.as_ref().map(|(h, _)| h.status(self.settings.warm_keys, self.settings.warm_budget));
         serde_json::json!({
             "enabled": self.enabled(),
             "mode": if self.link.is_some() { "l1+redis" } else { "l1" },
@@ -403,6 +438,7 @@ impl Cache {
             "redis": self.link.as_ref().map(|l| l.status()),
             "l1": {"entries": entries, "bytes": bytes, "max_bytes": cap, "evicted": evicted},
             "versions_known": self.table.len(),
+            "warm": warm,
             "flights": self.flights.len(),
             "counters": {
                 "hits_l1": n(&s.hits_l1), "hits_l2": n(&s.hits_l2), "stale_served": n(&s.stale),

@@ -211,17 +211,13 @@ pub async fn read(state: &AppState, plan: &ReadPlan, out: &mut Outcome) -> Resul
             ReadOp::Aggregate { .. } => "aggregate",
             ReadOp::Count { .. } => "count",
         };
-        let read = step::Read {
-            db: &plan.db,
-            kind,
-            snap: &snap,
-            route: &route,
-            consistency: &plan.consistency,
-            ask: &ask,
-        };
+        let read =
+            step::Read { db: &plan.db, kind, snap: &snap, route: &route, consistency: &plan.consistency, ask: &ask };
         step::read(state, read, |b| key_parts(b, plan), fill, out).await?
     };
     out.note_shards(&r.shards);
+    // Counted for warming (docs/cache.md, *Warming*) when the cache answered or stored it.
+    super::warm::note_docs(state, plan, out);
     Ok(r)
 }
 
@@ -229,9 +225,9 @@ pub async fn read(state: &AppState, plan: &ReadPlan, out: &mut Outcome) -> Resul
 fn reads_other_collections(stage: &Document) -> bool {
     fn walk(b: &Bson) -> bool {
         match b {
-            Bson::Document(d) => d.iter().any(|(k, v)| {
-                matches!(k.as_str(), "$lookup" | "$unionWith" | "$graphLookup") || walk(v)
-            }),
+            Bson::Document(d) => {
+                d.iter().any(|(k, v)| matches!(k.as_str(), "$lookup" | "$unionWith" | "$graphLookup") || walk(v))
+            }
             Bson::Array(a) => a.iter().any(walk),
             _ => false,
         }

@@ -12,6 +12,7 @@ pub mod hold;
 pub mod merge;
 pub mod sql;
 pub mod statements;
+pub mod warm;
 
 use serde::Serialize;
 

@@ -141,6 +141,8 @@ pub async fn read(state: &AppState, plan: &ReadPlan, out: &mut Outcome) -> Resul
         out.shard = Some(info.id.clone());
         out.role = Some(info.role);
     }
+    // Counted for warming (docs/cache.md, *Warming*) when the cache answered or stored it.
+    super::warm::note_sql(state, plan, out);
     Ok(r)
 }
 

@@ -179,7 +179,9 @@ impl From<crate::migrate::MigrateError> for ApiError {
             M::Fleet(reason) => ApiError::ShardUnavailable { shard: "etcd".into(), reason },
             // Outcomes of a running migration, recorded in its `error`; should a request meet
             // one, the migration's state is what stands in its way.
-            other @ (M::Publish(_) | M::Aborted | M::Failpoint) => ApiError::Conflict(other.to_string()),
+            other @ (M::Publish(_) | M::Aborted | M::Failpoint | M::Deposed(_)) => {
+                ApiError::Conflict(other.to_string())
+            }
         }
     }
 }

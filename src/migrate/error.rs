@@ -36,6 +36,10 @@ pub enum MigrateError {
     /// A step through etcd failed (fleet mode): unreachable, or instances did not acknowledge.
     #[error("fleet: {0}")]
     Fleet(String),
+    /// etcd mode: another instance took this migration over (its record names that instance);
+    /// this orchestrator stops where it is and persists nothing more.
+    #[error("instance {0} took this migration over; this orchestrator stopped")]
+    Deposed(String),
     /// Test hook: the orchestrator stops here as a crashed process would.
     #[error("failpoint")]
     Failpoint,
@@ -55,7 +59,7 @@ impl MigrateError {
                     sqlstate.as_deref().is_some_and(|s| ["08", "40", "53", "57"].iter().any(|c| s.starts_with(c)));
                 (Fault::Shard, transient)
             }
-            Publish(_) | Failpoint => (Fault::Server, false),
+            Publish(_) | Failpoint | Deposed(_) => (Fault::Server, false),
             Fleet(_) => (Fault::Server, true),
         }
     }
@@ -89,7 +93,7 @@ impl MigrateError {
             Database { step, sqlstate, message } => Database { step, sqlstate, message: mask(message) },
             Publish(m) => Publish(mask(m)),
             Fleet(m) => Fleet(mask(m)),
-            e @ (NotFound | Aborted | Failpoint) => e,
+            e @ (NotFound | Aborted | Failpoint | Deposed(_)) => e,
         }
     }
 }

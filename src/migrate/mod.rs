@@ -89,11 +89,22 @@ pub struct Migration {
     doc: Mutex<Doc>,
     abort: AtomicBool,
     task: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// etcd mode: the instance that took this migration over from this process (seen at a
+    /// record write or before the publish); this process's orchestrator then stops.
+    deposed: Mutex<Option<String>>,
 }
 
 impl Migration {
     fn new(doc: Doc) -> Self {
-        Self { doc: Mutex::new(doc), abort: AtomicBool::new(false), task: Mutex::new(None) }
+        Self { doc: Mutex::new(doc), abort: AtomicBool::new(false), task: Mutex::new(None), deposed: Mutex::new(None) }
+    }
+
+    fn deposed_by(&self) -> Option<String> {
+        self.deposed.lock().expect("deposed").clone()
+    }
+
+    fn set_deposed(&self, by: Option<String>) {
+        *self.deposed.lock().expect("deposed") = by;
     }
 
     /// The record as reported (admin API): with `running` filled in.
@@ -228,6 +239,11 @@ async fn on_run_failure(state: &dyn Host, m: &Migration, pairs: &Pairs, e: Migra
         tracing::warn!(id = %m.record().id, "failpoint: orchestrator stopped");
         return;
     }
+    if let MigrateError::Deposed(by) = &e {
+        // The freeze, the fence and the record are the new orchestrator's now: touch nothing.
+        tracing::warn!(id = %m.record().id, %by, "another instance orchestrates this migration now: stopped here");
+        return;
+    }
     let e = e.redacted(&plan::secrets(pairs));
     let (fault, retryable) = e.class();
     tracing::warn!(id = %m.record().id, error = %e, ?fault, retryable, "migration step failed");
@@ -236,6 +252,7 @@ async fn on_run_failure(state: &dyn Host, m: &Migration, pairs: &Pairs, e: Migra
         // After the fence: keep it (no write may land on the source) and stay resumable. After
         // the publish only the replication cleanup is left; resume finishes it.
         steps::set(state, m, pairs, |d| d.error = Some(e.to_string())).await;
+        // (A no-op when that write found another orchestrator: the freeze is then its.)
         steps::release(state, m).await;
     } else if m.abort_requested() {
         undo_job(state, m, pairs).await;
@@ -248,6 +265,9 @@ async fn on_run_failure(state: &dyn Host, m: &Migration, pairs: &Pairs, e: Migra
             d.cleanup_pending = true;
         })
         .await;
+        if m.deposed_by().is_some() {
+            return;
+        }
         let r = steps::undo_with_retries(state, m, pairs).await;
         let secrets = plan::secrets(pairs);
         steps::set(state, m, pairs, |d| match r {
@@ -267,6 +287,10 @@ async fn undo_job(state: &dyn Host, m: &Migration, pairs: &Pairs) {
         return;
     }
     steps::set(state, m, pairs, |d| d.state = State::Aborting).await;
+    if let Some(by) = m.deposed_by() {
+        tracing::warn!(id = %m.record().id, %by, "another instance orchestrates this migration now: undo not run here");
+        return;
+    }
     let r = steps::undo_with_retries(state, m, pairs).await;
     let secrets = plan::secrets(pairs);
     steps::set(state, m, pairs, |d| match r {
@@ -337,7 +361,7 @@ pub async fn start(state: &Arc<dyn Host>, req: StartRequest) -> Result<Doc, Migr
 pub async fn abort(state: &Arc<dyn Host>, id: &str) -> Result<Doc, MigrateError> {
     let m = lookup(state, id).await?;
     if !m.running() {
-        not_orchestrated_elsewhere(state, id).await?;
+        take_over(state, &m, id).await?;
     }
     let doc = m.record();
     match doc.state {
@@ -386,7 +410,7 @@ pub async fn resume(state: &Arc<dyn Host>, id: &str) -> Result<Doc, MigrateError
     let m = lookup(state, id).await?;
     let running = m.running();
     if !running {
-        not_orchestrated_elsewhere(state, id).await?;
+        take_over(state, &m, id).await?;
     }
     let doc = m.record();
     if doc.terminal() || running {
@@ -397,11 +421,15 @@ pub async fn resume(state: &Arc<dyn Host>, id: &str) -> Result<Doc, MigrateError
         )));
     }
     let pairs = plan::pairs_for(&state.pin().map, &doc)?;
-    if doc.state == State::Aborting || m.abort_requested() {
-        spawn(state, &m, pairs, Job::Undo);
+    let job = if doc.state == State::Aborting || m.abort_requested() {
+        Job::Undo
     } else {
         m.update(|d| d.error = None);
-        spawn(state, &m, pairs, Job::Run);
+        Job::Run
+    };
+    // Two resumes of one migration on this instance at once: the task lock lets one start.
+    if !spawn(state, &m, pairs, job) {
+        return Err(MigrateError::Conflict(format!("migration {id} is {} and running", doc.state)));
     }
     Ok(m.doc())
 }
@@ -418,26 +446,64 @@ async fn lookup(state: &Arc<dyn Host>, id: &str) -> Result<Arc<Migration>, Migra
     state.migrations().get(id).ok_or(MigrateError::NotFound)
 }
 
-/// etcd mode: refuse to take over a migration whose orchestrator (as its etcd record names it)
-/// is another instance that is still registered — two orchestrators must not run one migration.
-/// An orchestrator that died drops out with its lease (`lease_ttl_s`).
-async fn not_orchestrated_elsewhere(state: &Arc<dyn Host>, id: &str) -> Result<(), MigrateError> {
+/// etcd mode: make this instance the migration's orchestrator before it runs anything on it
+/// (resume; abort of a migration this process does not run). (1) Read the record and its
+/// mod_revision. (2) Refuse while it names another instance that is still registered — an
+/// orchestrator that died drops out with its lease (`lease_ttl_s`). (3) Claim it: one etcd
+/// transaction that writes this instance as `orchestrator` only if the record is still the one
+/// read, so of two instances taking over at once exactly one wins and the other gets a conflict
+/// naming the winner. The claim also deposes the previous orchestrator: should it wake up, its
+/// next record write (conditional on naming it, `etcd::put_migration`) or its check before the
+/// publish finds another name and it stops.
+async fn take_over(state: &Arc<dyn Host>, m: &Migration, id: &str) -> Result<(), MigrateError> {
     let Some(link) = state.etcd() else { return Ok(()) };
-    let (records, live) = crate::etcd::migrations(&crate::etcd::Target::of(&link.source))
-        .await
-        .map_err(|e| MigrateError::Fleet(format!("cannot check the migration's orchestrator: {e}")))?;
+    let target = crate::etcd::Target::of(&link.source);
+    let fleet = |e: crate::etcd::EtcdError| MigrateError::Fleet(format!("cannot take migration {id} over: {e}"));
+    let (records, live) = crate::etcd::migrations(&target).await.map_err(fleet)?;
     state.migrations().refresh(&records, &link.id);
-    let owner = records.iter().find(|r| r.doc.get("id").and_then(|v| v.as_str()) == Some(id));
-    if let Some(r) = owner
-        && r.orchestrator != link.id
-        && live.iter().any(|i| i.id == r.orchestrator)
-    {
-        return Err(MigrateError::Conflict(format!(
-            "migration {id} is orchestrated by instance {}, which is live: resume or abort it there",
-            r.orchestrator
-        )));
+    // 1.
+    let seen = match crate::etcd::migration_record(&target, id).await.map_err(fleet)? {
+        // 2.
+        Some((r, _)) if r.orchestrator != link.id && live.iter().any(|i| i.id == r.orchestrator) => {
+            return Err(MigrateError::Conflict(format!(
+                "migration {id} is orchestrated by instance {}, which is live: resume or abort it there",
+                r.orchestrator
+            )));
+        }
+        Some((_, rev)) => rev,
+        None => 0,
+    };
+    // 3.
+    let doc = serde_json::to_value(m.record()).expect("doc serialises");
+    let record = crate::etcd::MigrationRecord { orchestrator: link.id.clone(), doc };
+    match crate::etcd::claim_migration(&target, id, seen, &record).await {
+        Ok(()) => {
+            m.set_deposed(None);
+            tracing::info!(%id, instance = %link.id, "took the migration over");
+            Ok(())
+        }
+        Err(crate::etcd::EtcdError::Orchestrated { by, .. }) => Err(MigrateError::Conflict(format!(
+            "migration {id} was taken over by instance {by} at the same time: resume or abort it there"
+        ))),
+        Err(e) => Err(fleet(e)),
     }
-    Ok(())
+}
+
+/// etcd mode: stop unless the migration's record in etcd still names this instance (another
+/// one took it over while this orchestrator hung or was cut off). Checked before the steps a
+/// deposed orchestrator must never repeat: publishing the map and releasing the freeze.
+pub(crate) async fn still_orchestrator(state: &dyn Host, m: &Migration) -> Result<(), MigrateError> {
+    let Some(link) = state.etcd() else { return Ok(()) };
+    let id = m.record().id;
+    let target = crate::etcd::Target::of(&link.source);
+    match crate::etcd::migration_record(&target, &id).await {
+        Ok(Some((r, _))) if r.orchestrator != link.id => {
+            m.set_deposed(Some(r.orchestrator.clone()));
+            Err(MigrateError::Deposed(r.orchestrator))
+        }
+        Ok(_) => Ok(()),
+        Err(e) => Err(MigrateError::Fleet(format!("cannot check who orchestrates migration {id}: {e}"))),
+    }
 }
 
 /// Load unfinished migrations persisted on the shards (after a crash of their orchestrator).

@@ -58,16 +58,47 @@ async fn has_subscription(target: &tokio_postgres::Client, name: &str) -> Result
 }
 
 fn check_abort(m: &Migration) -> Result<(), MigrateError> {
+    if let Some(by) = m.deposed_by() {
+        return Err(MigrateError::Deposed(by));
+    }
     if m.abort_requested() { Err(MigrateError::Aborted) } else { Ok(()) }
 }
 
 /// Update the doc, log it, and persist it on both shards (best effort: the in-memory doc is
-/// authoritative while this process runs; the persisted one after a crash).
+/// authoritative while this process runs; the persisted one after a crash) — in etcd mode only
+/// once etcd took the record from this instance as its orchestrator.
 pub(super) async fn set(state: &dyn Host, m: &Migration, pairs: &Pairs, f: impl FnOnce(&mut Doc)) {
     let doc = m.update(f);
+    if m.deposed_by().is_some() {
+        // Another instance orchestrates it: its records are the truth now.
+        return;
+    }
     tracing::info!(id = %doc.id, state = %doc.state, from = %doc.from, to = %doc.to, error = ?doc.error, "migration");
     metrics::gauge!(crate::telemetry::names::MIGRATION_ACTIVE).set(if doc.terminal() { 0.0 } else { 1.0 });
     let json = serde_json::to_value(&doc).expect("doc serialises");
+    // etcd mode first: a copy in etcd names the orchestrator, so another instance can tell
+    // whether the migration still has one before it takes it over (the shards' rows stay the
+    // authority). The write succeeds only while the record names this instance: a deposed
+    // orchestrator learns it here and persists nothing, on the shards either.
+    if let Some(link) = state.etcd() {
+        let record = crate::etcd::MigrationRecord { orchestrator: link.id.clone(), doc: json.clone() };
+        match crate::etcd::put_migration(&crate::etcd::Target::of(&link.source), &doc.id, &record).await {
+            Ok(()) => {}
+            Err(crate::etcd::EtcdError::Orchestrated { by, .. }) => {
+                tracing::warn!(id = %doc.id, %by, "another instance took this migration over: this orchestrator stops");
+                m.set_deposed(Some(by));
+                return;
+            }
+            // A lost etcd does not stop a step, but without the confirmation that this
+            // instance still orchestrates, the shards' rows are not written either: a deposed
+            // orchestrator cut off from etcd must not overwrite the new one's progress there.
+            // Resuming from an older persisted state is safe (every step skips what is done).
+            Err(e) => {
+                tracing::warn!(id = %doc.id, error = %e, "could not persist migration progress: etcd cannot confirm this instance still orchestrates it");
+                return;
+            }
+        }
+    }
     for p in &pairs.sql {
         for (side, ep) in [("source", &p.source), ("target", &p.target)] {
             let persisted = async {
@@ -86,14 +117,6 @@ pub(super) async fn set(state: &dyn Host, m: &Migration, pairs: &Pairs, f: impl 
     }
     if let Err(e) = super::mongo::persist(state, &pairs.docs, &doc.id, doc.state.as_str(), &json.to_string()).await {
         tracing::warn!(id = %doc.id, error = %e, "could not persist migration progress on MongoDB");
-    }
-    // etcd mode: a copy in etcd names the orchestrator, so another instance can tell whether the
-    // migration still has one before it resumes it (the shards' rows stay the authority).
-    if let Some(link) = state.etcd() {
-        let record = crate::etcd::MigrationRecord { orchestrator: link.id.clone(), doc: json };
-        if let Err(e) = crate::etcd::put_migration(&crate::etcd::Target::of(&link.source), &doc.id, &record).await {
-            tracing::warn!(id = %doc.id, error = %e, "could not persist migration progress in etcd");
-        }
     }
 }
 
@@ -244,7 +267,7 @@ async fn cutover(
         if owned_by_target(&snap.map, cells, &m.record().to) { snap.map.version().0 } else { snap.map.version().0 + 1 }
     };
     let fence_lsns = fence_source(state.as_ref(), m, pairs, cells, fence_version).await?;
-    super::failpoint::hit("after_fence")?;
+    super::failpoint::hit("after_fence").await?;
     // MongoDB: the final copy, after the fence and its grace: the source's documents of the
     // cells no longer change.
     let docs = super::mongo::sync(state.as_ref(), &pairs.docs, cells).await?;
@@ -254,6 +277,8 @@ async fn cutover(
     check_abort(m)?;
     wait_applied(pairs, cells, name, &fence_lsns).await?;
     super::mongo::lift_target(state.as_ref(), &pairs.docs, cells).await?;
+    // A deposed orchestrator that woke up here must not publish (nor then release the freeze).
+    super::still_orchestrator(state.as_ref(), m).await?;
     let version = match state.etcd() {
         Some(link) => publish_etcd(state.as_ref(), m, cells, &link.source).await?,
         None => publish(state.as_ref(), m, cells).await?,
@@ -292,7 +317,14 @@ async fn hold_writes(state: &dyn Host, m: &Migration, cells: &[CellIndex]) -> Re
     // The key first: this instance's own watch would lift a local hold that etcd does not have.
     let target = crate::etcd::Target::of(&link.source);
     let spec = crate::etcd::FreezeSpec { id: doc.id.clone(), cells: doc.cells.clone(), hold_ms: doc.hold_ms };
-    crate::etcd::put_freeze(&target, &spec).await.map_err(|e| MigrateError::Fleet(e.to_string()))?;
+    match crate::etcd::put_freeze(&target, &spec, &link.id).await {
+        Ok(()) => {}
+        Err(crate::etcd::EtcdError::Orchestrated { by, .. }) => {
+            m.set_deposed(Some(by.clone()));
+            return Err(MigrateError::Deposed(by));
+        }
+        Err(e) => return Err(MigrateError::Fleet(e.to_string())),
+    }
     super::freeze_local_once(state, &doc.id, cells, hold);
     crate::etcd::wait_for_freeze(&target, &doc.id, fleet_wait(&link.source))
         .await
@@ -576,6 +608,11 @@ async fn tell_peers(
 /// Lift a freeze here (if it is this migration's) and tell the peers.
 pub(super) async fn release(state: &dyn Host, m: &Migration) {
     let id = m.record().id;
+    if let Some(by) = m.deposed_by() {
+        // The freeze key is the new orchestrator's to delete, when its cutover is done.
+        tracing::warn!(%id, %by, "deposed: not releasing the freeze");
+        return;
+    }
     if let Some(f) = super::release_local(state, &id) {
         let held = f.started.elapsed().as_millis() as u64;
         m.update(|d| d.hold_ms_max = Some(d.hold_ms_max.unwrap_or(0).max(held)));
@@ -591,8 +628,13 @@ pub(super) async fn release(state: &dyn Host, m: &Migration) {
     let target = crate::etcd::Target::of(&link.source);
     let mut last = None;
     for attempt in 0..5u32 {
-        match crate::etcd::delete_freeze(&target, &id).await {
+        match crate::etcd::delete_freeze(&target, &id, &link.id).await {
             Ok(()) => return,
+            Err(crate::etcd::EtcdError::Orchestrated { by, .. }) => {
+                tracing::warn!(%id, %by, "deposed: the freeze is the new orchestrator's to release");
+                m.set_deposed(Some(by));
+                return;
+            }
             Err(e) => last = Some(e),
         }
         tokio::time::sleep(Duration::from_millis(200 << attempt)).await;

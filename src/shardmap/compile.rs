@@ -445,10 +445,10 @@ fn compile_tables(c: &mut Collector, raw_tables: RawTables, db_kinds: &DbKinds) 
                 }
                 Some(CachePolicy { ttl_ms: p.ttl_ms as u64, swr_ms: p.swr_ms as u64 })
             });
-            tables.entry(db.clone()).or_default().insert(
-                table,
-                TableSpec { cell_column: spec.cell_column, geo_field: spec.geo_field, cache },
-            );
+            tables
+                .entry(db.clone())
+                .or_default()
+                .insert(table, TableSpec { cell_column: spec.cell_column, geo_field: spec.geo_field, cache });
         }
     }
 

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod etcd;
+pub mod fleet;
 pub mod mongo;
 
 use std::io::Write;
