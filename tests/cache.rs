@@ -518,9 +518,9 @@ async fn redis_killed_under_load() {
 async fn l1_stays_within_its_bytes() {
     let redis = Redis::start();
     let limits = "l1_bytes = 1048576\nmax_entry_bytes = 262144\ncompress_above_bytes = 1024\n";
-    let stack = Stack::start(1, 1, with_cache(Some(&redis), limits)).await;
+    let mut stack = Stack::start(1, 1, with_cache(Some(&redis), limits)).await;
     wait_serving(&stack.http, &stack.admin(), Duration::from_secs(10)).await;
-    let (http, base) = (&stack.http, stack.data());
+    let (http, base) = (&stack.http.clone(), stack.data());
     let big = |k: i64, n: i64| {
         json!({"region": {"lat": MADRID.0, "lng": MADRID.1}, "sql": "SELECT $1::int AS k, repeat('x', $2::int) AS big",
                "params": [k, n], "cache": {"ttl_ms": 60000}})
@@ -544,6 +544,25 @@ async fn l1_stays_within_its_bytes() {
     let g = query(http, &base, &big(1000, 300_000)).await;
     assert_eq!(g.status, 200);
     assert_eq!(g.cache, "cellgate; fwd=miss", "{g:?}");
+    // An instance whose whole L1 is smaller than one entry still stores it in Redis (and, on
+    // the next read, answers it from there).
+    let i = stack.add_instance(with_cache(Some(&redis), "l1_bytes = 4096\nmax_entry_bytes = 262144\n")).await;
+    wait_serving(http, &stack.admin_of(i), Duration::from_secs(10)).await;
+    let small = stack.data_of(i);
+    let g = query(http, &small, &big(2000, 50_000)).await;
+    assert_eq!((g.status, g.cache.as_str()), (200, "cellgate; fwd=miss; stored; ttl=60"));
+    let t0 = Instant::now();
+    loop {
+        let g = query(http, &small, &big(2000, 50_000)).await;
+        if g.cache.ends_with("; detail=l2") {
+            assert_eq!(g.body["rows"][0]["big"].as_str().unwrap().len(), 50_000);
+            break;
+        }
+        // The L2 write runs in the background after the answer.
+        assert!(t0.elapsed() < Duration::from_secs(5), "never stored in Redis: {} {}", g.status, g.cache);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(cache_status(http, &stack.admin_of(i)).await["l1"]["entries"], 0);
     stack.stop().await;
 }
 

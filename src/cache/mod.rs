@@ -335,24 +335,25 @@ impl Cache {
         if e.body.len() > self.settings.max_entry_bytes || self.table.epoch() != epoch {
             return false;
         }
-        if !self.l1.insert(k, e.clone()) {
-            return false;
+        // An entry larger than the whole L1 (`l1_bytes` below `max_entry_bytes`) still goes to
+        // Redis: L1 refusing it must not leave it cached nowhere.
+        let in_l1 = self.l1.insert(k, e.clone());
+        if in_l1 {
+            self.stats.fills_l1.fetch_add(1, Ordering::Relaxed);
+            metrics::counter!(names::CACHE_FILLS, "level" => "l1").increment(1);
         }
-        self.stats.fills_l1.fetch_add(1, Ordering::Relaxed);
-        metrics::counter!(names::CACHE_FILLS, "level" => "l1").increment(1);
-        if let Some(link) = &self.link {
-            let (link, this) = (link.clone(), self.clone());
-            let ttl = Duration::from_millis(e.stale_until_ms().saturating_sub(now_ms()));
-            crate::tasks::spawn("cache_l2_fill", async move {
-                let bytes = codec::encode(&e, this.settings.compress_above);
-                let n = bytes.len();
-                if link.set(&k, bytes, ttl).await.is_ok() {
-                    this.stats.fills_l2.fetch_add(1, Ordering::Relaxed);
-                    metrics::counter!(names::CACHE_FILLS, "level" => "l2").increment(1);
-                    metrics::counter!(names::CACHE_STORED_BYTES, "level" => "l2").increment(n as u64);
-                }
-            });
-        }
+        let Some(link) = &self.link else { return in_l1 };
+        let (link, this) = (link.clone(), self.clone());
+        let ttl = Duration::from_millis(e.stale_until_ms().saturating_sub(now_ms()));
+        crate::tasks::spawn("cache_l2_fill", async move {
+            let bytes = codec::encode(&e, this.settings.compress_above);
+            let n = bytes.len();
+            if link.set(&k, bytes, ttl).await.is_ok() {
+                this.stats.fills_l2.fetch_add(1, Ordering::Relaxed);
+                metrics::counter!(names::CACHE_FILLS, "level" => "l2").increment(1);
+                metrics::counter!(names::CACHE_STORED_BYTES, "level" => "l2").increment(n as u64);
+            }
+        });
         true
     }
 

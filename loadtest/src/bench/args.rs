@@ -13,15 +13,17 @@ pub fn workspace() -> String {
 pub const HELP: &str = "\
 cellgate-bench: point reads directly against PostgreSQL vs through cellgate, in alternating pairs,
 plus the 100k-concurrent-streams test (G4), the latency-under-100k-open-streams test (G7) and,
-on request, the TLS variants (HTTPS clients, TLS to PostgreSQL, handshakes per core).
+on request, the read cache (L1 and L2 hits next to pgbench -S) and the TLS variants (HTTPS
+clients, TLS to PostgreSQL, handshakes per core).
 Starts its own loopback cluster (harness) and release cellgate processes; stops everything it
 started, also on error and Ctrl-C. Writes a markdown report and an SVG latency chart.
 
 Usage: cellgate-bench [OPTIONS]
 
 Parts:
-  --only PARTS          comma-separated subset of pairs,streams,g7,tls (repeatable)
-                        [default: pairs,streams,g7; tls only when asked for]
+  --only PARTS          comma-separated subset of pairs,streams,g7,cache,tls (repeatable)
+                        [default: pairs,streams,g7; cache and tls only when asked for]
+  --cache               same as --only cache (added to --only when both are given)
   --tls                 same as --only tls (added to --only when both are given)
 
 Pairs (G1-G3):
@@ -46,6 +48,12 @@ G7:
   --g7-secs S           measured seconds [default: 10]
   --g7-radius-km K      radius of the area search [default: 10]
 
+Cache (issue 17; starts its own redis-server, needs it on PATH or REDIS_SERVER):
+  --cache-out FILE      markdown report of the cache part [default: docs/performance-cache.md]
+  Uses --pairs, --secs, --concurrency, --client-threads and --proto: each pair runs pgbench -S,
+  the uncached proxied point read, L1 hits, L2 hits (and L1 hits over h2c with 32 streams per
+  connection, for the breakdown) in rotated order.
+
 TLS (issue 14; runs after the other parts: it turns ssl on in the cluster):
   --tls-out FILE        markdown report of the TLS part [default: docs/performance-tls.md]
   Uses --pairs, --secs, --concurrency, --client-threads and --proto (h1: --h1 on every variant;
@@ -59,7 +67,7 @@ Output and build:
   -h, --help            this text
 
 Environment: CELLGATE_BIN (default <workspace>/target/release/cellgate), H2LOAD (default h2load
-on PATH), PGBENCH (default pgbench on PATH).
+on PATH), PGBENCH (default pgbench on PATH), REDIS_SERVER (default redis-server on PATH; --cache).
 ";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -67,6 +75,8 @@ pub enum Part {
     Pairs,
     Streams,
     G7,
+    /// Cached point reads (L1 hit, L2 hit) next to pgbench -S and the uncached read (opt-in).
+    Cache,
     /// TLS variants of the proxied point read, and handshakes per core (opt-in).
     Tls,
 }
@@ -92,6 +102,7 @@ pub struct Args {
     pub out: PathBuf,
     pub svg: PathBuf,
     pub tls_out: PathBuf,
+    pub cache_out: PathBuf,
     pub keep_work: bool,
     pub build: bool,
     pub help: bool,
@@ -119,6 +130,7 @@ impl Default for Args {
             out: PathBuf::from(workspace()).join("docs/performance-runner.md"),
             svg: PathBuf::from(workspace()).join("docs/performance-latency.svg"),
             tls_out: PathBuf::from(workspace()).join("docs/performance-tls.md"),
+            cache_out: PathBuf::from(workspace()).join("docs/performance-cache.md"),
             keep_work: false,
             build: false,
             help: false,
@@ -158,12 +170,16 @@ pub fn parse(argv: impl IntoIterator<Item = String>) -> Result<Args, String> {
                         "pairs" => Part::Pairs,
                         "streams" => Part::Streams,
                         "g7" => Part::G7,
+                        "cache" => Part::Cache,
                         "tls" => Part::Tls,
-                        other => return Err(format!("--only: unknown part {other:?} (pairs, streams, g7, tls)")),
+                        other => {
+                            return Err(format!("--only: unknown part {other:?} (pairs, streams, g7, cache, tls)"));
+                        }
                     });
                 }
             }
             "--tls" => only.push(Part::Tls),
+            "--cache" => only.push(Part::Cache),
             "--pairs" => a.pairs = num(&flag, &value()?)?,
             "--secs" => a.secs = num(&flag, &value()?)?,
             "--concurrency" => a.concurrency = num(&flag, &value()?)?,
@@ -188,15 +204,19 @@ pub fn parse(argv: impl IntoIterator<Item = String>) -> Result<Args, String> {
             "--out" => a.out = PathBuf::from(value()?),
             "--svg" => a.svg = PathBuf::from(value()?),
             "--tls-out" => a.tls_out = PathBuf::from(value()?),
+            "--cache-out" => a.cache_out = PathBuf::from(value()?),
             "--keep-work" => a.keep_work = true,
             "--build" => a.build = true,
             other => return Err(format!("unknown option {other:?} (see --help)")),
         }
     }
     if !only.is_empty() {
-        // Order of the parts is fixed (pairs, streams, g7, tls): tls turns ssl on in the cluster,
-        // which would change what pgbench (sslmode=prefer) measures in the pairs.
-        a.parts = [Part::Pairs, Part::Streams, Part::G7, Part::Tls].into_iter().filter(|p| only.contains(p)).collect();
+        // Order of the parts is fixed (pairs, streams, g7, cache, tls): tls turns ssl on in the
+        // cluster, which would change what pgbench (sslmode=prefer) measures in the other parts.
+        a.parts = [Part::Pairs, Part::Streams, Part::G7, Part::Cache, Part::Tls]
+            .into_iter()
+            .filter(|p| only.contains(p))
+            .collect();
     }
     if a.pairs == 0 || a.secs == 0 || a.concurrency == 0 || a.client_threads == 0 || a.scale == 0 {
         return Err("--pairs, --secs, --concurrency, --client-threads and --scale must be > 0".into());
@@ -236,5 +256,9 @@ mod tests {
         assert_eq!(p(&["--only", "tls,g7"]).unwrap().parts, vec![Part::G7, Part::Tls]);
         assert!(!p(&[]).unwrap().has(Part::Tls));
         assert!(!p(&["--tls"]).unwrap().main_report());
+        assert_eq!(p(&["--tls", "--cache"]).unwrap().parts, vec![Part::Cache, Part::Tls]);
+        assert_eq!(p(&["--only", "cache,pairs"]).unwrap().parts, vec![Part::Pairs, Part::Cache]);
+        assert!(!p(&[]).unwrap().has(Part::Cache));
+        assert!(!p(&["--cache"]).unwrap().main_report());
     }
 }

@@ -8,6 +8,8 @@
 //! * streams (G4): h2load with 100 connections × 1,000 streams against a saturated pool;
 //! * g7: point reads and area searches at a fixed offered rate while 100,000 other streams are
 //!   parked inside cellgate;
+//! * cache (opt-in, `--cache`): L1 and L2 hits of a cached point read next to direct
+//!   `pgbench -S` and the uncached proxied read, on a Redis the runner starts (cache.rs);
 //! * tls (opt-in, `--tls`): the proxied point read with HTTPS clients and/or TLS to PostgreSQL
 //!   as ratios to cleartext, and TLS handshakes per second per cellgate core (tls.rs).
 //!
@@ -15,6 +17,7 @@
 //! error and Ctrl-C; the cluster cleans up on drop.
 
 pub mod args;
+pub mod cache;
 pub mod clients;
 pub mod procs;
 pub mod report;
@@ -318,6 +321,11 @@ async fn run(args: Args, argv: Vec<String>, nofile: (u64, u64)) -> Result<(), St
         .ok_or("h2load not found (Debian: apt-get install -y nghttp2-client; or set H2LOAD=/path/to/h2load)")?;
     let pgbench = procs::find_program("PGBENCH", "pgbench", &["/usr/bin/pgbench"])
         .ok_or("pgbench not found (Debian: apt-get install -y postgresql-contrib or postgresql; or set PGBENCH)")?;
+    if args.has(Part::Cache)
+        && procs::find_program("REDIS_SERVER", "redis-server", &["/usr/bin/redis-server"]).is_none()
+    {
+        return Err("redis-server not found (Debian: apt-get install -y redis-server; or set REDIS_SERVER)".into());
+    }
     if args.build {
         say("cargo build --release -p cellgate");
         let st = std::process::Command::new("cargo")
@@ -378,6 +386,7 @@ async fn run(args: Args, argv: Vec<String>, nofile: (u64, u64)) -> Result<(), St
     let pairs = if args.has(Part::Pairs) { Some(run_pairs(&ctx).await?) } else { None };
     let streams = if args.has(Part::Streams) { Some(run_streams(&ctx).await?) } else { None };
     let g7 = if args.has(Part::G7) { Some(run_g7(&ctx).await?) } else { None };
+    let cache = if args.has(Part::Cache) { Some(cache::run_cache(&ctx, &cluster).await?) } else { None };
     // Last: it turns ssl on in the cluster (pgbench's default sslmode=prefer would then use TLS).
     let tls = if args.has(Part::Tls) { Some(tls::run_tls(&ctx, &cluster).await?) } else { None };
 
@@ -388,6 +397,9 @@ async fn run(args: Args, argv: Vec<String>, nofile: (u64, u64)) -> Result<(), St
         let (md, chart) = report.render(&cluster, elapsed);
         files.push((&args.out, md));
         files.push((&args.svg, chart));
+    }
+    if let Some(c) = &cache {
+        files.push((&args.cache_out, cache::render(&ctx, &cluster, c, elapsed)));
     }
     if let Some(t) = &tls {
         files.push((&args.tls_out, tls::render(&ctx, &cluster, t, elapsed)));
@@ -401,6 +413,9 @@ async fn run(args: Args, argv: Vec<String>, nofile: (u64, u64)) -> Result<(), St
     }
     if args.main_report() {
         println!("{}", report.summary_lines().join("\n"));
+    }
+    if let Some(c) = &cache {
+        println!("{}", cache::summary_lines(&ctx, c).join("\n"));
     }
     if let Some(t) = &tls {
         println!("{}", tls::summary_lines(&ctx, t).join("\n"));

@@ -45,6 +45,85 @@ pub fn tree_cpu_us(root: u32) -> Option<f64> {
     Some(ticks as f64 / hz() * 1e6)
 }
 
+/// PIDs of a process's direct children (`/proc/<pid>/task/<pid>/children`; a postmaster is
+/// single-threaded, so that lists every backend).
+fn direct_children(pid: u32) -> Vec<u32> {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .map(|s| s.split_whitespace().filter_map(|p| p.parse().ok()).collect())
+        .unwrap_or_default()
+}
+
+/// CPU (µs) of a process and its direct children (a postmaster and its backends) over a span,
+/// children that end during it included up to their last sample: [`tree_cpu_us`] before and after
+/// would miss a pgbench run's backends, which exit with it.
+pub struct ChildrenCpu {
+    stop: Arc<AtomicBool>,
+    handle: Option<JoinHandle<Option<f64>>>,
+}
+
+impl ChildrenCpu {
+    pub fn start(root: u32, interval: Duration) -> ChildrenCpu {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let handle = std::thread::spawn(move || {
+            let snap = || {
+                let mut m: HashMap<u32, u64> = HashMap::new();
+                for pid in std::iter::once(root).chain(direct_children(root)) {
+                    if let Some((_, _, t)) = stat(pid) {
+                        m.insert(pid, t);
+                    }
+                }
+                m
+            };
+            let base = snap();
+            base.get(&root)?;
+            let mut last = base.clone();
+            loop {
+                let stopping = flag.load(Ordering::Relaxed);
+                if !stopping {
+                    let until = Instant::now() + interval;
+                    while Instant::now() < until && !flag.load(Ordering::Relaxed) {
+                        std::thread::sleep(Duration::from_millis(10));
+                    }
+                }
+                last.extend(snap());
+                if stopping || flag.load(Ordering::Relaxed) {
+                    break;
+                }
+            }
+            let ticks: u64 = last.iter().map(|(p, t)| t.saturating_sub(base.get(p).copied().unwrap_or(0))).sum();
+            Some(ticks as f64 / hz() * 1e6)
+        });
+        ChildrenCpu { stop, handle: Some(handle) }
+    }
+
+    pub fn finish(mut self) -> Option<f64> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.handle.take().and_then(|h| h.join().ok()).flatten()
+    }
+}
+
+impl Drop for ChildrenCpu {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// CPU time (user + system, µs) of every child of this process that has ended and been waited
+/// for, and of their waited-for descendants (`getrusage(RUSAGE_CHILDREN)`): the delta over one
+/// pgbench or h2load run is that load generator's CPU, threads included, as long as no other child
+/// ends meanwhile (cellgate, Redis and the cluster run on).
+pub fn children_cpu_us() -> Option<f64> {
+    // SAFETY: an all-zero rusage is valid; getrusage fills it.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: valid pointer to an rusage.
+    if unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut ru) } != 0 {
+        return None;
+    }
+    let us = |t: libc::timeval| t.tv_sec as f64 * 1e6 + t.tv_usec as f64;
+    Some(us(ru.ru_utime) + us(ru.ru_stime))
+}
+
 /// CPU time the whole machine spent busy (user, nice, system, irq, softirq of the `cpu` line of
 /// /proc/stat; idle, iowait and steal left out), µs summed over all cores.
 pub fn machine_busy_us() -> Option<f64> {

@@ -64,7 +64,7 @@ pub fn utc(t: SystemTime) -> String {
     format!("{y:04}-{m:02}-{d:02} {:02}:{:02} UTC", rem / 3600, rem % 3600 / 60)
 }
 
-fn first_line(program: &str, args: &[&str]) -> String {
+pub(super) fn first_line(program: &str, args: &[&str]) -> String {
     std::process::Command::new(program)
         .args(args)
         .output()

@@ -206,11 +206,26 @@ pub fn start_cellgate_with(
     hash: &str,
     data_tls: Option<(&Path, &Path)>,
 ) -> Result<Cellgate, String> {
+    start_cellgate_extra(bin, dir, map, p, hash, data_tls, "")
+}
+
+/// Like [`start_cellgate_with`], with `extra` appended to the config (whole tables, e.g. the
+/// cache part's `[cache]`).
+pub fn start_cellgate_extra(
+    bin: &str,
+    dir: &Path,
+    map: &Path,
+    p: &Profile,
+    hash: &str,
+    data_tls: Option<(&Path, &Path)>,
+    extra: &str,
+) -> Result<Cellgate, String> {
     let (data, admin) = (free_port()?, free_port()?);
     let mut config = config_text(map, data, admin, p, hash);
     if let Some((cert, key)) = data_tls {
         config.push_str(&format!("\n[listen.data_tls]\ncert = \"{}\"\nkey = \"{}\"\n", cert.display(), key.display()));
     }
+    config.push_str(extra);
     let cfg = dir.join(format!("cellgate-{}.toml", p.name));
     std::fs::write(&cfg, &config).map_err(|e| format!("{}: {e}", cfg.display()))?;
     let log = dir.join(format!("cellgate-{}.log", p.name));
@@ -254,6 +269,20 @@ pub fn start_cellgate_with(
 
 /// One blocking HTTP/1.1 request with `connection: close`; (status, body).
 pub fn http(addr: &str, method: &str, path: &str, token: &str, body: Option<&str>) -> Result<(u16, String), String> {
+    http_head(addr, method, path, token, body).map(|(status, _, body)| (status, body))
+}
+
+/// Response header lines: (name lower-cased, value trimmed).
+pub type Headers = Vec<(String, String)>;
+
+/// Like [`http`], with the response's header lines (names lower-cased, values trimmed).
+pub fn http_head(
+    addr: &str,
+    method: &str,
+    path: &str,
+    token: &str,
+    body: Option<&str>,
+) -> Result<(u16, Headers, String), String> {
     let mut s = TcpStream::connect(addr).map_err(|e| format!("{addr}: {e}"))?;
     let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
     let mut req = format!("{method} {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n");
@@ -270,8 +299,31 @@ pub fn http(addr: &str, method: &str, path: &str, token: &str, body: Option<&str
     let _ = s.read_to_end(&mut out);
     let out = String::from_utf8_lossy(&out).into_owned();
     let status = out.split_whitespace().nth(1).and_then(|v| v.parse().ok()).ok_or("no HTTP status")?;
-    let body = out.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
-    Ok((status, body))
+    let (head, body) = out.split_once("\r\n\r\n").map(|(h, b)| (h, b.to_string())).unwrap_or((&out, String::new()));
+    let headers: Headers = head
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    let chunked = headers.iter().any(|(k, v)| k == "transfer-encoding" && v.eq_ignore_ascii_case("chunked"));
+    let body = if chunked { dechunk(&body) } else { body };
+    Ok((status, headers, body))
+}
+
+/// The payload of a chunked HTTP/1.1 body (extensions and trailers ignored).
+fn dechunk(mut s: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = s.split_once("\r\n") {
+        let Ok(n) = usize::from_str_radix(size.split(';').next().unwrap_or("").trim(), 16) else { break };
+        let (Some(chunk), Some(after)) = (rest.get(..n), rest.get(n..)) else { break };
+        if n == 0 {
+            break;
+        }
+        out.push_str(chunk);
+        s = after.strip_prefix("\r\n").unwrap_or(after);
+    }
+    out
 }
 
 /// A request that must answer 200 with rows (so a wrong token or SQL fails loudly before a run).
@@ -298,4 +350,16 @@ pub fn postmaster_pids(cluster: &Cluster) -> Vec<u32> {
 
 pub fn rss_kib(cg: &Cellgate) -> u64 {
     procs::status_kib(cg.pid(), "VmRSS").unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunked_bodies_are_joined() {
+        assert_eq!(dechunk("5\r\n{\"a\":\r\n3\r\n 1}\r\n0\r\n\r\n"), "{\"a\": 1}");
+        assert_eq!(dechunk("zz\r\nx"), "");
+        assert_eq!(dechunk("10\r\nshort"), "");
+    }
 }

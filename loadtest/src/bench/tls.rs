@@ -148,7 +148,7 @@ pub struct TlsOut {
 }
 
 /// Write `text` to a new file with mode 0600.
-fn write_private(path: &Path, text: &str) -> Result<(), String> {
+pub(super) fn write_private(path: &Path, text: &str) -> Result<(), String> {
     let _ = std::fs::remove_file(path);
     let mut f = std::fs::OpenOptions::new()
         .write(true)
