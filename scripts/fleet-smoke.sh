@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Runs the local scale-out demo (deploy/local/fleet.sh: shards, etcd, three cellgate instances in
 # etcd mode, HAProxy) on a free data port; runs its printed curl examples as printed (each must
-# answer JSON without an error); runs the goose load test (cellgate-loadtest, as loadtest/smoke.sh)
-# through HAProxy for 30 s and, while it runs, the printed `map push ... --wait` and
-# `fleet status` lines (each must exit 0); the load test must end with 0 failed requests. Then it
-# stops fleet.sh with SIGTERM and checks that none of its processes (cluster harness, PostgreSQL,
-# SecantusDB, etcd, cellgate, HAProxy) is left running. Bounded: gives up after FLEET_SMOKE_TIMEOUT
+# answer JSON without an error; the cached one, run twice more, must be a hit from the shared
+# Redis); runs the goose load test (cellgate-loadtest, as loadtest/smoke.sh) through HAProxy for
+# 60 s and, while it runs, the printed `map push ... --wait`, `fleet status` and the two
+# `migrate ... start --wait` lines (a cell moved away and back through etcd; each must exit 0);
+# the load test must end with 0 failed requests. Then it stops fleet.sh with SIGTERM and checks
+# that none of its processes (cluster harness, PostgreSQL, SecantusDB, etcd, Redis, cellgate,
+# HAProxy) is left running. Bounded: gives up after FLEET_SMOKE_TIMEOUT
 # seconds (default 1500, the first run builds a release binary). Used by .ci/run.
 # Env: LOADTEST_BIN (skip the cargo build of cellgate-loadtest), FLEET_SMOKE_TIMEOUT.
 set -euo pipefail
@@ -91,7 +93,7 @@ mapfile -t STATUS < <(grep '^\./target/release/cellgate fleet status ' "$OUT" ||
 
 # The goose load through HAProxy; the token goes to it in its environment, never on its command line.
 CELLGATE_TOKEN=$(sed -n 's/.* token=\([^ ]*\).*/\1/p' <<< "$READY") \
-  timeout 300 "$LOADTEST_BIN" --host "$DATA_URL" --users 20 --increase-rate 20 --run-time 30s \
+  timeout 300 "$LOADTEST_BIN" --host "$DATA_URL" --users 20 --increase-rate 20 --run-time 60s \
   --report-file "$LOAD_REPORT" --quiet > "$LOAD_LOG" 2>&1 &
 LOAD=$!
 sleep 5   # every user started (20 per second)
@@ -108,6 +110,28 @@ if ! status=$(run "${STATUS[0]}" 2>&1); then
 fi
 echo "$status" | sed 's/^/  /'
 kill -0 "$LOAD" 2>/dev/null || { cat "$LOAD_LOG" >&2; echo "the load test ended before the push did" >&2; exit 1; }
+
+# The printed migration example (a busy cell moved away and back through etcd), run as printed
+# while the load writes to it through HAProxy, i.e. through all three instances.
+mapfile -t MOVES < <(grep '^\./target/release/cellgate migrate ' "$OUT" || true)
+MIGRATIONS="no migration example (the fleet runs without MongoDB)"
+if [ "${#MOVES[@]}" -eq 0 ]; then
+  grep -q '^# (no live migration example' "$OUT" || { cat "$OUT" >&2; echo "no migration example printed" >&2; exit 1; }
+  [ "${CI:-}" != true ] || { echo "CI: the fleet ran without MongoDB (SecantusDB), so its migration example did not run" >&2; exit 1; }
+else
+  holds=()
+  for cmd in "${MOVES[@]}"; do
+    echo "migration: $cmd"
+    if ! final=$(run "$cmd"); then
+      echo "$final"; echo "migration through etcd failed: $cmd" >&2; exit 1
+    fi
+    echo "migration ok: $(printf '%s' "$final" | jq -r '"\(.from) -> \(.to): state \(.state), rows_copied \(.rows_copied), hold_ms_max \(.hold_ms_max)"')"
+    holds+=("$(printf '%s' "$final" | jq -r '"\(.from)->\(.to) \(.hold_ms_max) ms"')")
+  done
+  kill -0 "$LOAD" 2>/dev/null || { cat "$LOAD_LOG" >&2; echo "the load test ended before the migrations did" >&2; exit 1; }
+  MIGRATIONS="${#MOVES[@]} migrations through etcd under load (hold_ms_max: $(IFS=,; echo "${holds[*]}" | sed 's/,/, /g'))"
+  echo "$MIGRATIONS"
+fi
 
 set +e
 wait "$LOAD"
@@ -134,4 +158,4 @@ for p in $HARNESS_PIDS; do left+=$(pgrep -af "postgres -D /tmp/cg-$p-" || true);
 if [ -n "$left" ]; then
   echo "$left" >&2; echo "fleet.sh left processes running" >&2; exit 1
 fi
-echo "fleet smoke: $n examples ok; $CACHE_LINE; map push --wait and fleet status under load ok; goose through HAProxy: ${summary#cellgate-loadtest summary: }; stopped cleanly"
+echo "fleet smoke: $n examples ok; $CACHE_LINE; map push --wait and fleet status under load ok; $MIGRATIONS; goose through HAProxy: ${summary#cellgate-loadtest summary: }; stopped cleanly"

@@ -4,7 +4,9 @@
 # Python 3.11 with venv is available, the musician marketplace), plus one etcd holding the map,
 # three cellgate instances in etcd mode, and HAProxy in front of them on one data port
 # (HTTP/1.1 and h2c), health-checked via each instance's /readyz.
-# Prints a ready line and examples (a map push with --wait, fleet status). Ctrl-C / SIGTERM stops all.
+# A Redis shared by the instances as the read cache's L2 when redis-server is available.
+# Prints a ready line and examples (a cached read, a map push with --wait, fleet status, a live
+# migration through etcd). Ctrl-C / SIGTERM stops all.
 # Usage: bash deploy/local/fleet.sh [--data-port 8080]
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -300,9 +302,28 @@ $CG map push $WORK/demo-next.toml --etcd $ETCD --prefix $PREFIX --wait=30s
 # the live instances and the version each serves (exit 0 when all agree with etcd)
 $CG fleet status --etcd $ETCD --prefix $PREFIX
 
-# Live migrations run in etcd mode too (freezes and the new map travel through etcd): see
-# docs/migrations.md, "etcd mode"; deploy/local/demo.sh prints ready-to-run examples (file mode).
+TXT
+if [ "$MONGO" = 1 ]; then
+  # The busy cell around Shanghai of the demo's migration example (deploy/local/demo.sh).
+  MOVE_CELL=8130bffffffffff
+  MOVE_FROM=$("$CG" locate --map shard-maps/demo.toml --cell "$MOVE_CELL" --json |
+    jq -r 'select(.shards | length == 1) | .shards[0]')
+  [ -n "$MOVE_FROM" ] || { echo "cell $MOVE_CELL is not owned by one shard in the demo map" >&2; exit 1; }
+  MOVE_TO=am-1
+  [ "$MOVE_FROM" = am-1 ] && MOVE_TO=eu-1
+  cat <<TXT
+# live migration through etcd (docs/migrations.md, "etcd mode"): instance i1 orchestrates; the
+# freeze and the new map travel through etcd and every live instance acknowledges them before
+# the cutover, whichever instance HAProxy sends a write to. Move the busy cell around Shanghai
+# from $MOVE_FROM to $MOVE_TO, then back; each line waits until its migration is \`done\`
+$CG migrate --admin $A --token-file $AUTH start --wait --hold-ms 5000 --to $MOVE_TO $MOVE_CELL
+$CG migrate --admin $A --token-file $AUTH start --wait --hold-ms 5000 --to $MOVE_FROM $MOVE_CELL
 
+TXT
+else
+  printf '%s\n\n' "# (no live migration example: a migration moves the cell's MongoDB profiles too, and the MongoDB profiles database is not running)"
+fi
+cat <<TXT
 cellgate fleet ready: data=$D admin=$A etcd=$ETCD token=$TOKEN
 TXT
 # Until a signal, or until any process of the fleet exits.
