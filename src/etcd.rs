@@ -219,13 +219,16 @@ async fn connect(endpoints: &[String], access: &EtcdAccess, timeout: Duration) -
 
 /// Add what an ended connection most likely means to the first call's error over TLS: etcd
 /// with `--client-cert-auth` drops a client whose certificate is missing or from a CA it does
-/// not trust, and depending on timing the client sees "connection closed" or a bare TLS alert
-/// (`BadCertificate`), neither of which names the setting to fix.
+/// not trust, and depending on timing the client sees "connection closed", "connection reset",
+/// "broken pipe" (its first write after etcd closed; seen in CI) or a bare TLS alert
+/// (`BadCertificate`), none of which names the setting to fix.
 fn hinted<T>(access: &EtcdAccess, r: Result<T, EtcdError>) -> Result<T, EtcdError> {
     match r {
         Err(EtcdError::Unreachable { endpoints, what, reason })
             if access.tls()
-                && ["connection closed", "connection reset", "fatal alert"].iter().any(|m| reason.contains(m)) =>
+                && ["connection closed", "connection reset", "broken pipe", "fatal alert"]
+                    .iter()
+                    .any(|m| reason.contains(m)) =>
         {
             let have = if access.cert.is_some() { "the client certificate given" } else { "no client certificate" };
             Err(EtcdError::Unreachable {
